@@ -1,0 +1,67 @@
+"""referee: the SDK of the referee judge service (HTTP clients, wire protocol, reward math).
+
+Importing it pulls in neither torch nor vllm.
+"""
+
+from .client import (
+    APIError,
+    AsyncReferee,
+    BadRequest,
+    Overloaded,
+    Referee,
+    RefereeError,
+    RefereeTimeout,
+    RetryPolicy,
+    TransportError,
+    Unavailable,
+    UnknownJudge,
+)
+from .protocol import (
+    JudgeItem,
+    JudgeRequest,
+    JudgeResponse,
+    JudgesResponse,
+    Message,
+    PairwiseItem,
+    PairwiseRequest,
+    PairwiseResponse,
+    ScoreItem,
+    ScoreRequest,
+    ScoreResponse,
+    WinRateRequest,
+    WinRateResponse,
+)
+from .rewards import bradley_terry, group_advantages, win_rates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIError",
+    "AsyncReferee",
+    "BadRequest",
+    "JudgeItem",
+    "JudgeRequest",
+    "JudgeResponse",
+    "JudgesResponse",
+    "Message",
+    "Overloaded",
+    "PairwiseItem",
+    "PairwiseRequest",
+    "PairwiseResponse",
+    "Referee",
+    "RefereeError",
+    "RefereeTimeout",
+    "RetryPolicy",
+    "ScoreItem",
+    "ScoreRequest",
+    "ScoreResponse",
+    "TransportError",
+    "Unavailable",
+    "UnknownJudge",
+    "WinRateRequest",
+    "WinRateResponse",
+    "__version__",
+    "bradley_terry",
+    "group_advantages",
+    "win_rates",
+]

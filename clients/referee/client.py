@@ -1,0 +1,268 @@
+"""HTTP clients: ``Referee`` (sync) and ``AsyncReferee`` (async), with the same methods.
+
+Exceptions, all under ``RefereeError``::
+
+    RefereeError
+    ├── TransportError        the server could not be reached, or did not answer in time
+    │   └── RefereeTimeout
+    └── APIError              the server answered with an error status (``.status``, ``.code``)
+        ├── BadRequest        400/413/422: change the request (``.message`` says how)
+        │   └── UnknownJudge  404: no judge of that name is loaded
+        ├── Overloaded        429: too much in flight; retried with backoff before it is raised
+        └── Unavailable       503 (judges loading) and 5xx; retried before it is raised
+
+Retries (connection errors, 429, 503) use jittered exponential backoff and honour ``Retry-After``.
+Each request carries an ``Idempotency-Key`` that stays the same across its retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from .protocol import (
+    JudgeRequest,
+    JudgeResponse,
+    JudgesResponse,
+    PairwiseRequest,
+    PairwiseResponse,
+    ScoreRequest,
+    ScoreResponse,
+    WinRateRequest,
+    WinRateResponse,
+)
+
+T = TypeVar("T", bound=BaseModel)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=30.0)
+
+
+class RefereeError(Exception):
+    """Base of every error the SDK raises."""
+
+
+class TransportError(RefereeError):
+    pass
+
+
+class RefereeTimeout(TransportError):
+    pass
+
+
+class APIError(RefereeError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class BadRequest(APIError):
+    pass
+
+
+class UnknownJudge(BadRequest):
+    pass
+
+
+class Overloaded(APIError):
+    pass
+
+
+class Unavailable(APIError):
+    pass
+
+
+def _api_error(response: httpx.Response) -> APIError:
+    try:
+        body = response.json()
+        code, message = body.get("error", "error"), body.get("message", response.text)
+    except ValueError:
+        code, message = "error", response.text
+    status = response.status_code
+    if status == 404:
+        return UnknownJudge(status, code, message)
+    if status == 429:
+        return Overloaded(status, code, message)
+    if status >= 500:
+        return Unavailable(status, code, message)
+    return BadRequest(status, code, message)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 20.0
+
+    def delay(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None and (after := response.headers.get("Retry-After")):
+            try:
+                return min(float(after), self.max_backoff) * (1.0 + 0.1 * random.random())
+            except ValueError:
+                pass
+        return min(self.backoff * 2**attempt, self.max_backoff) * (0.5 + random.random())
+
+
+def _retryable(response: httpx.Response) -> bool:
+    return response.status_code in (429, 502, 503, 504)
+
+
+def _request_args(body: BaseModel | None) -> dict[str, Any]:
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    if body is None:
+        return {"headers": headers}
+    return {"headers": headers, "json": body.model_dump(mode="json", exclude_none=True)}
+
+
+def _build(model: type[T], request: T | None, fields: dict) -> T:
+    if request is not None:
+        return request
+    return model(**{k: v for k, v in fields.items() if v is not None})
+
+
+class _Base:
+    def __init__(self, base_url: str, retry: RetryPolicy | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+
+
+class Referee(_Base):
+    """Synchronous client. ``with Referee(url) as ref: ref.winrate(prompt=..., responses=[...])``."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, retry)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    def _call(self, method: str, path: str, body: BaseModel | None, out: type[T]) -> T:
+        args = _request_args(body)
+        for attempt in range(self.retry.attempts):
+            response = None
+            try:
+                response = self._http.request(method, path, **args)
+            except httpx.TimeoutException as exc:
+                raise RefereeTimeout(f"{method} {path} timed out: {exc}") from exc
+            except httpx.TransportError as exc:
+                if attempt + 1 == self.retry.attempts:
+                    raise TransportError(f"{method} {path}: cannot reach {self.base_url}: {exc}") from exc
+            if response is not None:
+                if response.is_success:
+                    return out.model_validate(response.json())
+                if not _retryable(response) or attempt + 1 == self.retry.attempts:
+                    raise _api_error(response)
+            time.sleep(self.retry.delay(attempt, response))
+        raise AssertionError("unreachable")
+
+    def score(self, request: ScoreRequest | None = None, **fields) -> ScoreResponse:
+        return self._call("POST", "/score", _build(ScoreRequest, request, fields), ScoreResponse)
+
+    def pairwise(self, request: PairwiseRequest | None = None, **fields) -> PairwiseResponse:
+        return self._call("POST", "/pairwise", _build(PairwiseRequest, request, fields), PairwiseResponse)
+
+    def judge(self, request: JudgeRequest | None = None, **fields) -> JudgeResponse:
+        return self._call("POST", "/judge", _build(JudgeRequest, request, fields), JudgeResponse)
+
+    def winrate(self, request: WinRateRequest | None = None, **fields) -> WinRateResponse:
+        return self._call("POST", "/winrate", _build(WinRateRequest, request, fields), WinRateResponse)
+
+    def judges(self) -> JudgesResponse:
+        return self._call("GET", "/judges", None, JudgesResponse)
+
+    def health(self) -> bool:
+        """True when the judges are loaded and answering (``GET /readyz``)."""
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Referee:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncReferee(_Base):
+    """Asynchronous client with the methods of ``Referee``; use it to keep many questions in flight."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 256,
+    ) -> None:
+        super().__init__(base_url, retry)
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, transport=transport, limits=limits
+        )
+
+    async def _call(self, method: str, path: str, body: BaseModel | None, out: type[T]) -> T:
+        args = _request_args(body)
+        for attempt in range(self.retry.attempts):
+            response = None
+            try:
+                response = await self._http.request(method, path, **args)
+            except httpx.TimeoutException as exc:
+                raise RefereeTimeout(f"{method} {path} timed out: {exc}") from exc
+            except httpx.TransportError as exc:
+                if attempt + 1 == self.retry.attempts:
+                    raise TransportError(f"{method} {path}: cannot reach {self.base_url}: {exc}") from exc
+            if response is not None:
+                if response.is_success:
+                    return out.model_validate(response.json())
+                if not _retryable(response) or attempt + 1 == self.retry.attempts:
+                    raise _api_error(response)
+            await asyncio.sleep(self.retry.delay(attempt, response))
+        raise AssertionError("unreachable")
+
+    async def score(self, request: ScoreRequest | None = None, **fields) -> ScoreResponse:
+        return await self._call("POST", "/score", _build(ScoreRequest, request, fields), ScoreResponse)
+
+    async def pairwise(self, request: PairwiseRequest | None = None, **fields) -> PairwiseResponse:
+        return await self._call(
+            "POST", "/pairwise", _build(PairwiseRequest, request, fields), PairwiseResponse
+        )
+
+    async def judge(self, request: JudgeRequest | None = None, **fields) -> JudgeResponse:
+        return await self._call("POST", "/judge", _build(JudgeRequest, request, fields), JudgeResponse)
+
+    async def winrate(self, request: WinRateRequest | None = None, **fields) -> WinRateResponse:
+        return await self._call("POST", "/winrate", _build(WinRateRequest, request, fields), WinRateResponse)
+
+    async def judges(self) -> JudgesResponse:
+        return await self._call("GET", "/judges", None, JudgesResponse)
+
+    async def health(self) -> bool:
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncReferee:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

@@ -1,0 +1,223 @@
+"""The wire protocol: request and response models shared by the server, the SDK and the queue.
+
+Every route takes a list of items (batching at the edge) and may name a judge; without one the
+server's default judge answers. Results come back in the order of the items, each with its own
+``error`` so that one failing item never hides behind a neutral value.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+Role = Literal["system", "user", "assistant"]
+PairwiseMode = Literal["logprob", "cot"]
+Order = Literal["single", "random", "both"]
+Verdict = Literal["A", "B", "tie", "invalid"]
+JudgeKind = Literal["classifier", "generative"]
+
+
+class _Model(BaseModel):
+    # Unknown fields are an error rather than silently ignored: a typo in an option must not
+    # quietly fall back to a default the caller did not want.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(_Model):
+    role: Role
+    content: str
+
+
+Prompt = Annotated[
+    str | list[Message],
+    Field(description="The user's question as text, or a conversation as chat messages."),
+]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    engine_requests: int = Field(0, description="Requests sent to the vLLM engine for this answer.")
+
+
+class _JudgeOptions(_Model):
+    judge: str | None = Field(None, description="Name of a loaded judge; the default judge if omitted.")
+    rubric: str | None = Field(
+        None, description="Criteria the generative judge's prompt includes (ignored by classifiers)."
+    )
+
+
+# ---------------------------------------------------------------- /score
+
+
+class ScoreItem(_Model):
+    prompt: Prompt
+    response: str
+
+
+class ScoreRequest(_JudgeOptions):
+    items: list[ScoreItem] = Field(min_length=1)
+
+
+class ScoreResult(BaseModel):
+    index: int
+    score: float | None = Field(
+        None,
+        description="Classifier: the raw reward logit. Generative: the expected rating under the "
+        "judge's probabilities over the scale's labels.",
+    )
+    error: str | None = None
+
+
+class ScoreResponse(BaseModel):
+    judge: str
+    results: list[ScoreResult]
+    usage: Usage
+
+
+# ---------------------------------------------------------------- /pairwise
+
+
+class PairwiseItem(_Model):
+    prompt: Prompt
+    response_a: str
+    response_b: str
+
+
+class _PairwiseOptions(_JudgeOptions):
+    mode: PairwiseMode = Field(
+        "logprob",
+        description="logprob: one-token verdict, P(A) from the label probabilities. "
+        "cot: the judge reasons, then writes a verdict that is parsed strictly.",
+    )
+    order: Order = Field(
+        "both",
+        description="single: A shown first. random: shuffled per item (answers are un-shuffled). "
+        "both: judged in both orders, probabilities averaged, agreement reported.",
+    )
+    seed: int | None = Field(None, description="Seed for order=random and for sampled retries.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Reasoning budget for mode=cot.")
+    max_retries: int = Field(0, ge=0, description="Retries of an unparsable cot verdict (bounded).")
+
+
+class PairwiseRequest(_PairwiseOptions):
+    items: list[PairwiseItem] = Field(min_length=1)
+
+
+class PairwiseResult(BaseModel):
+    index: int
+    p_a: float | None = Field(None, description="Probability that response A is better.")
+    verdict: Verdict
+    consistent: bool | None = Field(
+        None, description="order=both: whether the two orders gave the same verdict."
+    )
+    swapped: bool | None = Field(None, description="order=random: whether B was shown first.")
+    rationales: list[str] | None = Field(None, description="mode=cot: the judge's reasoning per order.")
+    error: str | None = None
+
+
+class PairwiseResponse(BaseModel):
+    judge: str
+    results: list[PairwiseResult]
+    usage: Usage
+
+
+# ---------------------------------------------------------------- /judge
+
+
+class JudgeItem(_Model):
+    prompt: Prompt
+    response: str | None = Field(None, description="One response: the judge rates it.")
+    response_a: str | None = Field(None, description="Two responses: the judge compares them.")
+    response_b: str | None = None
+
+    @model_validator(mode="after")
+    def _one_or_two(self) -> JudgeItem:
+        single = self.response is not None
+        pair = self.response_a is not None or self.response_b is not None
+        if single == pair or (pair and (self.response_a is None or self.response_b is None)):
+            raise ValueError("give either `response` (to rate it) or both `response_a` and `response_b`")
+        return self
+
+
+class JudgeRequest(_JudgeOptions):
+    items: list[JudgeItem] = Field(min_length=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="Reasoning budget.")
+    max_retries: int = Field(0, ge=0, description="Retries of an unparsable verdict (bounded).")
+    seed: int | None = None
+
+
+class JudgeResult(BaseModel):
+    index: int
+    kind: Literal["score", "verdict"]
+    score: float | None = None
+    verdict: Verdict | None = None
+    rationale: str | None = None
+    attempts: int = 1
+    error: str | None = None
+
+
+class JudgeResponse(BaseModel):
+    judge: str
+    results: list[JudgeResult]
+    usage: Usage
+
+
+# ---------------------------------------------------------------- /winrate
+
+
+class WinRateRequest(_PairwiseOptions):
+    prompt: Prompt
+    responses: list[str] = Field(min_length=2, description="The group: N >= 2 responses to one prompt.")
+    opponents: int | None = Field(
+        None,
+        ge=1,
+        description="Compare each response with k others (a balanced circular schedule) instead of "
+        "all N-1. Only for generative judges; classifiers always score N responses once.",
+    )
+    soft: bool = Field(
+        False, description="Credit a comparison with P(i beats j) instead of its verdict (1, 1/2, 0)."
+    )
+
+
+class WinRateResponse(BaseModel):
+    judge: str
+    win_rates: list[float | None] = Field(
+        description="Per response: credit / valid comparisons; a tie is 1/2 to each side. "
+        "None when none of its comparisons gave a valid verdict."
+    )
+    advantages: list[float | None] = Field(description="Group z-scores of the win rates (GRPO).")
+    win_matrix: list[list[float | None]] = Field(
+        description="win_matrix[i][j]: credit i earned against j; None if not compared or invalid."
+    )
+    scores: list[float | None] | None = Field(None, description="Classifier judges: each response's score.")
+    comparisons: int = Field(description="Pairs compared (each pair once, whatever the order option).")
+    ties: int
+    invalid: int = Field(description="Pairs without a valid verdict; left out of the win rates.")
+    errors: list[str] = Field(default_factory=list, description="Why comparisons were invalid.")
+    usage: Usage
+
+
+# ---------------------------------------------------------------- /judges, errors
+
+
+class JudgeInfo(BaseModel):
+    name: str
+    kind: JudgeKind
+    model: str
+    default: bool
+    routes: list[str]
+    pairwise_modes: list[PairwiseMode]
+
+
+class JudgesResponse(BaseModel):
+    default: str
+    judges: list[JudgeInfo]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="A short code: bad_request, unknown_judge, too_large, overloaded, ...")
+    message: str = Field(description="What went wrong and what to change.")

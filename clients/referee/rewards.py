@@ -1,0 +1,76 @@
+"""Reward math as small pure functions: win rates, group advantages, comparison schedules.
+
+Win rates follow Pref-GRPO (Wang et al. 2025, "Pref-GRPO: Pairwise Preference Reward-based GRPO
+for Stable Text-to-Image Reinforcement Learning", arXiv:2508.20751): each response of a prompt's
+group is compared with the others and its reward is the fraction of comparisons it wins, which is
+harder to hack than a pointwise score. Advantages are GRPO's group z-score (Shao et al. 2024).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = [
+    "bradley_terry",
+    "circular_pairs",
+    "group_advantages",
+    "verdict_credit",
+    "win_rates",
+]
+
+
+def bradley_terry(r_a: float, r_b: float) -> float:
+    """P(a beats b) = sigmoid(r_a - r_b) under the Bradley-Terry model, computed stably."""
+    d = r_a - r_b
+    if d >= 0:
+        return 1.0 / (1.0 + math.exp(-d))
+    e = math.exp(d)
+    return e / (1.0 + e)
+
+
+def verdict_credit(verdict: str) -> float | None:
+    """Credit of response A for a verdict: A wins 1, tie 1/2, B wins 0, invalid None."""
+    return {"A": 1.0, "B": 0.0, "tie": 0.5}.get(verdict)
+
+
+def circular_pairs(n: int, opponents: int | None = None) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, to compare in a group of n.
+
+    All n(n-1)/2 pairs by default. With ``opponents=k`` (k < n-1), a circular schedule: response i
+    meets i+1..i+k (mod n) so that every response takes part in the same number of comparisons and
+    none is favoured by the schedule.
+    """
+    if n < 2:
+        raise ValueError("a group needs at least 2 responses")
+    if opponents is None or 2 * opponents >= n - 1:
+        return [(i, j) for i in range(n) for j in range(i + 1, n)]
+    pairs = set()
+    for i in range(n):
+        for step in range(1, opponents + 1):
+            j = (i + step) % n
+            pairs.add((min(i, j), max(i, j)))
+    return sorted(pairs)
+
+
+def win_rates(matrix: Sequence[Sequence[float | None]]) -> list[float | None]:
+    """Mean credit of each row over the comparisons that have one (None = not compared / invalid)."""
+    rates: list[float | None] = []
+    for i, row in enumerate(matrix):
+        credits = [c for j, c in enumerate(row) if j != i and c is not None]
+        rates.append(sum(credits) / len(credits) if credits else None)
+    return rates
+
+
+def group_advantages(values: Sequence[float | None], eps: float = 1e-6) -> list[float | None]:
+    """GRPO advantages: (v - mean) / (std + eps) over the group's defined values.
+
+    A group whose values are all equal gets advantages of 0 (eps guards the division). Undefined
+    values stay None: they carry no signal and must not be mistaken for an average response.
+    """
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return [None for _ in values]
+    mean = sum(defined) / len(defined)
+    std = math.sqrt(sum((v - mean) ** 2 for v in defined) / len(defined))
+    return [None if v is None else (v - mean) / (std + eps) for v in values]

@@ -1,0 +1,149 @@
+"""The HTTP layer: parse a protocol model, call the judge service, return a response model.
+
+Engines load in the background after start-up so that ``/healthz`` answers at once and ``/readyz``
+tells orchestrators when the judges can take traffic; judging routes answer 503 until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from referee.protocol import (
+    ErrorResponse,
+    JudgeRequest,
+    JudgeResponse,
+    JudgesResponse,
+    PairwiseRequest,
+    PairwiseResponse,
+    ScoreRequest,
+    ScoreResponse,
+    WinRateRequest,
+    WinRateResponse,
+)
+
+from . import metrics
+from .service import ClientError, JudgeService
+from .settings import ServerSettings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+def get_service(request: Request) -> JudgeService:
+    return request.app.state.service
+
+
+Service = Annotated[JudgeService, Depends(get_service)]
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 429, 503)}
+
+judging = APIRouter(responses=_ERRORS)
+ops = APIRouter()
+
+
+@judging.post("/score", response_model=ScoreResponse, summary="Pointwise scores")
+async def score(req: ScoreRequest, service: Service) -> ScoreResponse:
+    return await service.score(req)
+
+
+@judging.post("/pairwise", response_model=PairwiseResponse, summary="Pairwise preferences")
+async def pairwise(req: PairwiseRequest, service: Service) -> PairwiseResponse:
+    return await service.pairwise(req)
+
+
+@judging.post("/judge", response_model=JudgeResponse, summary="Chain-of-thought judging")
+async def judge(req: JudgeRequest, service: Service) -> JudgeResponse:
+    return await service.judge(req)
+
+
+@judging.post("/winrate", response_model=WinRateResponse, summary="Pref-GRPO group win rates")
+async def winrate(req: WinRateRequest, service: Service) -> WinRateResponse:
+    return await service.winrate(req)
+
+
+@ops.get("/judges", response_model=JudgesResponse)
+async def judges(service: Service) -> JudgesResponse:
+    return service.describe()
+
+
+@ops.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@ops.get("/readyz", responses={503: {"model": ErrorResponse}})
+async def readyz(service: Service):
+    if service.ready:
+        return {"status": "ready", "judges": sorted(service.judges)}
+    if service.load_error:
+        return _error(503, "load_failed", service.load_error)
+    return _error(503, "loading", "the judges are still loading", {"Retry-After": "5"})
+
+
+@ops.get("/metrics")
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:10]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service = JudgeService(settings)
+        app.state.service = service
+        loading = asyncio.create_task(service.load())
+        loading.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged in load()
+        try:
+            yield
+        finally:
+            loading.cancel()
+            service.shutdown()
+
+    app = FastAPI(
+        title="referee",
+        description="Reward models and LLM judges for RL post-training, batched through vLLM.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.include_router(judging)
+    app.include_router(ops)
+
+    @app.exception_handler(ClientError)
+    async def client_error(_: Request, exc: ClientError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "invalid_request", _validation_message(exc))
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.monotonic()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        if path != "/metrics":
+            metrics.REQUESTS.labels(path, str(response.status_code)).inc()
+            metrics.LATENCY.labels(path).observe(time.monotonic() - start)
+        return response
+
+    return app

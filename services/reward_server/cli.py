@@ -1,0 +1,35 @@
+"""``referee-server``: start the reward server (also reachable as ``referee serve``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+
+def serve(config: Path | None = None, host: str | None = None, port: int | None = None) -> None:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import load_settings
+
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    settings = load_settings(config, **overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Start the referee reward server.")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of judges and limits")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args()
+    serve(args.config, args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Judges: a configured model and the questions it can answer.
+
+A judge answers one comparison or one rating at a time as a coroutine; callers gather many of
+them at once so that they all sit in the engine together and vLLM batches them. Each coroutine
+returns its own outcome, errors included, so one failing item never fails or neutralises another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+from referee.protocol import Prompt
+from referee.rewards import bradley_terry, verdict_credit
+
+from . import templates
+from .engine import Engine
+from .settings import JudgeSettings
+
+
+class JudgeConfigError(RuntimeError):
+    """The judge cannot be served as configured (raised at start-up, not per request)."""
+
+
+@dataclass
+class Tally:
+    """Token and request counts of one HTTP request, shared by all its engine calls."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    engine_requests: int = 0
+
+
+@dataclass
+class Comparison:
+    """One judged pair in one order, from the perspective of the response shown first."""
+
+    p_first: float | None
+    verdict: str  # "A" | "B" | "tie" | "invalid", A meaning the response shown first
+    rationale: str | None = None
+    attempts: int = 1
+    error: str | None = None
+
+
+@dataclass
+class Rating:
+    score: float | None
+    rationale: str | None = None
+    attempts: int = 1
+    error: str | None = None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def verdict_from_probability(p_a: float, margin: float) -> str:
+    if abs(p_a - 0.5) <= margin:
+        return "tie"
+    return "A" if p_a > 0.5 else "B"
+
+
+@dataclass
+class Judge:
+    settings: JudgeSettings
+    engine: Engine
+    label_ids: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def kind(self) -> str:
+        return self.settings.kind
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class ClassifierJudge(Judge):
+    """A sequence-classification reward model: one raw logit per (prompt, response)."""
+
+    routes = ("score", "pairwise", "winrate")
+    pairwise_modes = ("logprob",)  # Bradley-Terry on the two scores; no generation involved
+
+    def _input_ids(self, prompt: Prompt, response: str) -> list[int]:
+        messages = (
+            [{"role": "user", "content": prompt}]
+            if isinstance(prompt, str)
+            else [m.model_dump() for m in prompt]
+        )
+        messages.append({"role": "assistant", "content": response})
+        if self.engine.tokenizer.chat_template:
+            return self.engine.chat_ids(messages, generation_prompt=False)
+        return self.engine.text_ids("\n\n".join(m["content"] for m in messages))
+
+    async def rate(self, prompt: Prompt, response: str, tally: Tally) -> Rating:
+        try:
+            ids = self._input_ids(prompt, response)
+            tally.engine_requests += 1
+            tally.prompt_tokens += len(ids)
+            score = await self.engine.classify(ids, activation=self.settings.activation == "sigmoid")
+        except Exception as exc:
+            return Rating(None, error=_describe(exc))
+        if not math.isfinite(score):
+            return Rating(None, error=f"the classifier returned a non-finite score ({score})")
+        return Rating(score)
+
+    async def compare(self, prompt: Prompt, first: str, second: str, tally: Tally, **_) -> Comparison:
+        ra, rb = await asyncio.gather(self.rate(prompt, first, tally), self.rate(prompt, second, tally))
+        return self.compare_scores(ra, rb)
+
+    def compare_scores(self, ra: Rating, rb: Rating) -> Comparison:
+        if ra.score is None or rb.score is None:
+            return Comparison(None, "invalid", error=ra.error or rb.error)
+        if ra.score == rb.score:
+            return Comparison(0.5, "tie")
+        p = bradley_terry(ra.score, rb.score)
+        return Comparison(p, "A" if ra.score > rb.score else "B")
+
+
+class GenerativeJudge(Judge):
+    """An instruction-tuned LLM judging through prompt templates (see ``templates``)."""
+
+    routes = ("score", "pairwise", "judge", "winrate")
+    pairwise_modes = ("logprob", "cot")
+
+    def __post_init__(self) -> None:
+        if not self.engine.tokenizer.chat_template:
+            raise JudgeConfigError(
+                f"judge {self.name!r}: the model {self.settings.model} has no chat template; a "
+                "generative judge must be an instruction-tuned chat model"
+            )
+        self.scale = templates.Scale(self.settings.scale_low, self.settings.scale_high)
+        for label in ["A", "B", *self.scale.labels]:
+            ids = [
+                tid for text in (label, " " + label) if (tid := self.engine.single_token_id(text)) is not None
+            ]
+            if not ids:
+                raise JudgeConfigError(
+                    f"judge {self.name!r}: the label {label!r} is not a single token of this model's "
+                    "tokenizer; choose a scale whose labels are (for example scale 1..9)"
+                )
+            self.label_ids[label] = ids
+
+    def _label_mass(self, logprobs: dict[int, float], label: str) -> float:
+        return sum(math.exp(logprobs[t]) for t in self.label_ids[label] if t in logprobs)
+
+    async def _generate(self, messages: list[dict], tally: Tally, **kwargs):
+        ids = self.engine.chat_ids(messages, generation_prompt=True)
+        tally.engine_requests += 1
+        out = await self.engine.complete(ids, **kwargs)
+        tally.prompt_tokens += out.prompt_tokens
+        tally.completion_tokens += out.completion_tokens
+        return out
+
+    async def compare(
+        self,
+        prompt: Prompt,
+        first: str,
+        second: str,
+        tally: Tally,
+        *,
+        mode: str = "logprob",
+        rubric: str | None = None,
+        max_new_tokens: int | None = None,
+        max_retries: int = 0,
+        seed: int | None = None,
+    ) -> Comparison:
+        try:
+            if mode == "logprob":
+                return await self._compare_logprob(prompt, first, second, rubric, tally)
+            return await self._compare_cot(
+                prompt, first, second, rubric, tally, max_new_tokens, max_retries, seed
+            )
+        except Exception as exc:
+            return Comparison(None, "invalid", error=_describe(exc))
+
+    async def _compare_logprob(self, prompt, first, second, rubric, tally) -> Comparison:
+        messages = templates.pairwise_logprob(prompt, first, second, rubric)
+        out = await self._generate(messages, tally, max_tokens=1, top_logprobs=self.settings.top_logprobs)
+        pa = self._label_mass(out.first_token_logprobs, "A")
+        pb = self._label_mass(out.first_token_logprobs, "B")
+        if pa + pb == 0.0:
+            return Comparison(
+                None,
+                "invalid",
+                error=f"neither A nor B is among the judge's top {self.settings.top_logprobs} next tokens "
+                f"(it began with {out.text!r})",
+            )
+        p = pa / (pa + pb)
+        return Comparison(p, verdict_from_probability(p, self.settings.tie_margin))
+
+    async def _attempts(self, messages, tally, max_new_tokens, max_retries, seed, parse):
+        """Reason-then-answer with bounded retries; the first attempt is greedy unless configured."""
+        budget = max_new_tokens or self.settings.cot_max_new_tokens
+        text, why = "", ""
+        for attempt in range(max_retries + 1):
+            temperature = self.settings.cot_temperature if attempt == 0 else 0.7
+            out = await self._generate(
+                messages,
+                tally,
+                max_tokens=budget,
+                temperature=temperature,
+                seed=None if seed is None else seed + attempt,
+            )
+            text = out.text
+            value, why = parse(text)
+            if value is not None:
+                return value, text, attempt + 1, None
+            if out.finish_reason == "length":
+                why += f" (the reasoning was cut at max_new_tokens={budget})"
+        return None, text, max_retries + 1, why
+
+    async def _compare_cot(self, prompt, first, second, rubric, tally, max_new_tokens, max_retries, seed):
+        messages = templates.pairwise_cot(prompt, first, second, rubric)
+        verdict, text, attempts, why = await self._attempts(
+            messages, tally, max_new_tokens, max_retries, seed, templates.parse_verdict
+        )
+        if verdict is None:
+            return Comparison(None, "invalid", rationale=text, attempts=attempts, error=why)
+        return Comparison(verdict_credit(verdict), verdict, rationale=text, attempts=attempts)
+
+    async def rate(self, prompt: Prompt, response: str, tally: Tally, *, rubric: str | None = None) -> Rating:
+        """Expected rating under the judge's probabilities over the scale's labels (one token)."""
+        try:
+            messages = templates.pointwise_logprob(prompt, response, rubric, self.scale)
+            out = await self._generate(messages, tally, max_tokens=1, top_logprobs=self.settings.top_logprobs)
+        except Exception as exc:
+            return Rating(None, error=_describe(exc))
+        masses = {
+            int(label): self._label_mass(out.first_token_logprobs, label) for label in self.scale.labels
+        }
+        total = sum(masses.values())
+        if total == 0.0:
+            return Rating(
+                None,
+                error=f"no rating label {self.scale.low}..{self.scale.high} is among the judge's top "
+                f"{self.settings.top_logprobs} next tokens (it began with {out.text!r})",
+            )
+        return Rating(sum(v * m for v, m in masses.items()) / total)
+
+    async def rate_cot(
+        self, prompt, response, tally, *, rubric=None, max_new_tokens=None, max_retries=0, seed=None
+    ) -> Rating:
+        try:
+            messages = templates.pointwise_cot(prompt, response, rubric, self.scale)
+            score, text, attempts, why = await self._attempts(
+                messages,
+                tally,
+                max_new_tokens,
+                max_retries,
+                seed,
+                lambda out: templates.parse_rating(out, self.scale),
+            )
+        except Exception as exc:
+            return Rating(None, error=_describe(exc))
+        return Rating(score, rationale=text, attempts=attempts, error=why)
+
+
+def load_judge(settings: JudgeSettings) -> Judge:
+    """Start the engine for a configured judge (blocking: tens of seconds on a CPU)."""
+    runner = "pooling" if settings.kind == "classifier" else "generate"
+    engine = Engine.start(settings.model, settings.engine, runner)
+    try:
+        cls = ClassifierJudge if settings.kind == "classifier" else GenerativeJudge
+        return cls(settings, engine)
+    except Exception:
+        engine.shutdown()
+        raise

@@ -1,0 +1,42 @@
+"""Prometheus metrics of the judge service (served at GET /metrics)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("referee_requests_total", "HTTP requests by route and status.", ["route", "status"])
+LATENCY = Histogram(
+    "referee_request_seconds",
+    "HTTP request latency by route.",
+    ["route"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+ITEMS = Counter(
+    "referee_items_total", "Items (or compared pairs) judged, by route and judge.", ["route", "judge"]
+)
+ITEM_ERRORS = Counter(
+    "referee_item_errors_total", "Items that failed or had no valid verdict.", ["route", "judge"]
+)
+TOKENS = Counter("referee_tokens_total", "Tokens through the engines.", ["judge", "kind"])
+ENGINE_REQUESTS = Counter("referee_engine_requests_total", "Requests submitted to vLLM.", ["judge"])
+INFLIGHT = Gauge("referee_inflight_engine_requests", "Engine requests in flight.")
+VERDICTS = Counter("referee_verdicts_total", "Pairwise verdicts by outcome.", ["judge", "outcome"])
+
+
+def record_items(route: str, judge: str, n: int, errors: int) -> None:
+    ITEMS.labels(route, judge).inc(n)
+    if errors:
+        ITEM_ERRORS.labels(route, judge).inc(errors)
+
+
+def record_verdicts(judge: str, verdicts: Iterable[str]) -> None:
+    for v in verdicts:
+        VERDICTS.labels(judge, v).inc()
+
+
+def record_tokens(judge: str, tally) -> None:
+    TOKENS.labels(judge, "prompt").inc(tally.prompt_tokens)
+    TOKENS.labels(judge, "completion").inc(tally.completion_tokens)
+    ENGINE_REQUESTS.labels(judge).inc(tally.engine_requests)

@@ -1,0 +1,138 @@
+"""Server settings: a YAML file plus ``REFEREE_*`` environment variables (pydantic-settings).
+
+Precedence, highest first: constructor arguments, environment variables, the YAML file named by
+``REFEREE_CONFIG`` (or ``--config``), defaults. Nested fields use ``__`` in environment variables,
+for example ``REFEREE_LIMITS__MAX_ITEMS=64``. With no judges configured the server loads the
+embedded SmolLM2 judge.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources import YamlConfigSettingsSource
+
+
+class EngineSettings(BaseModel):
+    """vLLM engine arguments that deployments tune. Anything else goes in ``extra``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_model_len: int = Field(4096, ge=64)
+    gpu_memory_utilization: float = Field(
+        0.1, gt=0, le=1, description="Fraction of accelerator memory (of host RAM on the CPU build)."
+    )
+    kv_cache_memory_gib: float | None = Field(
+        None, gt=0, description="Fixed KV-cache size; overrides gpu_memory_utilization when set."
+    )
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = True
+    enable_prefix_caching: bool | None = Field(None, description="Default: on for generative judges.")
+    max_num_seqs: int | None = Field(None, ge=1)
+    seed: int = 0
+    extra: dict = Field(default_factory=dict, description="Passed to vLLM's AsyncEngineArgs as is.")
+
+
+class JudgeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["classifier", "generative"]
+    model: str = Field(description="A local folder, a hub id (where a network exists), or embedded:smollm2.")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    # classifier options
+    activation: Literal["none", "sigmoid"] = Field(
+        "none", description="Classifier scores are raw logits unless this asks for a sigmoid."
+    )
+    # generative options
+    scale_low: int = 1
+    scale_high: int = 9
+    top_logprobs: int = Field(20, ge=2, le=20, description="Top log-probabilities read for label tokens.")
+    tie_margin: float = Field(0.0, ge=0, lt=0.5, description="|P(A) - 1/2| <= margin is a tie.")
+    cot_max_new_tokens: int = Field(512, ge=1)
+    cot_temperature: float = Field(0.0, ge=0, description="First attempt; retries sample at 0.7.")
+
+    @model_validator(mode="after")
+    def _scale(self) -> JudgeSettings:
+        if self.scale_high <= self.scale_low:
+            raise ValueError("scale_high must be greater than scale_low")
+        return self
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_items: int = Field(256, ge=1, description="Items per /score, /pairwise or /judge request.")
+    max_group_size: int = Field(64, ge=2, description="Responses per /winrate group.")
+    max_text_chars: int = Field(32_000, ge=1, description="Characters per prompt or response.")
+    max_inflight: int = Field(4096, ge=1, description="Engine requests in flight before answering 429.")
+    max_retries: int = Field(3, ge=0, description="Upper bound on a request's cot retries.")
+    max_new_tokens: int = Field(2048, ge=1, description="Upper bound on a request's reasoning budget.")
+
+
+DEFAULT_JUDGE = JudgeSettings(
+    name="smollm2",
+    kind="generative",
+    model="embedded:smollm2",
+    engine=EngineSettings(dtype="bfloat16", max_model_len=4096, kv_cache_memory_gib=1.0),
+)
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REFEREE_", env_nested_delimiter="__", extra="forbid")
+
+    config: Path | None = Field(None, description="The YAML file these settings were read from.")
+    judges: list[JudgeSettings] = Field(default_factory=lambda: [DEFAULT_JUDGE])
+    default_judge: str | None = Field(None, description="Default: the first judge listed.")
+    limits: Limits = Field(default_factory=Limits)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _check_judges(self) -> ServerSettings:
+        if not self.judges:
+            raise ValueError("configure at least one judge")
+        names = [j.name for j in self.judges]
+        if len(set(names)) != len(names):
+            raise ValueError(f"judge names must be unique, got {names}")
+        if self.default_judge is None:
+            self.default_judge = names[0]
+        elif self.default_judge not in names:
+            raise ValueError(f"default_judge {self.default_judge!r} is not one of {names}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("REFEREE_CONFIG")
+        if path:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"REFEREE_CONFIG={path} does not name a file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+def load_settings(config: Path | str | None = None, **overrides) -> ServerSettings:
+    """Settings from ``config`` (or ``$REFEREE_CONFIG``), the environment and explicit overrides."""
+    if config is not None:
+        os.environ["REFEREE_CONFIG"] = str(config)
+    return ServerSettings(**overrides)
+
+
+@lru_cache
+def get_settings() -> ServerSettings:
+    return ServerSettings()
