@@ -75,6 +75,9 @@ class Judge:
     def kind(self) -> str:
         return self.settings.kind
 
+    def __post_init__(self) -> None:
+        """Subclasses check at start-up that the model can serve them."""
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

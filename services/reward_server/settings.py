@@ -118,7 +118,7 @@ class ServerSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = os.environ.get("REFEREE_CONFIG")
+        path = settings_cls.model_config.get("yaml_file") or os.environ.get("REFEREE_CONFIG")
         if path:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"REFEREE_CONFIG={path} does not name a file")
@@ -128,9 +128,13 @@ class ServerSettings(BaseSettings):
 
 def load_settings(config: Path | str | None = None, **overrides) -> ServerSettings:
     """Settings from ``config`` (or ``$REFEREE_CONFIG``), the environment and explicit overrides."""
-    if config is not None:
-        os.environ["REFEREE_CONFIG"] = str(config)
-    return ServerSettings(**overrides)
+    if config is None:
+        return ServerSettings(**overrides)
+
+    class FileSettings(ServerSettings):
+        model_config = SettingsConfigDict(**ServerSettings.model_config, yaml_file=str(config))
+
+    return FileSettings(config=config, **overrides)
 
 
 @lru_cache

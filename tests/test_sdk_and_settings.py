@@ -1,0 +1,72 @@
+"""The SDK imports light, exports what it says; settings come from YAML and the environment."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import referee
+from pydantic import ValidationError
+
+
+def test_importing_the_sdk_pulls_in_neither_torch_nor_vllm():
+    code = "import sys, referee, referee.cli; print(json.dumps([m for m in ('torch', 'vllm', 'transformers', 'reward_server') if m in sys.modules]))"
+    out = subprocess.run(
+        [sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == []
+
+
+def test_all_is_explicit_and_complete():
+    assert sorted(referee.__all__) == referee.__all__
+    for name in referee.__all__:
+        assert hasattr(referee, name), name
+    public = {n for n in dir(referee) if not n.startswith("_") and n not in {"client", "protocol", "rewards"}}
+    assert public <= set(referee.__all__) | {"annotations"}
+
+
+def test_settings_from_yaml_then_environment(tmp_path, monkeypatch):
+    from reward_server.settings import load_settings
+
+    path = tmp_path / "judges.yaml"
+    path.write_text(
+        "judges:\n"
+        "  - {name: rm, kind: classifier, model: /models/rm, engine: {dtype: bfloat16}}\n"
+        "  - {name: llm, kind: generative, model: embedded:smollm2}\n"
+        "limits: {max_items: 10}\n"
+    )
+    monkeypatch.setenv("REFEREE_LIMITS__MAX_ITEMS", "12")
+    monkeypatch.setenv("REFEREE_DEFAULT_JUDGE", "llm")
+    s = load_settings(path)
+    assert [j.name for j in s.judges] == ["rm", "llm"]
+    assert s.judges[0].engine.dtype == "bfloat16"
+    assert s.judges[0].activation == "none"  # raw logits unless asked
+    assert s.limits.max_items == 12  # the environment wins over the file
+    assert s.default_judge == "llm"
+
+
+def test_default_settings_serve_the_embedded_judge(monkeypatch):
+    from reward_server.settings import ServerSettings
+
+    monkeypatch.delenv("REFEREE_CONFIG", raising=False)
+    s = ServerSettings()
+    assert s.default_judge == "smollm2" and s.judges[0].model == "embedded:smollm2"
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    [
+        "judges: []\n",
+        "judges:\n  - {name: a, kind: classifier, model: m}\n  - {name: a, kind: classifier, model: m}\n",
+        "judges:\n  - {name: a, kind: oracle, model: m}\n",
+        "default_judge: b\njudges:\n  - {name: a, kind: classifier, model: m}\n",
+        "judges:\n  - {name: a, kind: classifier, model: m, engine: {dtyp: float32}}\n",
+    ],
+)
+def test_bad_configuration_is_refused(tmp_path, monkeypatch, yaml_text):
+    from reward_server.settings import load_settings
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ValidationError):
+        load_settings(path)

@@ -1,0 +1,89 @@
+"""Client mistakes get a 4xx JSON error that says what to change, never a 500."""
+
+import pytest
+
+ITEM = {"prompt": "q", "response_a": "a", "response_b": "b"}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "code", "says"),
+    [
+        ("/pairwise", {"items": [{"prompt": "q", "response_a": "a"}]}, 422, "invalid_request", "response_b"),
+        ("/pairwise", {"items": []}, 422, "invalid_request", "at least 1"),
+        ("/pairwise", {"items": [ITEM], "order": "sideways"}, 422, "invalid_request", "order"),
+        ("/pairwise", {"items": [ITEM], "temprature": 0.5}, 422, "invalid_request", "temprature"),
+        ("/winrate", {"prompt": "q", "responses": ["only one"]}, 422, "invalid_request", "responses"),
+        (
+            "/judge",
+            {"items": [{"prompt": "q", "response": "r", "response_a": "a", "response_b": "b"}]},
+            422,
+            "invalid_request",
+            "either",
+        ),
+        (
+            "/score",
+            {"items": [{"prompt": [{"role": "robot", "content": "x"}], "response": "r"}]},
+            422,
+            "invalid_request",
+            "role",
+        ),
+        ("/pairwise", {"judge": "nope", "items": [ITEM]}, 404, "unknown_judge", "smollm2"),
+        ("/winrate", {"judge": "nope", "prompt": "q", "responses": ["a", "b"]}, 404, "unknown_judge", "nope"),
+        ("/pairwise", {"judge": "tiny-rm", "mode": "cot", "items": [ITEM]}, 400, "unsupported", "generative"),
+        (
+            "/winrate",
+            {"judge": "tiny-rm", "mode": "cot", "prompt": "q", "responses": ["a", "b"]},
+            400,
+            "unsupported",
+            "cot",
+        ),
+        (
+            "/judge",
+            {"judge": "tiny-rm", "items": [{"prompt": "q", "response": "r"}]},
+            400,
+            "unsupported",
+            "classifier",
+        ),
+        ("/pairwise", {"items": [ITEM] * 65}, 413, "too_large", "max_items"),
+        (
+            "/score",
+            {"items": [{"prompt": "q", "response": "x" * 20_001}]},
+            413,
+            "too_large",
+            "max_text_chars",
+        ),
+        ("/winrate", {"prompt": "q", "responses": ["a"] * 17}, 413, "too_large", "max_group_size"),
+        (
+            "/pairwise",
+            {"items": [ITEM], "mode": "cot", "max_new_tokens": 10_000},
+            413,
+            "too_large",
+            "max_new_tokens",
+        ),
+        ("/pairwise", {"items": [ITEM], "mode": "cot", "max_retries": 50}, 400, "bad_request", "max_retries"),
+        (
+            "/winrate",
+            {"prompt": "q", "responses": ["a"] * 16, "order": "both", "mode": "cot"},
+            413,
+            "too_large",
+            "max_inflight",
+        ),
+    ],
+)
+def test_client_mistakes(client, route, body, status, code, says):
+    r = client.post(route, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["error"] == code
+    assert says in err["message"]
+
+
+def test_malformed_json_is_422(client):
+    r = client.post("/pairwise", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert "JSON" in r.json()["message"]
+
+
+def test_wrong_method_and_path_are_4xx(client):
+    assert client.get("/pairwise").status_code == 405
+    assert client.post("/nowhere", json={}).status_code == 404
