@@ -10,10 +10,11 @@ from pydantic import ValidationError
 
 
 def test_importing_the_sdk_pulls_in_neither_torch_nor_vllm():
-    code = "import sys, referee, referee.cli; print(json.dumps([m for m in ('torch', 'vllm', 'transformers', 'reward_server') if m in sys.modules]))"
-    out = subprocess.run(
-        [sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True
+    heavy = ("torch", "vllm", "transformers", "reward_server")
+    code = (
+        f"import json, sys, referee, referee.cli; print(json.dumps([m for m in {heavy} if m in sys.modules]))"
     )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 
 

@@ -132,7 +132,7 @@ def load_settings(config: Path | str | None = None, **overrides) -> ServerSettin
         return ServerSettings(**overrides)
 
     class FileSettings(ServerSettings):
-        model_config = SettingsConfigDict(**ServerSettings.model_config, yaml_file=str(config))
+        model_config = SettingsConfigDict(**{**ServerSettings.model_config, "yaml_file": str(config)})
 
     return FileSettings(config=config, **overrides)
 
