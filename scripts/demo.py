@@ -46,8 +46,15 @@ def main() -> None:
         ]
         t = time.monotonic()
         pair = ref.pairwise(items=items, mode="logprob", order="both")
-        table = Table("prompt", "A", "B", "P(A better)", "verdict", "orders agree",
-                      title=f"POST /pairwise ({time.monotonic() - t:.2f}s)")
+        table = Table(
+            "prompt",
+            "A",
+            "B",
+            "P(A better)",
+            "verdict",
+            "orders agree",
+            title=f"POST /pairwise ({time.monotonic() - t:.2f}s)",
+        )
         for item, r in zip(items, pair.results, strict=True):
             p = "-" if r.p_a is None else f"{r.p_a:.3f}"
             table.add_row(str(item.prompt), item.response_a, item.response_b, p, r.verdict, str(r.consistent))
@@ -55,9 +62,13 @@ def main() -> None:
 
         t = time.monotonic()
         wr = ref.winrate(prompt=QUESTION, responses=GROUP, order="both")
-        table = Table("response", "win rate", "advantage",
-                      title=f"POST /winrate: {QUESTION!r} ({wr.comparisons} comparisons, "
-                      f"{wr.usage.engine_requests} engine requests, {time.monotonic() - t:.2f}s)")
+        table = Table(
+            "response",
+            "win rate",
+            "advantage",
+            title=f"POST /winrate: {QUESTION!r} ({wr.comparisons} comparisons, "
+            f"{wr.usage.engine_requests} engine requests, {time.monotonic() - t:.2f}s)",
+        )
         for text, rate, adv in zip(GROUP, wr.win_rates, wr.advantages, strict=True):
             table.add_row(text, "-" if rate is None else f"{rate:.3f}", "-" if adv is None else f"{adv:+.2f}")
         console.print(table)

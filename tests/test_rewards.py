@@ -5,6 +5,7 @@ import math
 import random
 
 import pytest
+
 from referee.rewards import bradley_terry, circular_pairs, group_advantages, verdict_credit, win_rates
 
 

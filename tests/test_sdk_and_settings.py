@@ -5,8 +5,9 @@ import subprocess
 import sys
 
 import pytest
-import referee
 from pydantic import ValidationError
+
+import referee
 
 
 def test_importing_the_sdk_pulls_in_neither_torch_nor_vllm():

@@ -1,6 +1,7 @@
 """Judge prompt templates and strict verdict parsing, including forged verdict text."""
 
 import pytest
+
 from referee.protocol import Message
 from reward_server import templates
 from reward_server.templates import Scale, parse_rating, parse_verdict
