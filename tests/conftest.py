@@ -7,11 +7,14 @@ in bfloat16. Starting the engines takes about a minute on two cores, so every se
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -44,7 +47,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from reward_server.embedded import ensure_embedded
+    from referee.embedded import ensure_embedded
 
     return ensure_embedded("smollm2")
 
@@ -56,17 +59,44 @@ def tiny_classifier_dir(tmp_path_factory, embedded_dir) -> Path:
     return make_tiny_classifier(tmp_path_factory.mktemp("models") / "tiny-rm", embedded_dir)
 
 
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+# Queue settings that make recovery observable within seconds.
+TEST_QUEUE = {"reclaim_idle_s": 3.0, "reclaim_every_s": 0.5, "max_deliveries": 2, "block_ms": 50}
+
+
 @pytest.fixture(scope="session")
-def server_config(tmp_path_factory, tiny_classifier_dir) -> Path:
+def redis_prefix() -> str:
+    """A key prefix of this test session's own, removed at the end."""
+    import redis
+
+    prefix = f"referee-test-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(f"{prefix}:*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+@pytest.fixture(scope="session")
+def server_config(tmp_path_factory, tiny_classifier_dir, redis_prefix) -> Path:
     config = {
         "default_judge": "smollm2",
         "limits": TEST_LIMITS,
+        "queue": {"enabled": True, "url": REDIS_URL, "prefix": redis_prefix, **TEST_QUEUE},
         "judges": [
             {
                 "name": "smollm2",
                 "kind": "generative",
                 "model": "embedded:smollm2",
-                "engine": {"dtype": "bfloat16", "max_model_len": 2048, "kv_cache_memory_gib": 0.5},
+                "engine": {
+                    "dtype": "bfloat16",
+                    "max_model_len": 2048,
+                    "kv_cache_memory_gib": 0.5,
+                    # Small engine steps: a newly arrived request of a small job (served first by
+                    # priority) never waits long for the step in progress (test_queue fairness).
+                    "extra": {"max_num_batched_tokens": 256},
+                },
             },
             {
                 "name": "tiny-rm",
@@ -87,55 +117,60 @@ def server_config(tmp_path_factory, tiny_classifier_dir) -> Path:
     return path
 
 
+def start_server(config: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start ``referee serve`` in its own process group and wait until its judges are ready."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("REFEREE_CONFIG", None)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "referee.cli", "serve", "--config", str(config), "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            pytest.fail(f"the server was not ready after {READY_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1)
+
+
+def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a server and its engine processes (the whole process group)."""
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=60)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):  # engine processes left behind by a killed server
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def server_url(server_config, tmp_path_factory) -> str:
     if os.environ.get("REFEREE_TEST_URL"):  # a server already started with tests/conftest's config
         yield os.environ["REFEREE_TEST_URL"]
         return
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("logs") / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("REFEREE_CONFIG", None)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "referee.cli",
-                "serve",
-                "--config",
-                str(server_config),
-                "--port",
-                str(port),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    proc, url = start_server(server_config, tmp_path_factory.mktemp("logs") / "server.log")
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"the server was not ready after {READY_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}"
-                )
-            time.sleep(1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 @pytest.fixture()

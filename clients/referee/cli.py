@@ -22,6 +22,10 @@ def serve(
     config: Annotated[Path | None, typer.Option(help="YAML file of judges and limits.", exists=True)] = None,
     host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    queue: Annotated[
+        bool | None,
+        typer.Option("--queue/--no-queue", help="Also judge requests from the Redis queue (REDIS_URL)."),
+    ] = None,
 ) -> None:
     """Start the reward server (needs the server extra: pip install 'referee[cpu]' or 'referee[gpu]')."""
     try:
@@ -29,7 +33,7 @@ def serve(
     except ImportError as exc:
         console.print(f"[red]the server is not installed ({exc}); install referee[cpu] or referee[gpu][/red]")
         raise typer.Exit(1) from exc
-    run_server(config, host, port)
+    run_server(config, host, port, queue)
 
 
 @app.command()

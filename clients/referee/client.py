@@ -85,7 +85,11 @@ def _api_error(response: httpx.Response) -> APIError:
         code, message = body.get("error", "error"), body.get("message", response.text)
     except ValueError:
         code, message = "error", response.text
-    status = response.status_code
+    return api_error(response.status_code, code, message)
+
+
+def api_error(status: int, code: str, message: str) -> APIError:
+    """The exception for an error answer, whether it came over HTTP or through the queue."""
     if status == 404:
         return UnknownJudge(status, code, message)
     if status == 429:

@@ -221,3 +221,46 @@ class JudgesResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str = Field(description="A short code: bad_request, unknown_judge, too_large, overloaded, ...")
     message: str = Field(description="What went wrong and what to change.")
+
+
+# ---------------------------------------------------------------- the Redis queue
+
+
+MessageType = Literal["score", "pairwise", "judge", "winrate"]
+
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "score": ScoreRequest,
+    "pairwise": PairwiseRequest,
+    "judge": JudgeRequest,
+    "winrate": WinRateRequest,
+}
+RESPONSE_MODELS: dict[str, type[BaseModel]] = {
+    "score": ScoreResponse,
+    "pairwise": PairwiseResponse,
+    "judge": JudgeResponse,
+    "winrate": WinRateResponse,
+}
+
+
+class QueueMessage(BaseModel):
+    """A request travelling through Redis: the HTTP request body plus routing and identity."""
+
+    type: MessageType
+    schema_version: int = SCHEMA_VERSION
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    request_id: str = Field(min_length=1, max_length=128, description="Idempotency key: one answer per id.")
+    sent_at: float = Field(description="Sender's wall clock (seconds), for queue latency.")
+    body: dict
+
+
+class QueueReply(BaseModel):
+    """The answer written for the waiting sender: a response body, or an error with its HTTP status."""
+
+    request_id: str
+    status: int = Field(description="The HTTP status the same request would have had.")
+    body: dict | None = None
+    error: ErrorResponse | None = None
+    attempts: int = Field(1, description="Deliveries the message took.")
+    served_by: str = ""
+    queued_s: float = Field(0.0, description="Time between sending and a consumer picking it up.")
+    judged_s: float = Field(0.0, description="Time the judge took.")

@@ -113,9 +113,18 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         app.state.service = service
         loading = asyncio.create_task(service.load())
         loading.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged in load()
+        consumer = consuming = None
+        if settings.queue.enabled:
+            from .consumer import QueueConsumer
+
+            consumer = QueueConsumer(service, settings.queue)
+            consuming = asyncio.create_task(consumer.run())
         try:
             yield
         finally:
+            if consumer is not None:
+                await consumer.stop()
+                consuming.cancel()
             loading.cancel()
             service.shutdown()
 

@@ -6,7 +6,9 @@ import logging
 from pathlib import Path
 
 
-def serve(config: Path | None = None, host: str | None = None, port: int | None = None) -> None:
+def serve(
+    config: Path | None = None, host: str | None = None, port: int | None = None, queue: bool | None = None
+) -> None:
     import uvicorn
 
     from .app import create_app
@@ -14,6 +16,8 @@ def serve(config: Path | None = None, host: str | None = None, port: int | None 
 
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = load_settings(config, **overrides)
+    if queue is not None:
+        settings.queue.enabled = queue
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -27,8 +31,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML file of judges and limits")
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
+    parser.add_argument(
+        "--queue",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also judge requests from the Redis queue (REDIS_URL)",
+    )
     args = parser.parse_args()
-    serve(args.config, args.host, args.port)
+    serve(args.config, args.host, args.port, args.queue)
 
 
 if __name__ == "__main__":

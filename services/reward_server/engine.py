@@ -14,7 +14,8 @@ from typing import Literal
 
 from transformers import AutoTokenizer
 
-from .embedded import resolve_model
+from referee.embedded import resolve_model
+
 from .settings import EngineSettings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Engine:
 
     def __init__(self, llm, tokenizer, model_path: str, runner: str) -> None:
         self._llm = llm
+        self._priorities = llm.vllm_config.scheduler_config.policy == "priority"
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.runner = runner
@@ -64,6 +66,7 @@ class Engine:
             enforce_eager=settings.enforce_eager,
             enable_prefix_caching=prefix_caching,
             seed=settings.seed,
+            scheduling_policy=settings.scheduling_policy,
         )
         if settings.kv_cache_memory_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_memory_gib * GiB)
@@ -98,6 +101,7 @@ class Engine:
         temperature: float = 0.0,
         top_logprobs: int | None = None,
         seed: int | None = None,
+        priority: int = 0,
     ) -> Completion:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -107,7 +111,10 @@ class Engine:
         )
         final = None
         async for out in self._llm.generate(
-            TokensPrompt(prompt_token_ids=token_ids), params, request_id=uuid.uuid4().hex
+            TokensPrompt(prompt_token_ids=token_ids),
+            params,
+            request_id=uuid.uuid4().hex,
+            priority=priority if self._priorities else 0,
         ):
             final = out
         assert final is not None
@@ -123,7 +130,7 @@ class Engine:
             finish_reason=choice.finish_reason,
         )
 
-    async def classify(self, token_ids: list[int], *, activation: bool = False) -> float:
+    async def classify(self, token_ids: list[int], *, activation: bool = False, priority: int = 0) -> float:
         """The classifier's single output. ``activation=False`` returns the raw logit: vLLM applies
         a sigmoid to one-label classifiers by default, which is not what a reward model's score is."""
         from vllm import PoolingParams
@@ -132,7 +139,10 @@ class Engine:
         params = PoolingParams(task="classify", use_activation=activation)
         final = None
         async for out in self._llm.encode(
-            TokensPrompt(prompt_token_ids=token_ids), params, request_id=uuid.uuid4().hex
+            TokensPrompt(prompt_token_ids=token_ids),
+            params,
+            request_id=uuid.uuid4().hex,
+            priority=priority if self._priorities else 0,
         ):
             final = out
         assert final is not None

@@ -24,9 +24,10 @@ class JudgeConfigError(RuntimeError):
 
 
 @dataclass
-class Tally:
-    """Token and request counts of one HTTP request, shared by all its engine calls."""
+class RequestContext:
+    """What the engine calls of one request share: its scheduling priority and its usage counts."""
 
+    priority: int = 0  # vLLM serves lower numbers first (the queue's fair-share order)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     engine_requests: int = 0
@@ -99,20 +100,22 @@ class ClassifierJudge(Judge):
             return self.engine.chat_ids(messages, generation_prompt=False)
         return self.engine.text_ids("\n\n".join(m["content"] for m in messages))
 
-    async def rate(self, prompt: Prompt, response: str, tally: Tally) -> Rating:
+    async def rate(self, prompt: Prompt, response: str, ctx: RequestContext) -> Rating:
         try:
             ids = self._input_ids(prompt, response)
-            tally.engine_requests += 1
-            tally.prompt_tokens += len(ids)
-            score = await self.engine.classify(ids, activation=self.settings.activation == "sigmoid")
+            ctx.engine_requests += 1
+            ctx.prompt_tokens += len(ids)
+            score = await self.engine.classify(
+                ids, activation=self.settings.activation == "sigmoid", priority=ctx.priority
+            )
         except Exception as exc:
             return Rating(None, error=_describe(exc))
         if not math.isfinite(score):
             return Rating(None, error=f"the classifier returned a non-finite score ({score})")
         return Rating(score)
 
-    async def compare(self, prompt: Prompt, first: str, second: str, tally: Tally, **_) -> Comparison:
-        ra, rb = await asyncio.gather(self.rate(prompt, first, tally), self.rate(prompt, second, tally))
+    async def compare(self, prompt: Prompt, first: str, second: str, ctx: RequestContext, **_) -> Comparison:
+        ra, rb = await asyncio.gather(self.rate(prompt, first, ctx), self.rate(prompt, second, ctx))
         return self.compare_scores(ra, rb)
 
     def compare_scores(self, ra: Rating, rb: Rating) -> Comparison:
@@ -151,12 +154,12 @@ class GenerativeJudge(Judge):
     def _label_mass(self, logprobs: dict[int, float], label: str) -> float:
         return sum(math.exp(logprobs[t]) for t in self.label_ids[label] if t in logprobs)
 
-    async def _generate(self, messages: list[dict], tally: Tally, **kwargs):
+    async def _generate(self, messages: list[dict], ctx: RequestContext, **kwargs):
         ids = self.engine.chat_ids(messages, generation_prompt=True)
-        tally.engine_requests += 1
-        out = await self.engine.complete(ids, **kwargs)
-        tally.prompt_tokens += out.prompt_tokens
-        tally.completion_tokens += out.completion_tokens
+        ctx.engine_requests += 1
+        out = await self.engine.complete(ids, priority=ctx.priority, **kwargs)
+        ctx.prompt_tokens += out.prompt_tokens
+        ctx.completion_tokens += out.completion_tokens
         return out
 
     async def compare(
@@ -164,7 +167,7 @@ class GenerativeJudge(Judge):
         prompt: Prompt,
         first: str,
         second: str,
-        tally: Tally,
+        ctx: RequestContext,
         *,
         mode: str = "logprob",
         rubric: str | None = None,
@@ -174,16 +177,16 @@ class GenerativeJudge(Judge):
     ) -> Comparison:
         try:
             if mode == "logprob":
-                return await self._compare_logprob(prompt, first, second, rubric, tally)
+                return await self._compare_logprob(prompt, first, second, rubric, ctx)
             return await self._compare_cot(
-                prompt, first, second, rubric, tally, max_new_tokens, max_retries, seed
+                prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed
             )
         except Exception as exc:
             return Comparison(None, "invalid", error=_describe(exc))
 
-    async def _compare_logprob(self, prompt, first, second, rubric, tally) -> Comparison:
+    async def _compare_logprob(self, prompt, first, second, rubric, ctx) -> Comparison:
         messages = templates.pairwise_logprob(prompt, first, second, rubric)
-        out = await self._generate(messages, tally, max_tokens=1, top_logprobs=self.settings.top_logprobs)
+        out = await self._generate(messages, ctx, max_tokens=1, top_logprobs=self.settings.top_logprobs)
         pa = self._label_mass(out.first_token_logprobs, "A")
         pb = self._label_mass(out.first_token_logprobs, "B")
         if pa + pb == 0.0:
@@ -196,7 +199,7 @@ class GenerativeJudge(Judge):
         p = pa / (pa + pb)
         return Comparison(p, verdict_from_probability(p, self.settings.tie_margin))
 
-    async def _attempts(self, messages, tally, max_new_tokens, max_retries, seed, parse):
+    async def _attempts(self, messages, ctx, max_new_tokens, max_retries, seed, parse):
         """Reason-then-answer with bounded retries; the first attempt is greedy unless configured."""
         budget = max_new_tokens or self.settings.cot_max_new_tokens
         text, why = "", ""
@@ -204,7 +207,7 @@ class GenerativeJudge(Judge):
             temperature = self.settings.cot_temperature if attempt == 0 else 0.7
             out = await self._generate(
                 messages,
-                tally,
+                ctx,
                 max_tokens=budget,
                 temperature=temperature,
                 seed=None if seed is None else seed + attempt,
@@ -217,20 +220,22 @@ class GenerativeJudge(Judge):
                 why += f" (the reasoning was cut at max_new_tokens={budget})"
         return None, text, max_retries + 1, why
 
-    async def _compare_cot(self, prompt, first, second, rubric, tally, max_new_tokens, max_retries, seed):
+    async def _compare_cot(self, prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed):
         messages = templates.pairwise_cot(prompt, first, second, rubric)
         verdict, text, attempts, why = await self._attempts(
-            messages, tally, max_new_tokens, max_retries, seed, templates.parse_verdict
+            messages, ctx, max_new_tokens, max_retries, seed, templates.parse_verdict
         )
         if verdict is None:
             return Comparison(None, "invalid", rationale=text, attempts=attempts, error=why)
         return Comparison(verdict_credit(verdict), verdict, rationale=text, attempts=attempts)
 
-    async def rate(self, prompt: Prompt, response: str, tally: Tally, *, rubric: str | None = None) -> Rating:
+    async def rate(
+        self, prompt: Prompt, response: str, ctx: RequestContext, *, rubric: str | None = None
+    ) -> Rating:
         """Expected rating under the judge's probabilities over the scale's labels (one token)."""
         try:
             messages = templates.pointwise_logprob(prompt, response, rubric, self.scale)
-            out = await self._generate(messages, tally, max_tokens=1, top_logprobs=self.settings.top_logprobs)
+            out = await self._generate(messages, ctx, max_tokens=1, top_logprobs=self.settings.top_logprobs)
         except Exception as exc:
             return Rating(None, error=_describe(exc))
         masses = {
@@ -246,13 +251,13 @@ class GenerativeJudge(Judge):
         return Rating(sum(v * m for v, m in masses.items()) / total)
 
     async def rate_cot(
-        self, prompt, response, tally, *, rubric=None, max_new_tokens=None, max_retries=0, seed=None
+        self, prompt, response, ctx, *, rubric=None, max_new_tokens=None, max_retries=0, seed=None
     ) -> Rating:
         try:
             messages = templates.pointwise_cot(prompt, response, rubric, self.scale)
             score, text, attempts, why = await self._attempts(
                 messages,
-                tally,
+                ctx,
                 max_new_tokens,
                 max_retries,
                 seed,

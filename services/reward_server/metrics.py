@@ -36,7 +36,24 @@ def record_verdicts(judge: str, verdicts: Iterable[str]) -> None:
         VERDICTS.labels(judge, v).inc()
 
 
-def record_tokens(judge: str, tally) -> None:
-    TOKENS.labels(judge, "prompt").inc(tally.prompt_tokens)
-    TOKENS.labels(judge, "completion").inc(tally.completion_tokens)
-    ENGINE_REQUESTS.labels(judge).inc(tally.engine_requests)
+def record_tokens(judge: str, ctx) -> None:
+    TOKENS.labels(judge, "prompt").inc(ctx.prompt_tokens)
+    TOKENS.labels(judge, "completion").inc(ctx.completion_tokens)
+    ENGINE_REQUESTS.labels(judge).inc(ctx.engine_requests)
+
+
+QUEUE_INFLIGHT = Gauge("referee_queue_inflight_messages", "Queue messages being judged by this consumer.")
+QUEUE_MESSAGES = Counter(
+    "referee_queue_messages_total",
+    "Queue messages answered, by type, status and outcome.",
+    ["type", "status", "outcome"],
+)
+QUEUE_WAIT = Histogram(
+    "referee_queue_wait_seconds",
+    "Time from a trainer sending a message to a consumer picking it up.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+QUEUE_RECLAIMED = Counter(
+    "referee_queue_reclaimed_total", "Messages taken over from a consumer that stopped."
+)
+QUEUE_DEAD_LETTERS = Counter("referee_queue_dead_letters_total", "Messages sent to the dead-letter stream.")

@@ -37,7 +37,7 @@ from .judges import (
     Comparison,
     GenerativeJudge,
     Judge,
-    Tally,
+    RequestContext,
     load_judge,
     verdict_from_probability,
 )
@@ -54,11 +54,11 @@ class ClientError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
-def _usage(tally: Tally) -> Usage:
+def _usage(ctx: RequestContext) -> Usage:
     return Usage(
-        prompt_tokens=tally.prompt_tokens,
-        completion_tokens=tally.completion_tokens,
-        engine_requests=tally.engine_requests,
+        prompt_tokens=ctx.prompt_tokens,
+        completion_tokens=ctx.completion_tokens,
+        engine_requests=ctx.engine_requests,
     )
 
 
@@ -195,7 +195,7 @@ class JudgeService:
 
     # ------------------------------------------------------------ questions
 
-    async def score(self, req: ScoreRequest) -> ScoreResponse:
+    async def score(self, req: ScoreRequest, priority: int = 0) -> ScoreResponse:
         judge = self.judge_for(req.judge, "score")
         self._check_items(len(req.items))
         self._check_texts(
@@ -206,17 +206,17 @@ class JudgeService:
                 (f"items[{k}].response", it.response),
             ]
         )
-        tally = Tally()
+        ctx = RequestContext(priority=priority)
         with self._admit(len(req.items)):
             if isinstance(judge, GenerativeJudge):
-                coros = [judge.rate(it.prompt, it.response, tally, rubric=req.rubric) for it in req.items]
+                coros = [judge.rate(it.prompt, it.response, ctx, rubric=req.rubric) for it in req.items]
             else:
-                coros = [judge.rate(it.prompt, it.response, tally) for it in req.items]
+                coros = [judge.rate(it.prompt, it.response, ctx) for it in req.items]
             ratings = await asyncio.gather(*coros)
         results = [ScoreResult(index=k, score=r.score, error=r.error) for k, r in enumerate(ratings)]
         metrics.record_items("score", judge.name, len(results), sum(r.error is not None for r in results))
-        metrics.record_tokens(judge.name, tally)
-        return ScoreResponse(judge=judge.name, results=results, usage=_usage(tally))
+        metrics.record_tokens(judge.name, ctx)
+        return ScoreResponse(judge=judge.name, results=results, usage=_usage(ctx))
 
     def _requests_per_pair(self, judge: Judge, order: str) -> int:
         if isinstance(judge, ClassifierJudge):
@@ -224,19 +224,19 @@ class JudgeService:
         return 2 if order == "both" else 1
 
     async def _pair(
-        self, judge: Judge, prompt, a: str, b: str, order: str, swap: bool, tally: Tally, opts: dict
+        self, judge: Judge, prompt, a: str, b: str, order: str, swap: bool, ctx: RequestContext, opts: dict
     ):
         """Judge one pair under an order option; the result is always from A's perspective."""
         if isinstance(judge, ClassifierJudge):  # symmetric: order does not matter
-            c = await judge.compare(prompt, a, b, tally)
+            c = await judge.compare(prompt, a, b, ctx)
             return PairwiseResult(index=0, p_a=c.p_first, verdict=c.verdict, error=c.error)
         if order == "both":
             ab, ba = await asyncio.gather(
-                judge.compare(prompt, a, b, tally, **opts), judge.compare(prompt, b, a, tally, **opts)
+                judge.compare(prompt, a, b, ctx, **opts), judge.compare(prompt, b, a, ctx, **opts)
             )
             return self._combine(judge, ab, ba, opts["mode"])
         c = await (
-            judge.compare(prompt, b, a, tally, **opts) if swap else judge.compare(prompt, a, b, tally, **opts)
+            judge.compare(prompt, b, a, ctx, **opts) if swap else judge.compare(prompt, a, b, ctx, **opts)
         )
         p_a = None if c.p_first is None else (1.0 - c.p_first if swap else c.p_first)
         verdict = _FLIP[c.verdict] if swap else c.verdict
@@ -277,7 +277,7 @@ class JudgeService:
             seed=req.seed,
         )
 
-    async def pairwise(self, req: PairwiseRequest) -> PairwiseResponse:
+    async def pairwise(self, req: PairwiseRequest, priority: int = 0) -> PairwiseResponse:
         judge = self.judge_for(req.judge, "pairwise")
         self._check_mode(judge, req.mode)
         self._check_items(len(req.items))
@@ -294,11 +294,11 @@ class JudgeService:
         rng = random.Random(req.seed)
         swaps = [req.order == "random" and rng.random() < 0.5 for _ in req.items]
         opts = self._pair_opts(judge, req)
-        tally = Tally()
+        ctx = RequestContext(priority=priority)
         with self._admit(len(req.items) * self._requests_per_pair(judge, req.order)):
             results = await asyncio.gather(
                 *[
-                    self._pair(judge, it.prompt, it.response_a, it.response_b, req.order, swap, tally, opts)
+                    self._pair(judge, it.prompt, it.response_a, it.response_b, req.order, swap, ctx, opts)
                     for it, swap in zip(req.items, swaps, strict=True)
                 ]
             )
@@ -308,10 +308,10 @@ class JudgeService:
             "pairwise", judge.name, len(results), sum(r.verdict == "invalid" for r in results)
         )
         metrics.record_verdicts(judge.name, (r.verdict for r in results))
-        metrics.record_tokens(judge.name, tally)
-        return PairwiseResponse(judge=judge.name, results=results, usage=_usage(tally))
+        metrics.record_tokens(judge.name, ctx)
+        return PairwiseResponse(judge=judge.name, results=results, usage=_usage(ctx))
 
-    async def judge(self, req: JudgeRequest) -> JudgeResponse:
+    async def judge(self, req: JudgeRequest, priority: int = 0) -> JudgeResponse:
         judge = self.judge_for(req.judge, "judge")
         assert isinstance(judge, GenerativeJudge)
         self._check_items(len(req.items))
@@ -326,11 +326,11 @@ class JudgeService:
             ]
         self._check_texts(texts)
         gen = dict(max_new_tokens=req.max_new_tokens, max_retries=req.max_retries, seed=req.seed)
-        tally = Tally()
+        ctx = RequestContext(priority=priority)
 
         async def one(k: int, it) -> JudgeResult:
             if it.response is not None:
-                r = await judge.rate_cot(it.prompt, it.response, tally, rubric=req.rubric, **gen)
+                r = await judge.rate_cot(it.prompt, it.response, ctx, rubric=req.rubric, **gen)
                 return JudgeResult(
                     index=k,
                     kind="score",
@@ -340,7 +340,7 @@ class JudgeService:
                     error=r.error,
                 )
             c = await judge.compare(
-                it.prompt, it.response_a, it.response_b, tally, mode="cot", rubric=req.rubric, **gen
+                it.prompt, it.response_a, it.response_b, ctx, mode="cot", rubric=req.rubric, **gen
             )
             return JudgeResult(
                 index=k,
@@ -355,10 +355,10 @@ class JudgeService:
             results = await asyncio.gather(*[one(k, it) for k, it in enumerate(req.items)])
         metrics.record_items("judge", judge.name, len(results), sum(r.error is not None for r in results))
         metrics.record_verdicts(judge.name, (r.verdict for r in results if r.verdict is not None))
-        metrics.record_tokens(judge.name, tally)
-        return JudgeResponse(judge=judge.name, results=results, usage=_usage(tally))
+        metrics.record_tokens(judge.name, ctx)
+        return JudgeResponse(judge=judge.name, results=results, usage=_usage(ctx))
 
-    async def winrate(self, req: WinRateRequest) -> WinRateResponse:
+    async def winrate(self, req: WinRateRequest, priority: int = 0) -> WinRateResponse:
         judge = self.judge_for(req.judge, "winrate")
         self._check_mode(judge, req.mode)
         self._check_generation(req.max_new_tokens, req.max_retries)
@@ -376,7 +376,7 @@ class JudgeService:
                 *((f"responses[{k}]", r) for k, r in enumerate(req.responses)),
             ]
         )
-        tally = Tally()
+        ctx = RequestContext(priority=priority)
         matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
         errors: list[str] = []
         ties = invalid = 0
@@ -385,7 +385,7 @@ class JudgeService:
             # N forward passes give every pair: Bradley-Terry needs only the N scores.
             pairs = circular_pairs(n)
             with self._admit(n):
-                ratings = await asyncio.gather(*[judge.rate(req.prompt, r, tally) for r in req.responses])
+                ratings = await asyncio.gather(*[judge.rate(req.prompt, r, ctx) for r in req.responses])
             scores = [r.score for r in ratings]
             results = [judge.compare_scores(ratings[i], ratings[j]) for i, j in pairs]
             outcomes = [(c.p_first, c.verdict, c.error) for c in results]
@@ -400,7 +400,7 @@ class JudgeService:
                 results = await asyncio.gather(
                     *[
                         self._pair(
-                            judge, req.prompt, req.responses[i], req.responses[j], req.order, s, tally, opts
+                            judge, req.prompt, req.responses[i], req.responses[j], req.order, s, ctx, opts
                         )
                         for (i, j), s in zip(pairs, swaps, strict=True)
                     ]
@@ -417,7 +417,7 @@ class JudgeService:
         rates = win_rates(matrix)
         metrics.record_items("winrate", judge.name, len(pairs), invalid)
         metrics.record_verdicts(judge.name, (v for _, v, _ in outcomes))
-        metrics.record_tokens(judge.name, tally)
+        metrics.record_tokens(judge.name, ctx)
         return WinRateResponse(
             judge=judge.name,
             win_rates=rates,
@@ -428,7 +428,7 @@ class JudgeService:
             ties=ties,
             invalid=invalid,
             errors=errors,
-            usage=_usage(tally),
+            usage=_usage(ctx),
         )
 
     def describe(self) -> JudgesResponse:

