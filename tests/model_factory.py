@@ -62,3 +62,34 @@ def make_backbone_classifier(target: Path, causal_lm_dir: Path, *, seed: int = 0
     model.to(torch.bfloat16).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def make_tiny_policy(target: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer chat policy (Qwen2 architecture) with the SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    if (target / "config.json").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
