@@ -1,14 +1,7 @@
 #!/usr/bin/env bash
-# The main job: start the reward server with the embedded judge, ask it a real /pairwise and
-# /winrate question, print the answers, stop the server.
+# The main job: Redis, the reward server with the embedded judge, a /pairwise and a /winrate question,
+# then two GRPO trainer jobs sharing the judge through Redis (see scripts/stack.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
-PORT="${REFEREE_PORT:-8000}"
-LOG="${TMPDIR:-/tmp}/referee-demo-server.log"
-
-.venv/bin/referee serve --port "$PORT" >"$LOG" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
-echo "starting the reward server (embedded SmolLM2 judge) on port $PORT; log: $LOG"
-.venv/bin/python scripts/demo.py --url "http://127.0.0.1:$PORT"
+exec .venv/bin/python scripts/stack.py "$@"

@@ -20,6 +20,7 @@ def main(
     max_steps: Annotated[int | None, typer.Option(help="GRPO steps.")] = None,
     transport: Annotated[str | None, typer.Option(help="queue (Redis) or http.")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="Where runs/<job-id>/ goes.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling and initialisation seed.")] = None,
 ) -> None:
     """Train a policy with GRPO, with rewards from the referee judge (win rates by default)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -52,6 +52,12 @@ class TrainSettings(BaseSettings):
     prompts_per_step: int = Field(2, ge=1)
     num_generations: int = Field(4, ge=2, description="Completions per prompt: the win-rate group.")
     max_completion_length: int = Field(32, ge=1)
+    micro_batch_prompts: int = Field(
+        1,
+        ge=1,
+        description="Prompts per forward/backward pass; the step accumulates prompts_per_step of them.",
+    )
+    optim: str = Field("adamw_torch", description="transformers optimizer name (adafactor saves memory).")
     learning_rate: float = 1e-6
     temperature: float = 1.0
     beta: float = 0.0

@@ -152,26 +152,40 @@ def _callback_class():
 
 
 def plot_rewards(rows: list[dict], path: Path, title: str) -> None:
+    """One panel per reward function (its batch mean, with the within-group win-rate spread)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = sorted(
+        {k.split("/")[1] for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")}
+    )
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5 * max(1, len(names)), 3.5), squeeze=False)
     steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["reward"] for r in rows], marker="o", label="mean reward (win rate)")
-    if rows and "reward_std" in rows[0]:
+    for ax, name in zip(axes[0], names, strict=False):
+        mean = [r.get(f"rewards/{name}/mean") for r in rows]
+        std = [r.get(f"rewards/{name}/std") or 0.0 for r in rows]
+        ax.plot(steps, mean, marker="o", label=f"{name}: batch mean")
         ax.fill_between(
             steps,
-            [r["reward"] - r["reward_std"] for r in rows],
-            [r["reward"] + r["reward_std"] for r in rows],
+            [m - s for m, s in zip(mean, std, strict=True)],
+            [m + s for m, s in zip(mean, std, strict=True)],
             alpha=0.2,
             label="± std",
         )
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.set_title(title)
-    ax.legend(loc="best")
+        if name.startswith("winrate") and any(r.get("judge/winrate_spread") is not None for r in rows):
+            ax.plot(
+                steps,
+                [r.get("judge/winrate_spread") for r in rows],
+                marker="x",
+                linestyle="--",
+                label="within-group spread",
+            )
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -188,10 +202,17 @@ def run(settings: TrainSettings) -> Path:
     out_dir = settings.output_dir / settings.job_id
     out_dir.mkdir(parents=True, exist_ok=True)
     funcs, weights = build_rewards(settings)
+    micro = settings.micro_batch_prompts
+    if settings.prompts_per_step % micro:
+        raise ValueError("prompts_per_step must be a multiple of micro_batch_prompts")
     config = GRPOConfig(
         output_dir=str(out_dir),
         max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
+        # A step generates prompts_per_step groups at once, then learns from them in micro-batches
+        # of whole groups: the full-vocabulary logits of a big batch are what costs memory here.
+        per_device_train_batch_size=micro * settings.num_generations,
+        gradient_accumulation_steps=settings.prompts_per_step // micro,
+        optim=settings.optim,
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
         learning_rate=settings.learning_rate,
@@ -219,7 +240,7 @@ def run(settings: TrainSettings) -> Path:
     seconds = time.monotonic() - start
     rows = report.rows
     if rows:
-        plot_rewards(rows, out_dir / "reward_curve.png", f"GRPO {settings.job_id}: win-rate reward")
+        plot_rewards(rows, out_dir / "reward_curve.png", f"GRPO {settings.job_id}: rewards from the judge")
     summary = {
         "job_id": settings.job_id,
         "steps": len(rows),
