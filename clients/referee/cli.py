@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .client import DEFAULT_URL, Referee
+from .client import DEFAULT_URL, Referee, RefereeError
+from .protocol import PairwiseItem, ScoreItem
 
 app = typer.Typer(help="referee: reward models and LLM judges for RL post-training.", no_args_is_help=True)
 console = Console()
@@ -27,7 +29,7 @@ def serve(
         typer.Option("--queue/--no-queue", help="Also judge requests from the Redis queue (REDIS_URL)."),
     ] = None,
 ) -> None:
-    """Start the reward server (needs the server extra: pip install 'referee[cpu]' or 'referee[gpu]')."""
+    """Start the reward server (installed with the cpu or gpu extra)."""
     try:
         from reward_server.cli import serve as run_server
     except ImportError as exc:
@@ -51,6 +53,135 @@ def judges(url: UrlOption = DEFAULT_URL) -> None:
             ", ".join(j.pairwise_modes),
         )
     console.print(table)
+
+
+def _rows(file: Path | None) -> list[dict]:
+    if file is None:
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def _num(value: float | None, spec: str = "{:.3f}") -> str:
+    return "-" if value is None else spec.format(value)
+
+
+FileOption = Annotated[
+    Path | None, typer.Option("--file", help="JSONL input instead of arguments.", exists=True)
+]
+JudgeOption = Annotated[str | None, typer.Option(help="Judge name (default: the server's default).")]
+
+
+@app.command()
+def score(
+    prompt: Annotated[str | None, typer.Option(help="The question.")] = None,
+    response: Annotated[list[str] | None, typer.Option(help="A response to score (repeatable).")] = None,
+    file: FileOption = None,
+    judge: JudgeOption = None,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Score responses (arguments, or a JSONL file of {prompt, response})."""
+    items = [ScoreItem(prompt=r["prompt"], response=r["response"]) for r in _rows(file)]
+    items += [ScoreItem(prompt=prompt or "", response=r) for r in response or []]
+    if not items:
+        raise typer.BadParameter("give --prompt and --response, or --file")
+    with Referee(url) as ref:
+        out = _ask(lambda: ref.score(judge=judge, items=items))
+    table = Table("#", "response", "score", "error", title=f"POST /score ({out.judge})")
+    for it, r in zip(items, out.results, strict=True):
+        table.add_row(str(r.index), it.response[:60], _num(r.score, "{:.4f}"), r.error or "")
+    console.print(table)
+
+
+@app.command()
+def pairwise(
+    prompt: Annotated[str | None, typer.Option(help="The question.")] = None,
+    a: Annotated[str | None, typer.Option("--a", help="Response A.")] = None,
+    b: Annotated[str | None, typer.Option("--b", help="Response B.")] = None,
+    file: FileOption = None,
+    judge: JudgeOption = None,
+    mode: Annotated[str, typer.Option(help="logprob or cot.")] = "logprob",
+    order: Annotated[str, typer.Option(help="single, random or both.")] = "both",
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Compare two responses (arguments, or a JSONL file of {prompt, response_a, response_b})."""
+    items = [
+        PairwiseItem(prompt=r["prompt"], response_a=r["response_a"], response_b=r["response_b"])
+        for r in _rows(file)
+    ]
+    if a is not None and b is not None:
+        items.append(PairwiseItem(prompt=prompt or "", response_a=a, response_b=b))
+    if not items:
+        raise typer.BadParameter("give --prompt, --a and --b, or --file")
+    with Referee(url) as ref:
+        out = _ask(lambda: ref.pairwise(judge=judge, items=items, mode=mode, order=order))
+    table = Table(
+        "#",
+        "A",
+        "B",
+        "P(A better)",
+        "verdict",
+        "orders agree",
+        "error",
+        title=f"POST /pairwise ({out.judge}, mode={mode}, order={order})",
+    )
+    for it, r in zip(items, out.results, strict=True):
+        table.add_row(
+            str(r.index),
+            it.response_a[:40],
+            it.response_b[:40],
+            _num(r.p_a),
+            r.verdict,
+            "-" if r.consistent is None else str(r.consistent),
+            r.error or "",
+        )
+    console.print(table)
+
+
+@app.command()
+def winrate(
+    prompt: Annotated[str | None, typer.Option(help="The question.")] = None,
+    response: Annotated[list[str] | None, typer.Option(help="A response of the group (repeatable).")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="JSON file of {prompt, responses}.", exists=True)
+    ] = None,
+    judge: JudgeOption = None,
+    mode: Annotated[str, typer.Option(help="logprob or cot.")] = "logprob",
+    order: Annotated[str, typer.Option(help="single, random or both.")] = "both",
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Pref-GRPO win rates of a group of responses to one prompt."""
+    if file is not None:
+        data = json.loads(file.read_text())
+        prompt, response = data["prompt"], data["responses"]
+    if prompt is None or not response or len(response) < 2:
+        raise typer.BadParameter("give --prompt and at least two --response, or --file")
+    with Referee(url) as ref:
+        out = _ask(
+            lambda: ref.winrate(judge=judge, prompt=prompt, responses=response, mode=mode, order=order)
+        )
+    table = Table(
+        "#",
+        "response",
+        "win rate",
+        "advantage",
+        title=(
+            f"POST /winrate ({out.judge}): {out.comparisons} comparisons, "
+            f"ties {out.ties}, invalid {out.invalid}"
+        ),
+    )
+    for k, (text, rate, adv) in enumerate(zip(response, out.win_rates, out.advantages, strict=True)):
+        table.add_row(str(k), text[:60], _num(rate), _num(adv, "{:+.2f}"))
+    console.print(table)
+    for error in out.errors:
+        console.print(f"[yellow]{error}[/yellow]")
+
+
+def _ask(call):
+    try:
+        return call()
+    except RefereeError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
 
 
 @app.command("eval")

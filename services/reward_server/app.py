@@ -12,7 +12,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -30,7 +30,8 @@ from referee.protocol import (
     WinRateResponse,
 )
 
-from . import metrics
+from . import compat, metrics
+from .idempotency import IdempotencyCache
 from .service import ClientError, JudgeService
 from .settings import ServerSettings, get_settings
 
@@ -48,24 +49,42 @@ judging = APIRouter(responses=_ERRORS)
 ops = APIRouter()
 
 
+def get_idempotency(request: Request) -> IdempotencyCache:
+    return request.app.state.idempotency
+
+
+Idempotency = Annotated[IdempotencyCache, Depends(get_idempotency)]
+IdempotencyKey = Annotated[
+    str | None, Header(description="Same key on a retry: the request is answered once, not judged twice.")
+]
+
+
 @judging.post("/score", response_model=ScoreResponse, summary="Pointwise scores")
-async def score(req: ScoreRequest, service: Service) -> ScoreResponse:
-    return await service.score(req)
+async def score(
+    req: ScoreRequest, service: Service, cache: Idempotency, idempotency_key: IdempotencyKey = None
+) -> ScoreResponse:
+    return await cache.run(idempotency_key, "score", req, lambda: service.score(req))
 
 
 @judging.post("/pairwise", response_model=PairwiseResponse, summary="Pairwise preferences")
-async def pairwise(req: PairwiseRequest, service: Service) -> PairwiseResponse:
-    return await service.pairwise(req)
+async def pairwise(
+    req: PairwiseRequest, service: Service, cache: Idempotency, idempotency_key: IdempotencyKey = None
+) -> PairwiseResponse:
+    return await cache.run(idempotency_key, "pairwise", req, lambda: service.pairwise(req))
 
 
 @judging.post("/judge", response_model=JudgeResponse, summary="Chain-of-thought judging")
-async def judge(req: JudgeRequest, service: Service) -> JudgeResponse:
-    return await service.judge(req)
+async def judge(
+    req: JudgeRequest, service: Service, cache: Idempotency, idempotency_key: IdempotencyKey = None
+) -> JudgeResponse:
+    return await cache.run(idempotency_key, "judge", req, lambda: service.judge(req))
 
 
 @judging.post("/winrate", response_model=WinRateResponse, summary="Pref-GRPO group win rates")
-async def winrate(req: WinRateRequest, service: Service) -> WinRateResponse:
-    return await service.winrate(req)
+async def winrate(
+    req: WinRateRequest, service: Service, cache: Idempotency, idempotency_key: IdempotencyKey = None
+) -> WinRateResponse:
+    return await cache.run(idempotency_key, "winrate", req, lambda: service.winrate(req))
 
 
 @ops.get("/judges", response_model=JudgesResponse)
@@ -111,6 +130,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         service = JudgeService(settings)
         app.state.service = service
+        app.state.idempotency = IdempotencyCache()
         loading = asyncio.create_task(service.load())
         loading.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged in load()
         consumer = consuming = None
@@ -135,6 +155,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(judging)
+    app.include_router(compat.router)
     app.include_router(ops)
 
     @app.exception_handler(ClientError)

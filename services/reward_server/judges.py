@@ -100,14 +100,21 @@ class ClassifierJudge(Judge):
             return self.engine.chat_ids(messages, generation_prompt=False)
         return self.engine.text_ids("\n\n".join(m["content"] for m in messages))
 
+    async def rate_text(self, text: str, ctx: RequestContext, *, activation: bool | None = None) -> Rating:
+        """Score text that is already formatted for the model (vLLM /classify and OpenRLHF inputs)."""
+        return await self._classify(lambda: self.engine.text_ids(text), ctx, activation)
+
     async def rate(self, prompt: Prompt, response: str, ctx: RequestContext) -> Rating:
+        return await self._classify(lambda: self._input_ids(prompt, response), ctx, None)
+
+    async def _classify(self, build_ids, ctx: RequestContext, activation: bool | None) -> Rating:
+        if activation is None:
+            activation = self.settings.activation == "sigmoid"
         try:
-            ids = self._input_ids(prompt, response)
+            ids = build_ids()
             ctx.engine_requests += 1
             ctx.prompt_tokens += len(ids)
-            score = await self.engine.classify(
-                ids, activation=self.settings.activation == "sigmoid", priority=ctx.priority
-            )
+            score = await self.engine.classify(ids, activation=activation, priority=ctx.priority)
         except Exception as exc:
             return Rating(None, error=_describe(exc))
         if not math.isfinite(score):

@@ -125,7 +125,7 @@ class JudgeService:
                 f"use one of {list(judge.pairwise_modes)} or a generative judge",
             )
 
-    def _check_items(self, n: int) -> None:
+    def check_items(self, n: int) -> None:
         if n > self.limits.max_items:
             raise ClientError(
                 413,
@@ -134,7 +134,7 @@ class JudgeService:
                 "(limits.max_items); split the request",
             )
 
-    def _check_texts(self, texts: Iterable[tuple[str, str]]) -> None:
+    def check_texts(self, texts: Iterable[tuple[str, str]]) -> None:
         limit = self.limits.max_text_chars
         for where, text in texts:
             if len(text) > limit:
@@ -167,7 +167,7 @@ class JudgeService:
         return [(f"{where}[{k}].content", m.content) for k, m in enumerate(prompt)]
 
     @contextmanager
-    def _admit(self, engine_requests: int):
+    def admit(self, engine_requests: int):
         """Bound the engine requests in flight; past the bound the caller gets 429 + Retry-After."""
         limit = self.limits.max_inflight
         if engine_requests > limit:
@@ -197,8 +197,8 @@ class JudgeService:
 
     async def score(self, req: ScoreRequest, priority: int = 0) -> ScoreResponse:
         judge = self.judge_for(req.judge, "score")
-        self._check_items(len(req.items))
-        self._check_texts(
+        self.check_items(len(req.items))
+        self.check_texts(
             t
             for k, it in enumerate(req.items)
             for t in [
@@ -207,7 +207,7 @@ class JudgeService:
             ]
         )
         ctx = RequestContext(priority=priority)
-        with self._admit(len(req.items)):
+        with self.admit(len(req.items)):
             if isinstance(judge, GenerativeJudge):
                 coros = [judge.rate(it.prompt, it.response, ctx, rubric=req.rubric) for it in req.items]
             else:
@@ -280,9 +280,9 @@ class JudgeService:
     async def pairwise(self, req: PairwiseRequest, priority: int = 0) -> PairwiseResponse:
         judge = self.judge_for(req.judge, "pairwise")
         self._check_mode(judge, req.mode)
-        self._check_items(len(req.items))
+        self.check_items(len(req.items))
         self._check_generation(req.max_new_tokens, req.max_retries)
-        self._check_texts(
+        self.check_texts(
             t
             for k, it in enumerate(req.items)
             for t in [
@@ -295,7 +295,7 @@ class JudgeService:
         swaps = [req.order == "random" and rng.random() < 0.5 for _ in req.items]
         opts = self._pair_opts(judge, req)
         ctx = RequestContext(priority=priority)
-        with self._admit(len(req.items) * self._requests_per_pair(judge, req.order)):
+        with self.admit(len(req.items) * self._requests_per_pair(judge, req.order)):
             results = await asyncio.gather(
                 *[
                     self._pair(judge, it.prompt, it.response_a, it.response_b, req.order, swap, ctx, opts)
@@ -314,7 +314,7 @@ class JudgeService:
     async def judge(self, req: JudgeRequest, priority: int = 0) -> JudgeResponse:
         judge = self.judge_for(req.judge, "judge")
         assert isinstance(judge, GenerativeJudge)
-        self._check_items(len(req.items))
+        self.check_items(len(req.items))
         self._check_generation(req.max_new_tokens, req.max_retries)
         texts = []
         for k, it in enumerate(req.items):
@@ -324,7 +324,7 @@ class JudgeService:
                 for f in ("response", "response_a", "response_b")
                 if getattr(it, f) is not None
             ]
-        self._check_texts(texts)
+        self.check_texts(texts)
         gen = dict(max_new_tokens=req.max_new_tokens, max_retries=req.max_retries, seed=req.seed)
         ctx = RequestContext(priority=priority)
 
@@ -351,7 +351,7 @@ class JudgeService:
                 error=c.error,
             )
 
-        with self._admit(len(req.items)):
+        with self.admit(len(req.items)):
             results = await asyncio.gather(*[one(k, it) for k, it in enumerate(req.items)])
         metrics.record_items("judge", judge.name, len(results), sum(r.error is not None for r in results))
         metrics.record_verdicts(judge.name, (r.verdict for r in results if r.verdict is not None))
@@ -370,7 +370,7 @@ class JudgeService:
                 f"a group of {n} responses exceeds the limit of {self.limits.max_group_size} "
                 "(limits.max_group_size); split the group or compare each with k opponents",
             )
-        self._check_texts(
+        self.check_texts(
             [
                 *self._prompt_texts("prompt", req.prompt),
                 *((f"responses[{k}]", r) for k, r in enumerate(req.responses)),
@@ -384,7 +384,7 @@ class JudgeService:
         if isinstance(judge, ClassifierJudge):
             # N forward passes give every pair: Bradley-Terry needs only the N scores.
             pairs = circular_pairs(n)
-            with self._admit(n):
+            with self.admit(n):
                 ratings = await asyncio.gather(*[judge.rate(req.prompt, r, ctx) for r in req.responses])
             scores = [r.score for r in ratings]
             results = [judge.compare_scores(ratings[i], ratings[j]) for i, j in pairs]
@@ -396,7 +396,7 @@ class JudgeService:
             opts = self._pair_opts(judge, req)
             # Every comparison of the group goes to the engine at once: they share the question's
             # prefix (cached once) and vLLM batches them together.
-            with self._admit(len(pairs) * self._requests_per_pair(judge, req.order)):
+            with self.admit(len(pairs) * self._requests_per_pair(judge, req.order)):
                 results = await asyncio.gather(
                     *[
                         self._pair(

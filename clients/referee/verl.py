@@ -1,0 +1,123 @@
+"""verl: a batch ``compute_score`` backed by a referee judge.
+
+Point verl's custom reward function at this module, with the batch reward manager::
+
+    reward_model.reward_manager=batch
+    custom_reward_function.path=<site-packages>/referee/verl.py
+    custom_reward_function.name=compute_score
+    +custom_reward_function.reward_kwargs.url=http://referee:8000
+    +custom_reward_function.reward_kwargs.reward=winrate
+
+verl passes the decoded responses (``solution_strs``), the dataset's ground truths and its
+``extra_info`` dicts; the prompt is read from ``extra_info[prompt_key]``. ``reward`` chooses the
+question: ``score`` (pointwise), ``preference`` (P(response better than the ground truth)) or
+``winrate`` (Pref-GRPO: responses grouped by prompt, each rewarded with its win rate).
+
+verl needs a number for every response, so a response the judge could not score raises an error
+naming it (``on_error="raise"``, the default) or becomes NaN (``on_error="nan"``); it never
+becomes a neutral score.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from .client import AsyncReferee
+from .protocol import PairwiseItem, PairwiseRequest, ScoreItem, ScoreRequest, WinRateRequest
+
+__all__ = ["compute_score"]
+
+
+def compute_score(
+    data_sources: Sequence[str],
+    solution_strs: Sequence[str],
+    ground_truths: Sequence[Any],
+    extra_infos: Sequence[dict | None],
+    *,
+    url: str = "http://127.0.0.1:8000",
+    judge: str | None = None,
+    reward: Literal["score", "preference", "winrate"] = "score",
+    prompt_key: str = "question",
+    mode: str = "logprob",
+    order: str = "both",
+    on_error: Literal["raise", "nan"] = "raise",
+    **_: Any,
+) -> list[float]:
+    prompts = []
+    for k, info in enumerate(extra_infos):
+        info = info or {}
+        prompt = info.get(prompt_key, info.get("prompt"))
+        if prompt is None:
+            raise KeyError(
+                f"extra_infos[{k}] has no {prompt_key!r} (or 'prompt'): the judge needs the question"
+            )
+        prompts.append(prompt)
+    values, errors = asyncio.run(
+        _judge(url, judge, reward, prompts, list(solution_strs), list(ground_truths), mode, order)
+    )
+    failed = [f"{k} ({data_sources[k]}): {e}" for k, e in enumerate(errors) if e is not None]
+    if failed and on_error == "raise":
+        raise RuntimeError("the judge could not score responses " + "; ".join(failed[:10]))
+    return [math.nan if v is None else v for v in values]
+
+
+async def _judge(url, judge, reward, prompts, responses, references, mode, order):
+    n = len(responses)
+    values: list[float | None] = [None] * n
+    errors: list[str | None] = [None] * n
+    async with AsyncReferee(url) as client:
+        if reward == "score":
+            out = await client.score(
+                ScoreRequest(
+                    judge=judge,
+                    items=[ScoreItem(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)],
+                )
+            )
+            for k, r in enumerate(out.results):
+                values[k], errors[k] = r.score, r.error
+        elif reward == "preference":
+            out = await client.pairwise(
+                PairwiseRequest(
+                    judge=judge,
+                    mode=mode,
+                    order=order,
+                    items=[
+                        PairwiseItem(prompt=p, response_a=r, response_b=str(g))
+                        for p, r, g in zip(prompts, responses, references, strict=True)
+                    ],
+                )
+            )
+            for k, r in enumerate(out.results):
+                values[k], errors[k] = r.p_a, r.error
+        else:
+            groups: dict[str, list[int]] = {}
+            for k, p in enumerate(prompts):
+                groups.setdefault(str(p), []).append(k)
+            multi = [idx for idx in groups.values() if len(idx) > 1]
+            for idx in groups.values():
+                if len(idx) == 1:
+                    errors[idx[0]] = "the only response to its prompt: nothing to compare"
+            answers = await asyncio.gather(
+                *[
+                    client.winrate(
+                        WinRateRequest(
+                            judge=judge,
+                            prompt=prompts[idx[0]],
+                            responses=[responses[i] for i in idx],
+                            mode=mode,
+                            order=order,
+                        )
+                    )
+                    for idx in multi
+                ]
+            )
+            for idx, answer in zip(multi, answers, strict=True):
+                for i, rate in zip(idx, answer.win_rates, strict=True):
+                    values[i] = rate
+                    errors[i] = (
+                        None if rate is not None else "; ".join(answer.errors) or "no valid comparison"
+                    )
+    return values, errors

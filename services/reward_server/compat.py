@@ -1,0 +1,165 @@
+"""Drop-in routes for trainers that already speak another reward server's protocol.
+
+- ``POST /get_reward``: OpenRLHF's remote reward model (``--remote_rm_url http://host:8000/get_reward``).
+  OpenRLHF posts ``{"query": [prompt+response, ...], "prompts": [...], "labels": [...]}`` and reads
+  ``rewards`` (and ``scores``, ``extra_logs``). A classifier judge scores each query as it is
+  (OpenRLHF has already applied the chat template); a generative judge rates the response part.
+  ``?reward=winrate`` groups the queries by prompt and returns Pref-GRPO win rates instead.
+- ``POST /classify``: vLLM's classification route (``{"model", "input"}`` -> ``{"data": [{"index",
+  "probs", ...}]}``), which verl's reward loop uses for discriminative reward models. As in vLLM, a
+  one-label classifier's output goes through a sigmoid unless ``use_activation`` is false.
+
+Failures stay visible: an item the judge could not score makes OpenRLHF's request fail with a 502
+naming the items (OpenRLHF has no way to receive "no reward"), and /classify does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
+
+from referee.protocol import ScoreItem, ScoreRequest, WinRateRequest
+
+from .judges import ClassifierJudge, RequestContext
+from .service import ClientError, JudgeService
+
+
+def _service(request: Request) -> JudgeService:
+    return request.app.state.service
+
+
+Service = Annotated[JudgeService, Depends(_service)]
+router = APIRouter(tags=["compatibility"])
+
+
+class OpenRLHFRequest(BaseModel):
+    query: list[str] = Field(min_length=1, description="Prompt and response, as the policy saw them.")
+    prompts: list[str] | None = Field(None, description="The prompt part of each query.")
+    labels: list[str] | None = Field(None, description="Dataset labels (passed through, unused).")
+
+
+class OpenRLHFResponse(BaseModel):
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, list[float]]
+
+
+def _split(queries: list[str], prompts: list[str] | None) -> list[tuple[str, str]]:
+    if prompts is None:
+        raise ClientError(
+            422, "invalid_request", "a generative judge needs `prompts` to tell prompt from response"
+        )
+    if len(prompts) != len(queries):
+        raise ClientError(422, "invalid_request", f"{len(queries)} queries but {len(prompts)} prompts")
+    pairs = []
+    for k, (query, prompt) in enumerate(zip(queries, prompts, strict=True)):
+        if not query.startswith(prompt):
+            raise ClientError(422, "invalid_request", f"query[{k}] does not start with prompts[{k}]")
+        pairs.append((prompt, query[len(prompt) :]))
+    return pairs
+
+
+def _require_all(values: list[float | None], errors: list[str | None], what: str) -> list[float]:
+    failed = [f"{k}: {e}" for k, (v, e) in enumerate(zip(values, errors, strict=True)) if v is None]
+    if failed:
+        raise ClientError(502, "judge_failed", f"the judge could not {what} items " + "; ".join(failed[:10]))
+    return [v for v in values if v is not None]
+
+
+@router.post("/get_reward", response_model=OpenRLHFResponse, summary="OpenRLHF remote reward model")
+async def get_reward(
+    req: OpenRLHFRequest,
+    service: Service,
+    judge: str | None = None,
+    reward: Annotated[
+        Literal["score", "winrate"], Query(description="score, or win rate within a prompt")
+    ] = "score",
+) -> OpenRLHFResponse:
+    j = service.judge_for(judge, "score")
+    service.check_items(len(req.query))
+    service.check_texts((f"query[{k}]", q) for k, q in enumerate(req.query))
+    if reward == "winrate":
+        pairs = _split(req.query, req.prompts)
+        groups: dict[str, list[int]] = {}
+        for k, (prompt, _) in enumerate(pairs):
+            groups.setdefault(prompt, []).append(k)
+        values: list[float | None] = [None] * len(pairs)
+        errors: list[str | None] = ["the only response to its prompt: nothing to compare"] * len(pairs)
+        answers = await asyncio.gather(
+            *[
+                service.winrate(WinRateRequest(judge=j.name, prompt=p, responses=[pairs[i][1] for i in idx]))
+                for p, idx in groups.items()
+                if len(idx) > 1
+            ]
+        )
+        for idx, answer in zip([i for i in groups.values() if len(i) > 1], answers, strict=True):
+            for i, rate in zip(idx, answer.win_rates, strict=True):
+                values[i], errors[i] = rate, None if rate is not None else "; ".join(answer.errors)
+        rewards = _require_all(values, errors, "compare")
+    elif isinstance(j, ClassifierJudge):
+        ctx = RequestContext()
+        with service.admit(len(req.query)):
+            ratings = await asyncio.gather(*[j.rate_text(q, ctx) for q in req.query])
+        rewards = _require_all([r.score for r in ratings], [r.error for r in ratings], "score")
+    else:
+        items = [ScoreItem(prompt=p, response=r) for p, r in _split(req.query, req.prompts)]
+        out = await service.score(ScoreRequest(judge=j.name, items=items))
+        rewards = _require_all([r.score for r in out.results], [r.error for r in out.results], "score")
+    return OpenRLHFResponse(rewards=rewards, scores=rewards, extra_logs={f"referee/{reward}": rewards})
+
+
+class ClassificationRequest(BaseModel):
+    model: str | None = Field(
+        None, description="A classifier judge's name or model; default judge if omitted."
+    )
+    input: str | list[str]
+    use_activation: bool | None = None
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str | None
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(BaseModel):
+    id: str
+    object: str = "list"
+    created: int
+    model: str
+    data: list[ClassificationData]
+    usage: dict[str, int]
+
+
+@router.post("/classify", response_model=ClassificationResponse, summary="vLLM-compatible classification")
+async def classify(req: ClassificationRequest, service: Service) -> ClassificationResponse:
+    name = req.model
+    if name is not None and name not in service.judges:  # also accept the judge's configured model
+        name = next((n for n, j in service.judges.items() if j.settings.model == name), name)
+    j = service.judge_for(name, "score")
+    if not isinstance(j, ClassifierJudge):
+        raise ClientError(400, "unsupported", f"judge {j.name!r} is not a classifier; /classify needs one")
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    service.check_items(len(texts))
+    service.check_texts((f"input[{k}]", t) for k, t in enumerate(texts))
+    activation = True if req.use_activation is None else req.use_activation  # vLLM's default
+    ctx = RequestContext()
+    with service.admit(len(texts)):
+        ratings = await asyncio.gather(*[j.rate_text(t, ctx, activation=activation) for t in texts])
+    scores = _require_all([r.score for r in ratings], [r.error for r in ratings], "classify")
+    return ClassificationResponse(
+        id=f"classify-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=req.model or j.settings.model,
+        data=[
+            ClassificationData(index=k, label="LABEL_0", probs=[s], num_classes=1)
+            for k, s in enumerate(scores)
+        ],
+        usage={"prompt_tokens": ctx.prompt_tokens, "total_tokens": ctx.prompt_tokens},
+    )
