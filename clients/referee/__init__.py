@@ -31,6 +31,7 @@ from .protocol import (
     WinRateRequest,
     WinRateResponse,
 )
+from .queue import QueueReferee
 from .rewards import bradley_terry, group_advantages, win_rates
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "PairwiseItem",
     "PairwiseRequest",
     "PairwiseResponse",
+    "QueueReferee",
     "Referee",
     "RefereeError",
     "RefereeTimeout",
