@@ -13,7 +13,7 @@ from redis.exceptions import ResponseError
 
 from referee import BadRequest, PairwiseItem, ScoreItem, UnknownJudge
 from referee.keys import CONSUMER_GROUP, Keys
-from referee.protocol import JudgeItem, QueueMessage, QueueReply, ScoreRequest
+from referee.protocol import JudgeItem, QueueMessage, QueueReply, ScoreRequest, WinRateRequest
 from referee.queue import QueueReferee
 from tests.conftest import REDIS_URL, TEST_QUEUE, start_server, stop_server
 
@@ -170,7 +170,13 @@ def _cot_request(item, k):
 
 
 async def test_a_flooding_job_does_not_starve_a_small_one(server_url, redis_prefix):
-    """Two jobs share the judge; the big one sends 10x the traffic of the small one at once."""
+    """Two jobs share the judge; the big one sends 10x the traffic of the small one, all at once.
+
+    Asserted: the small job is served while the big job's backlog is still waiting, with a queue
+    wait far below that backlog, and its latency stays within a loose bound of its latency alone
+    (first come, first served would put it behind the whole backlog). The exact latency ratio is a
+    measurement, reported by benchmarks/bench_queue.py in BENCHMARKS.md.
+    """
     counter = iter(range(10_000))
 
     def request() -> dict:
@@ -179,13 +185,14 @@ async def test_a_flooding_job_does_not_starve_a_small_one(server_url, redis_pref
         responses = [f"{r} (draft {k}.{i})" for i, r in enumerate([*GROUP, "Paris, France."])]
         return {"judge": "smollm2", "prompt": QUESTION, "responses": responses, "order": "both"}
 
-    async def small_job(q: QueueReferee, n: int) -> list[float]:
-        latencies = []
+    async def small_job(q: QueueReferee, n: int) -> tuple[list[float], list[float]]:
+        latencies, waits = [], []
         for _ in range(n):
             t = time.monotonic()
             await q.winrate(**request())
             latencies.append(time.monotonic() - t)
-        return latencies
+            waits.append(q.last_reply.queued_s)
+        return latencies, waits
 
     rounds = 4
     async with (
@@ -193,19 +200,24 @@ async def test_a_flooding_job_does_not_starve_a_small_one(server_url, redis_pref
         QueueReferee(REDIS_URL, job_id=_job(), prefix=redis_prefix, timeout=600) as big,
     ):
         await small.winrate(**request())  # warm-up
-        alone = statistics.median(await small_job(small, rounds))
-
-        async def flood() -> None:
-            await asyncio.gather(*[big.winrate(**request()) for _ in range(10 * rounds)])
-
-        flooding = asyncio.create_task(flood())
-        await asyncio.sleep(1.0)  # let the flood build a backlog first
-        shared = statistics.median(await small_job(small, rounds))
-        assert not flooding.done(), "the big job finished before the small job's run: not a contest"
-        await flooding
-    ratio = shared / alone
-    print(f"small job median latency: alone {alone:.2f}s, beside a 10x job {shared:.2f}s ({ratio:.2f}x)")
-    assert ratio <= 1.5
+        alone, _ = await small_job(small, rounds)
+        flood_ids = [await big.send("winrate", WinRateRequest(**request())) for _ in range(10 * rounds)]
+        await asyncio.sleep(1.0)  # the backlog is in place before the small job asks
+        shared, waits = await small_job(small, rounds)
+        backlog = await asyncio.wait_for(
+            asyncio.gather(*[big.receive("winrate", rid) for rid in flood_ids]), timeout=600
+        )
+        last_wait = big.last_reply.queued_s  # the flood message answered last: the backlog's tail
+    assert len(backlog) == 10 * rounds
+    ratio = statistics.median(shared) / statistics.median(alone)
+    print(
+        f"small job median latency: alone {statistics.median(alone):.2f}s, beside a 10x job "
+        f"{statistics.median(shared):.2f}s ({ratio:.2f}x); small queue wait max {max(waits):.2f}s, "
+        f"last flood message waited {big_waits[0]:.2f}s"
+    )
+    assert last_wait > 5 * max(waits)  # the small job did not wait behind the backlog
+    assert max(waits) < 1.0
+    assert ratio <= 3.0
 
 
 async def test_replies_expire_and_results_are_idempotent(server_url, redis_prefix, redis):
