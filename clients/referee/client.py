@@ -136,6 +136,24 @@ class _Base:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
 
+    def _settle(
+        self, what: str, attempt: int, response: httpx.Response | None, exc: Exception | None, out: type[T]
+    ) -> T | float:
+        """One attempt's outcome: the parsed answer, or the delay before the next attempt (or raise)."""
+        last = attempt + 1 == self.retry.attempts
+        if isinstance(exc, httpx.TimeoutException):
+            raise RefereeTimeout(f"{what} timed out: {exc}") from exc
+        if exc is not None:
+            if last:
+                raise TransportError(f"{what}: cannot reach {self.base_url}: {exc}") from exc
+            return self.retry.delay(attempt, None)
+        assert response is not None
+        if response.is_success:
+            return out.model_validate(response.json())
+        if not _retryable(response) or last:
+            raise _api_error(response)
+        return self.retry.delay(attempt, response)
+
 
 class Referee(_Base):
     """Synchronous client. ``with Referee(url) as ref: ref.winrate(prompt=..., responses=[...])``."""
@@ -154,21 +172,16 @@ class Referee(_Base):
     def _call(self, method: str, path: str, body: BaseModel | None, out: type[T]) -> T:
         args = _request_args(body)
         for attempt in range(self.retry.attempts):
-            response = None
+            response = error = None
             try:
                 response = self._http.request(method, path, **args)
-            except httpx.TimeoutException as exc:
-                raise RefereeTimeout(f"{method} {path} timed out: {exc}") from exc
             except httpx.TransportError as exc:
-                if attempt + 1 == self.retry.attempts:
-                    raise TransportError(f"{method} {path}: cannot reach {self.base_url}: {exc}") from exc
-            if response is not None:
-                if response.is_success:
-                    return out.model_validate(response.json())
-                if not _retryable(response) or attempt + 1 == self.retry.attempts:
-                    raise _api_error(response)
-            time.sleep(self.retry.delay(attempt, response))
-        raise AssertionError("unreachable")
+                error = exc
+            result = self._settle(f"{method} {path}", attempt, response, error, out)
+            if not isinstance(result, float):
+                return result
+            time.sleep(result)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def score(self, request: ScoreRequest | None = None, **fields) -> ScoreResponse:
         return self._call("POST", "/score", _build(ScoreRequest, request, fields), ScoreResponse)
@@ -223,21 +236,16 @@ class AsyncReferee(_Base):
     async def _call(self, method: str, path: str, body: BaseModel | None, out: type[T]) -> T:
         args = _request_args(body)
         for attempt in range(self.retry.attempts):
-            response = None
+            response = error = None
             try:
                 response = await self._http.request(method, path, **args)
-            except httpx.TimeoutException as exc:
-                raise RefereeTimeout(f"{method} {path} timed out: {exc}") from exc
             except httpx.TransportError as exc:
-                if attempt + 1 == self.retry.attempts:
-                    raise TransportError(f"{method} {path}: cannot reach {self.base_url}: {exc}") from exc
-            if response is not None:
-                if response.is_success:
-                    return out.model_validate(response.json())
-                if not _retryable(response) or attempt + 1 == self.retry.attempts:
-                    raise _api_error(response)
-            await asyncio.sleep(self.retry.delay(attempt, response))
-        raise AssertionError("unreachable")
+                error = exc
+            result = self._settle(f"{method} {path}", attempt, response, error, out)
+            if not isinstance(result, float):
+                return result
+            await asyncio.sleep(result)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def score(self, request: ScoreRequest | None = None, **fields) -> ScoreResponse:
         return await self._call("POST", "/score", _build(ScoreRequest, request, fields), ScoreResponse)

@@ -34,6 +34,16 @@ class Completion:
     finish_reason: str | None = None
 
 
+async def _last(stream):
+    """The final output of an engine request (outputs are requested as FINAL_ONLY anyway)."""
+    final = None
+    async for out in stream:
+        final = out
+    if final is None:
+        raise RuntimeError("the engine returned no output")
+    return final
+
+
 class Engine:
     """An async vLLM engine for one model, with the model's own tokenizer for prompt building."""
 
@@ -109,15 +119,14 @@ class Engine:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, logprobs=top_logprobs, seed=seed
         )
-        final = None
-        async for out in self._llm.generate(
-            TokensPrompt(prompt_token_ids=token_ids),
-            params,
-            request_id=uuid.uuid4().hex,
-            priority=priority if self._priorities else 0,
-        ):
-            final = out
-        assert final is not None
+        final = await _last(
+            self._llm.generate(
+                TokensPrompt(prompt_token_ids=token_ids),
+                params,
+                request_id=uuid.uuid4().hex,
+                priority=priority if self._priorities else 0,
+            )
+        )
         choice = final.outputs[0]
         first: dict[int, float] = {}
         if top_logprobs and choice.logprobs:
@@ -137,15 +146,14 @@ class Engine:
         from vllm.inputs import TokensPrompt
 
         params = PoolingParams(task="classify", use_activation=activation)
-        final = None
-        async for out in self._llm.encode(
-            TokensPrompt(prompt_token_ids=token_ids),
-            params,
-            request_id=uuid.uuid4().hex,
-            priority=priority if self._priorities else 0,
-        ):
-            final = out
-        assert final is not None
+        final = await _last(
+            self._llm.encode(
+                TokensPrompt(prompt_token_ids=token_ids),
+                params,
+                request_id=uuid.uuid4().hex,
+                priority=priority if self._priorities else 0,
+            )
+        )
         data = final.outputs.data
         if data.numel() != 1:
             raise ValueError(f"the classifier returned {data.numel()} outputs; a reward model has one label")
