@@ -101,9 +101,12 @@ def test_pairwise_random_order_is_seeded_and_unshuffled(client):
         "/pairwise",
         {"items": [{"prompt": QUESTION, "response_a": BAD, "response_b": GOOD}], "order": "single"},
     )["results"][0]
+    a_first, b_first = single["p_a"], 1 - swapped["p_a"]  # P(A better) as judged in each order
+    assert abs(a_first - b_first) > 0.1  # the judge's position bias tells the two orders apart
     for r in one:  # answers are always about the caller's A, whichever was shown first
-        ref = (1 - swapped["p_a"]) if r["swapped"] else single["p_a"]
-        assert r["p_a"] == pytest.approx(ref, abs=0.02)
+        right, wrong = (b_first, a_first) if r["swapped"] else (a_first, b_first)
+        # Batches of different composition give slightly different numbers on this backend.
+        assert abs(r["p_a"] - right) < min(0.05, abs(r["p_a"] - wrong))
 
 
 @pytest.mark.parametrize("order", ["single", "both"])
