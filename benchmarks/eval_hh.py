@@ -38,10 +38,10 @@ class PeakRSS(threading.Thread):
 
     def __init__(self, pid: int, every: float = 0.25) -> None:
         super().__init__(daemon=True)
-        self.proc, self.every, self.peak, self._stop = psutil.Process(pid), every, 0, threading.Event()
+        self.proc, self.every, self.peak, self._halt = psutil.Process(pid), every, 0, threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
                 total = sum(p.memory_info().rss for p in procs if p.is_running())
@@ -51,7 +51,7 @@ class PeakRSS(threading.Thread):
             time.sleep(self.every)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return self.peak
 
@@ -64,8 +64,9 @@ def _free_port() -> int:
 
 def _row(name: str, r: EvalReport) -> str:
     pc = "-" if r.position_consistency is None else f"{r.position_consistency:.3f}"
+    acc = "-" if r.accuracy is None else f"{r.accuracy:.3f}"
     return (
-        f"| {name} | {r.pairs} | {r.accuracy:.3f} | {r.strict_accuracy:.3f} | {r.ties} | {r.invalid} | {pc} "
+        f"| {name} | {r.pairs} | {acc} | {r.strict_accuracy:.3f} | {r.ties} | {r.invalid} | {pc} "
         f"| {r.pairs_per_second:.2f} |"
     )
 
@@ -162,8 +163,9 @@ The judge is the embedded SmolLM2-135M-Instruct (default settings), asked throug
 
 - Accuracy counts a tie as half right and leaves invalid verdicts out; strict accuracy is correct /
   all pairs. Position consistency: the share of pairs whose two orders gave the same verdict.
-- With `order=single` the verdicts by the chosen response's position were {confusion}: the small
-  judge leans to one position, which `order=both` cancels to first order.
+- Verdicts with `order=single`, by where the chosen response was shown: {_confusion(confusion)}.
+  The small judge answers "A" almost whatever it is shown; `order=both` turns that bias into
+  inconsistent pairs and near-even probabilities instead of wrong verdicts.
 - Reading: a 135M model is close to chance on harmlessness and strongly position-biased; it is the
   embedded default so that the whole system runs offline, not a judge to train against. Its
   chain-of-thought verdicts are mostly `invalid` (it rarely ends with the required `[[A]]`/`[[B]]`
@@ -176,6 +178,13 @@ shared pages counted in each), while loading and answering the runs above; it wa
 """
     write_section(args.output, HEADING, body)
     print(body)
+
+
+def _confusion(confusion: dict[str, dict[str, int]]) -> str:
+    return "; ".join(
+        f"{row}: " + ", ".join(f"{v} {n}" for v, n in sorted(counts.items()))
+        for row, counts in confusion.items()
+    )
 
 
 def _ready(url: str) -> bool:

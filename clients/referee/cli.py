@@ -231,7 +231,7 @@ def eval_pairs(
     table = Table("metric", "value", title=f"{report.judge}: {file.name} (mode={mode}, order={order})")
     rows = [
         ("pairs", report.pairs),
-        ("accuracy (ties 1/2, invalid excluded)", f"{report.accuracy:.3f}"),
+        ("accuracy (ties 1/2, invalid excluded)", _num(report.accuracy)),
         ("strict accuracy", f"{report.strict_accuracy:.3f}"),
         ("correct / wrong", f"{report.correct} / {report.wrong}"),
         ("ties", report.ties),

@@ -38,7 +38,7 @@ class EvalReport:
     wrong: int
     ties: int
     invalid: int
-    accuracy: float  # (correct + ties/2) / valid pairs
+    accuracy: float | None  # (correct + ties/2) / valid pairs; None when no verdict was valid
     strict_accuracy: float  # correct / all pairs, invalid ones included
     position_consistency: float | None
     mean_p_chosen: float | None
@@ -104,7 +104,7 @@ def summarise(
         wrong=wrong,
         ties=ties,
         invalid=invalid,
-        accuracy=(correct + ties / 2) / valid if valid else 0.0,
+        accuracy=(correct + ties / 2) / valid if valid else None,
         strict_accuracy=correct / len(pairs) if pairs else 0.0,
         position_consistency=sum(consistent) / len(consistent) if consistent else None,
         mean_p_chosen=sum(p_chosen) / len(p_chosen) if p_chosen else None,
