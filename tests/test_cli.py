@@ -6,11 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import SHARED_DATA
 
+# The shared data next to the repository when it is there; otherwise the subset shipped with the tests.
 HH = SHARED_DATA / "hh_harmless_dev.jsonl"
+if not HH.exists():
+    HH = Path(__file__).parent / "data" / "hh_harmless_subset.jsonl"
 
 
 def _referee(*args, url):
@@ -26,7 +27,6 @@ def test_referee_judges_lists_the_loaded_judges(server_url):
     assert "smollm2" in out.stdout and "tiny-rm" in out.stdout
 
 
-@pytest.mark.skipif(not HH.exists(), reason="the shared HH data is not next to the repository")
 def test_referee_eval_on_hh_subset(server_url, tmp_path: Path):
     report_path = tmp_path / "report.json"
     out = _referee(
