@@ -77,3 +77,49 @@ async def test_repeated_failure_goes_to_dead_letter_and_the_sender_gets_an_error
         await consumer.stop(drain_s=1)
         running.cancel()
     assert service.calls == 3  # each delivery tried once, then no more
+
+
+async def test_message_whose_consumers_keep_dying_is_dead_lettered_unjudged(consumer_prefix):
+    """A message delivered max_deliveries times without an answer is not tried again."""
+    import time
+
+    from redis.asyncio import Redis
+
+    from referee.keys import CONSUMER_GROUP, Keys
+    from referee.protocol import QueueMessage, ScoreRequest
+
+    keys, job = Keys(consumer_prefix), "crashy"
+    r = Redis.from_url(REDIS_URL, decode_responses=True)
+    msg = QueueMessage(
+        type="score",
+        job_id=job,
+        request_id=uuid.uuid4().hex,
+        sent_at=time.time(),
+        body=ScoreRequest(items=[ScoreItem(prompt="q", response="r")]).model_dump(),
+    )
+    await r.xgroup_create(keys.stream(job), CONSUMER_GROUP, id="0", mkstream=True)
+    entry = await r.xadd(keys.stream(job), {"msg": msg.model_dump_json()})
+    await r.zadd(keys.jobs, {job: time.time()})
+    await r.xreadgroup(CONSUMER_GROUP, "ghost", {keys.stream(job): ">"})  # delivery 1: the ghost dies
+    for _ in range(2):  # two more consumers take it over and die too
+        await r.xclaim(keys.stream(job), CONSUMER_GROUP, "ghost", 0, [entry])
+    service = BrokenService()
+    settings = QueueSettings(
+        url=REDIS_URL,
+        prefix=consumer_prefix,
+        reclaim_idle_s=0.2,
+        reclaim_every_s=0.1,
+        max_deliveries=3,
+        block_ms=20,
+    )
+    consumer = QueueConsumer(service, settings)
+    running = asyncio.create_task(consumer.run())
+    try:
+        async with QueueReferee(REDIS_URL, job_id=job, prefix=consumer_prefix) as q:
+            with pytest.raises(Unavailable, match="delivered 4 times"):
+                await q.receive("score", msg.request_id, timeout=20)
+    finally:
+        await consumer.stop(drain_s=1)
+        running.cancel()
+        await r.aclose()
+    assert service.calls == 0

@@ -159,6 +159,10 @@ class QueueConsumer:
         if await self.redis.exists(self.keys.result(msg.request_id)):
             await self._ack(stream, entry_id)  # answered before (a reclaimed or repeated message)
             return
+        if deliveries > self.settings.max_deliveries:  # consumers died judging it: a poison message
+            error = f"delivered {deliveries} times without an answer (its consumers stopped while judging it)"
+            await self._dead_letter(job, stream, entry_id, raw, error, deliveries, msg=msg, status=500)
+            return
         if msg.schema_version != SCHEMA_VERSION:
             error = (
                 f"schema_version {msg.schema_version} is not supported; this server speaks {SCHEMA_VERSION}"
