@@ -75,6 +75,12 @@ def test_vllm_compatible_classify(client, tiny_classifier_dir):
     logit = raw["data"][0]["probs"][0]
     assert default["data"][0]["probs"][0] == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-5)
     assert client.post("/classify", json={"model": "smollm2", "input": "x"}).status_code == 400
+    # The request shape other trainers send for raw reward-model logits.
+    plain = client.post(
+        "/classify",
+        json={"model": "tiny-rm", "input": texts, "use_activation": False, "add_special_tokens": False},
+    ).json()
+    assert len(plain["data"]) == 2 and all(isinstance(d["probs"][0], float) for d in plain["data"])
 
 
 def test_verl_batch_compute_score(server_url):

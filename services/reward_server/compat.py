@@ -119,6 +119,7 @@ class ClassificationRequest(BaseModel):
     )
     input: str | list[str]
     use_activation: bool | None = None
+    add_special_tokens: bool = Field(True, description="As vLLM: add the tokenizer's special tokens (BOS).")
 
 
 class ClassificationData(BaseModel):
@@ -151,7 +152,12 @@ async def classify(req: ClassificationRequest, service: Service) -> Classificati
     activation = True if req.use_activation is None else req.use_activation  # vLLM's default
     ctx = RequestContext()
     with service.admit(len(texts)):
-        ratings = await asyncio.gather(*[j.rate_text(t, ctx, activation=activation) for t in texts])
+        ratings = await asyncio.gather(
+            *[
+                j.rate_text(t, ctx, activation=activation, add_special_tokens=req.add_special_tokens)
+                for t in texts
+            ]
+        )
     scores = _require_all([r.score for r in ratings], [r.error for r in ratings], "classify")
     return ClassificationResponse(
         id=f"classify-{uuid.uuid4().hex}",

@@ -96,8 +96,8 @@ class Engine:
         )
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def text_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True).input_ids
+    def text_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
     def single_token_id(self, label: str) -> int | None:
         ids = self.tokenizer.encode(label, add_special_tokens=False)

@@ -100,9 +100,16 @@ class ClassifierJudge(Judge):
             return self.engine.chat_ids(messages, generation_prompt=False)
         return self.engine.text_ids("\n\n".join(m["content"] for m in messages))
 
-    async def rate_text(self, text: str, ctx: RequestContext, *, activation: bool | None = None) -> Rating:
+    async def rate_text(
+        self,
+        text: str,
+        ctx: RequestContext,
+        *,
+        activation: bool | None = None,
+        add_special_tokens: bool = True,
+    ) -> Rating:
         """Score text that is already formatted for the model (vLLM /classify and OpenRLHF inputs)."""
-        return await self._classify(lambda: self.engine.text_ids(text), ctx, activation)
+        return await self._classify(lambda: self.engine.text_ids(text, add_special_tokens), ctx, activation)
 
     async def rate(self, prompt: Prompt, response: str, ctx: RequestContext) -> Rating:
         return await self._classify(lambda: self._input_ids(prompt, response), ctx, None)
