@@ -141,10 +141,10 @@ def main() -> None:
         ready_s = time.monotonic() - start
         reports = asyncio.run(run_evals(url, pairs, pairs[: args.cot_limit], args.cot_tokens))
     finally:
-        peak = sampler.stop()
         server.terminate()
         server.wait(timeout=60)
         log.close()
+        peak = sampler.stop()
 
     lines = [
         "| judge setting | pairs | accuracy (ties ½) | strict accuracy | ties | invalid "
