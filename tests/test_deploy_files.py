@@ -1,8 +1,11 @@
 """Deployment files parse and refer to things that exist (no Docker engine or cluster here)."""
 
+import ast
 import re
+import sys
 from pathlib import Path
 
+import tomllib
 import yaml
 
 from reward_server.settings import ServerSettings
@@ -108,3 +111,29 @@ def test_kubernetes_stack_and_autoscaling_on_the_queue():
     job = next(d for d in docs if d["kind"] == "Job")
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert _flags(args) <= {f for f in _flags(args) if f in _help("trainer.cli")}
+
+
+def test_trainer_extra_covers_what_the_trainer_imports():
+    """The trainer image installs only the trainer extra: it must hold every third-party import."""
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "trainer"
+    ]
+    core = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=\[]", d)[0].replace("-", "_") for d in [*extra, *core]}
+    provided = names | {"torch", "transformers", "datasets"}  # installed by trl
+    for path in (REPO / "services" / "trainer").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else (
+                    [node.module]
+                    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                    else []
+                )
+            )
+            for mod in mods:
+                top = mod.split(".")[0]
+                if top in {"referee", "trainer"} or top in sys.stdlib_module_names:
+                    continue
+                assert top in provided, (path.name, top)
