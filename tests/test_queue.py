@@ -15,7 +15,7 @@ from referee import BadRequest, PairwiseItem, ScoreItem, UnknownJudge
 from referee.keys import CONSUMER_GROUP, Keys
 from referee.protocol import JudgeItem, QueueMessage, QueueReply, ScoreRequest, WinRateRequest
 from referee.queue import QueueReferee
-from tests.conftest import REDIS_URL, TEST_QUEUE, start_server, stop_server
+from tests.conftest import REDIS_URL, TEST_QUEUE, served_judges, start_server, stop_server
 
 QUESTION = "What is the capital of France?"
 GROUP = ["The capital of France is Paris.", "I like turtles.", "Paris.", "London."]
@@ -35,7 +35,7 @@ def _job() -> str:
 async def test_round_trip_of_every_request_type(server_url, redis_prefix, client):
     async with QueueReferee(REDIS_URL, job_id=_job(), prefix=redis_prefix, timeout=120) as q:
         assert await q.health()
-        assert {j.name for j in (await q.judges()).judges} == {"smollm2", "tiny-rm", "tiny-rm-bf16"}
+        assert {j.name for j in (await q.judges()).judges} == served_judges()
         items = [ScoreItem(prompt=QUESTION, response=r) for r in GROUP[:2]]
         score = await q.score(judge="tiny-rm", items=items)
         http = client.post(
@@ -115,7 +115,7 @@ async def test_killed_consumer_messages_are_reclaimed_and_answered_exactly_once(
                 "name": "smollm2",
                 "kind": "generative",
                 "model": "embedded:smollm2",
-                "engine": {"dtype": "bfloat16", "max_model_len": 2048, "kv_cache_memory_gib": 0.25},
+                "engine": {"dtype": "auto", "max_model_len": 2048, "kv_cache_memory_gib": 0.25},
             }
         ],
         "queue": {
@@ -134,7 +134,7 @@ async def test_killed_consumer_messages_are_reclaimed_and_answered_exactly_once(
     try:
         async with QueueReferee(REDIS_URL, job_id=job, prefix=redis_prefix, timeout=300) as q:
             item = PairwiseItem(prompt=QUESTION, response_a=GROUP[0], response_b=GROUP[1])
-            rids = [await q.send("pairwise", _cot_request(item, k)) for k in range(24)]
+            rids = [await q.send("pairwise", _cot_request(item, k)) for k in range(12)]
             pending_at_kill = []
             for _ in range(600):
                 try:
@@ -182,7 +182,7 @@ async def test_a_flooding_job_does_not_starve_a_small_one(server_url, redis_pref
     def request() -> dict:
         # Distinct groups, as in training: only the question's prefix can come from the cache.
         k = next(counter)
-        responses = [f"{r} (draft {k}.{i})" for i, r in enumerate([*GROUP, "Paris, France."])]
+        responses = [f"{r} (draft {k}.{i})" for i, r in enumerate(GROUP)]
         return {"judge": "smollm2", "prompt": QUESTION, "responses": responses, "order": "both"}
 
     async def small_job(q: QueueReferee, n: int) -> tuple[list[float], list[float]]:
@@ -194,7 +194,7 @@ async def test_a_flooding_job_does_not_starve_a_small_one(server_url, redis_pref
             waits.append(q.last_reply.queued_s)
         return latencies, waits
 
-    rounds = 4
+    rounds = 3  # kept small for the suite; benchmarks/bench_queue.py runs the full size
     async with (
         QueueReferee(REDIS_URL, job_id=_job(), prefix=redis_prefix, timeout=600) as small,
         QueueReferee(REDIS_URL, job_id=_job(), prefix=redis_prefix, timeout=600) as big,

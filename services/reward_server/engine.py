@@ -7,8 +7,12 @@ nothing here serialises requests (no lock, no loop of our own in front of the en
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,7 +20,9 @@ from transformers import AutoTokenizer
 
 from referee.embedded import resolve_model
 
+from .hardware import cpu_info, device_type, engine_environment, resolve_dtype
 from .settings import EngineSettings
+from .tokens import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +40,23 @@ class Completion:
     finish_reason: str | None = None
 
 
+class EngineDead(RuntimeError):
+    """The engine's core process is gone: nothing more can be judged by this server process.
+
+    Not a per-item outcome: the request fails with 503 and the server exits so that its supervisor
+    (compose, Kubernetes) starts a fresh one."""
+
+
 async def _last(stream):
     """The final output of an engine request (outputs are requested as FINAL_ONLY anyway)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
     final = None
-    async for out in stream:
-        final = out
+    try:
+        async for out in stream:
+            final = out
+    except EngineDeadError as exc:
+        raise EngineDead(f"the vLLM engine died: {exc}") from exc
     if final is None:
         raise RuntimeError("the engine returned no output")
     return final
@@ -47,20 +65,31 @@ async def _last(stream):
 class Engine:
     """An async vLLM engine for one model, with the model's own tokenizer for prompt building."""
 
-    def __init__(self, llm, tokenizer, model_path: str, runner: str) -> None:
+    def __init__(self, llm, tokenizer, model_path: str, runner: str, dtype_reason: str = "") -> None:
         self._llm = llm
         self._priorities = llm.vllm_config.scheduler_config.policy == "priority"
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.runner = runner
         self.max_model_len: int = llm.model_config.max_model_len
+        self.dtype: str = str(llm.model_config.dtype).removeprefix("torch.")
+        self.dtype_reason = dtype_reason
 
     @classmethod
-    def start(cls, model: str, settings: EngineSettings, runner: Literal["generate", "pooling"]) -> Engine:
+    def start(
+        cls,
+        model: str,
+        settings: EngineSettings,
+        runner: Literal["generate", "pooling"],
+        cpu_bind: str | None = None,
+    ) -> Engine:
+        """Start an engine; ``cpu_bind`` is the CPU build's ``VLLM_CPU_OMP_THREADS_BIND`` for it
+        (None: vLLM's own choice)."""
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         path = resolve_model(model)
+        dtype, why = resolve_dtype(settings.dtype)
         prefix_caching = settings.enable_prefix_caching
         if prefix_caching is None:
             # Generative judges see the same system prompt and question many times (every pair of
@@ -69,7 +98,7 @@ class Engine:
         kwargs = dict(
             model=path,
             runner=runner,
-            dtype=settings.dtype,
+            dtype=dtype,
             max_model_len=settings.max_model_len,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             tensor_parallel_size=settings.tensor_parallel_size,
@@ -83,24 +112,56 @@ class Engine:
         if settings.max_num_seqs is not None:
             kwargs["max_num_seqs"] = settings.max_num_seqs
         kwargs.update(settings.extra)
-        logger.info("starting vLLM engine for %s (%s)", path, runner)
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        device = device_type()
+        if device == "cpu":
+            bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_bind or "auto (vLLM's default)"
+            logger.info(
+                "starting vLLM engine for %s (%s) on the CPU: %s; dtype %s (%s); worker cores %s",
+                path, runner, cpu_info().describe(), dtype, why, bind,
+            )  # fmt: skip
+        else:
+            logger.info(
+                "starting vLLM engine for %s (%s) on %s; dtype %s (%s)", path, runner, device, dtype, why
+            )
+        with engine_environment(cpu_bind if device == "cpu" else None):
+            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(llm, tokenizer, path, runner)
+        return cls(llm, tokenizer, path, runner, why)
+
+    @property
+    def prompts(self) -> PromptTokenizer:
+        """The tokenizer wrapped so that user text never becomes control tokens (see ``tokens``)."""
+        built = self.__dict__.get("_prompts")
+        if built is None or built.tokenizer is not self.tokenizer:
+            built = self._prompts = PromptTokenizer(self.tokenizer)
+        return built
+
+    async def tokenize(self, build: Callable[[], list[int]]) -> list[int]:
+        """Run ``build`` (chat templating and tokenisation) off the event loop, so that a request
+        with many long texts never stalls the API process (health probes, other requests). One
+        thread per engine: a tokenizer is not shared between threads, and a cancelled request's
+        queued tokenisations are dropped before they start."""
+        pool = self.__dict__.get("_tokenizing")
+        if pool is None:
+            pool = self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{self.runner}")
+        return await asyncio.get_running_loop().run_in_executor(pool, build)
 
     def chat_ids(self, messages: list[dict], *, generation_prompt: bool) -> list[int]:
-        """Token ids of a conversation in the model's chat template (special tokens as the template
-        writes them, none added twice)."""
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        """Token ids of a conversation in the model's chat template: the template's special tokens
+        as it writes them, every message content as ordinary tokens (user data, never control)."""
+        return self.prompts.chat_ids(messages, generation_prompt=generation_prompt)
 
-    def text_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+    def text_ids(self, text: str, add_special_tokens: bool = True, *, data: str = "") -> list[int]:
+        """Text the client already formatted for the model (special tokens parsed, the tokenizer's
+        BOS once whatever the text starts with), then optional user ``data`` as ordinary tokens."""
+        return self.prompts.formatted_ids(text, add_special_tokens=add_special_tokens, data=data)
+
+    def plain_ids(self, texts: list[str]) -> list[int]:
+        """User texts for a model without a chat template: ordinary tokens, BOS/EOS added once."""
+        return self.prompts.plain_ids(texts)
 
     def single_token_id(self, label: str) -> int | None:
-        ids = self.tokenizer.encode(label, add_special_tokens=False)
+        ids = self.prompts.data_ids(label)
         return ids[0] if len(ids) == 1 else None
 
     async def complete(
@@ -159,5 +220,12 @@ class Engine:
             raise ValueError(f"the classifier returned {data.numel()} outputs; a reward model has one label")
         return float(data.reshape(-1)[0])
 
+    @property
+    def dead(self) -> bool:
+        """True once the engine core has died (vLLM's own health flag)."""
+        return bool(self._llm.errored)
+
     def shutdown(self) -> None:
+        if (pool := self.__dict__.get("_tokenizing")) is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         self._llm.shutdown()

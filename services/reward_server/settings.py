@@ -23,7 +23,11 @@ class EngineSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="auto: on the CPU build bfloat16 where the processor has native bf16 (AVX512-BF16 "
+        "or AMX), float32 elsewhere; on accelerators the model's own dtype. An explicit value wins.",
+    )
     max_model_len: int = Field(4096, ge=64)
     gpu_memory_utilization: float = Field(
         0.1, gt=0, le=1, description="Fraction of accelerator memory (of host RAM on the CPU build)."
@@ -36,6 +40,12 @@ class EngineSettings(BaseModel):
     enable_prefix_caching: bool | None = Field(None, description="Default: on for generative judges.")
     max_num_seqs: int | None = Field(None, ge=1)
     seed: int = 0
+    cpu_cores: str | None = Field(
+        None,
+        pattern=r"^(auto|nobind|[0-9,\-|]+)$",
+        description="CPU build only: this engine's VLLM_CPU_OMP_THREADS_BIND (e.g. '0-1'); "
+        "default: the server's cpu_binding policy.",
+    )
     scheduling_policy: Literal["priority", "fcfs"] = Field(
         "priority", description="priority: queued jobs are served in fair-share order inside the engine."
     )
@@ -58,6 +68,23 @@ class JudgeSettings(BaseModel):
     scale_high: int = 9
     top_logprobs: int = Field(20, ge=2, le=20, description="Top log-probabilities read for label tokens.")
     tie_margin: float = Field(0.0, ge=0, lt=0.5, description="|P(A) - 1/2| <= margin is a tie.")
+    inconsistent: Literal["tie", "average", "drop"] = Field(
+        "tie",
+        description="order=both: a pair whose verdict changes with the order is a tie (MT-Bench, "
+        "JudgeLM), is decided by the averaged probability (average), or is invalid and left out of "
+        "win rates (drop). A request's `inconsistent` wins.",
+    )
+    min_label_mass: float = Field(
+        0.01,
+        ge=0,
+        lt=1,
+        description="Logprob verdicts and ratings: when the judge's next-token probability on the "
+        "labels (A and B, or the scale's) is below this, it is not answering the question and the "
+        "verdict or rating is invalid; 0 turns the check off. 0.01: a label mass of 1e-3 (one label "
+        "alone in the top logprobs, P(A) exactly 1) is noise, while small judges that hedge with "
+        "another first token still rank the labels (the embedded SmolLM2 judge puts about 0.04 on "
+        "A and B for the README's pair, beginning with '<<').",
+    )
     cot_max_new_tokens: int = Field(512, ge=1)
     cot_temperature: float = Field(0.0, ge=0, description="First attempt; retries sample at 0.7.")
 
@@ -77,9 +104,27 @@ class Limits(BaseModel):
     max_inflight: int = Field(4096, ge=1, description="Engine requests in flight before answering 429.")
     max_retries: int = Field(3, ge=0, description="Upper bound on a request's cot retries.")
     max_new_tokens: int = Field(2048, ge=1, description="Upper bound on a request's reasoning budget.")
+    max_messages: int = Field(64, ge=1, description="Chat messages per prompt.")
+    max_request_cost: int = Field(
+        4096,
+        ge=1,
+        description="Worst-case engine requests of one request (items or pairs x orders x (1 + retries)); "
+        "larger requests get 413.",
+    )
+    max_body_bytes: int = Field(
+        32 << 20, ge=1024, description="Request body size; larger bodies get 413 before any parsing."
+    )
+    request_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="Deadline of an HTTP request (a client may ask for less with X-Request-Timeout); "
+        "past it the request's engine work is cancelled and it gets 504.",
+    )
 
 
 class QueueSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     enabled: bool = False
     url: str = Field(
         default_factory=lambda: os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -95,14 +140,43 @@ class QueueSettings(BaseModel):
     reclaim_every_s: float = Field(5.0, gt=0)
     max_deliveries: int = Field(3, ge=1, description="Failed deliveries before the dead-letter stream.")
     reply_ttl_s: int = Field(3600, ge=1)
-    jobs_ttl_s: float = Field(86400.0, description="Jobs silent this long are no longer polled.")
+    jobs_ttl_s: float = Field(
+        86400.0,
+        gt=0,
+        description="Jobs silent this long are no longer polled; their empty streams are removed.",
+    )
+    # Faults and bounds
+    socket_timeout_s: float = Field(
+        10.0, gt=0, description="A Redis command that takes longer (beyond block_ms) is a Redis error."
+    )
+    reconnect_max_s: float = Field(5.0, gt=0, description="Longest wait between reconnection attempts.")
+    max_backlog: int = Field(
+        10_000,
+        ge=1,
+        description="Messages a job's stream may hold (waiting or being judged); a send beyond it fails "
+        "with backlog_full. Published to Redis by the consumers, so senders need not be configured.",
+    )
+    dead_letter_maxlen: int = Field(10_000, ge=1, description="Entries kept in the dead-letter stream (~).")
+    dead_letter_msg_chars: int = Field(
+        4096, ge=64, description="A dead-lettered message's payload is cut to this many characters."
+    )
+    cleanup_every_s: float = Field(60.0, gt=0, description="Period of idle-job and dead-consumer cleanup.")
+    dead_consumer_idle_s: float = Field(
+        3600.0, gt=0, description="A group member idle this long with nothing pending is removed."
+    )
+    shutdown_grace_s: float = Field(
+        20.0,
+        ge=0,
+        description="On shutdown, time left to messages being judged; unfinished ones are handed back to "
+        "the group without costing a delivery. Keep it below the pod's terminationGracePeriodSeconds.",
+    )
 
 
 DEFAULT_JUDGE = JudgeSettings(
     name="smollm2",
     kind="generative",
     model="embedded:smollm2",
-    engine=EngineSettings(dtype="bfloat16", max_model_len=4096, kv_cache_memory_gib=1.0),
+    engine=EngineSettings(dtype="auto", max_model_len=4096, kv_cache_memory_gib=1.0),
 )
 
 
@@ -114,6 +188,13 @@ class ServerSettings(BaseSettings):
     default_judge: str | None = Field(None, description="Default: the first judge listed.")
     limits: Limits = Field(default_factory=Limits)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    cpu_binding: Literal["vllm", "all", "spread"] = Field(
+        "spread",
+        description="CPU build only: which cores each engine's worker is bound to. vllm: vLLM's "
+        "default (one core per worker, the rest reserved); all: every worker on every core; "
+        "spread: one engine on every core, several engines on disjoint cores. An engine's "
+        "cpu_cores, or VLLM_CPU_OMP_THREADS_BIND in the environment, wins.",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"

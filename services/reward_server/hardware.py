@@ -1,0 +1,143 @@
+"""What the machine runs well: the engine dtype and the cores an engine's worker is bound to.
+
+The one place that decides both, so that the server, the embedded judge, the test fixtures, the
+demo and the benchmarks make the same choice.
+
+dtype: on vLLM's CPU build, bfloat16 is fast only where the processor has native bf16 arithmetic
+(AVX512-BF16 or AMX); elsewhere (AVX2-only x86, for example) oneDNN cannot build its bf16 kernels,
+vLLM falls back to torch's reference path, and a bf16 matrix product ran about 44 times slower than
+float32 on an AVX2 EPYC. So ``dtype: auto`` means bfloat16 where it is native and float32 otherwise.
+An explicit dtype is always kept; accelerator builds keep the model's own dtype (vLLM's ``auto``).
+
+Cores: vLLM's CPU build binds each engine's worker to cores through ``VLLM_CPU_OMP_THREADS_BIND``
+(default ``auto``: one core per worker, the rest reserved for other processes). The policy here
+picks that variable per engine (see ``cpu_bind_for``); BENCHMARKS.md has the measurements behind
+the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+CpuBinding = Literal["vllm", "all", "spread"]
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """The processor features that decide the dtype, as torch sees them."""
+
+    machine: str
+    # torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", ... (ATEN_CPU_CAPABILITY lowers it)
+    capability: str
+    avx512_bf16: bool
+    amx: bool
+    cores: int
+
+    @property
+    def native_bf16(self) -> bool:
+        x86 = self.machine.lower() in {"x86_64", "amd64", "i686", "i386"}
+        return x86 and self.capability.startswith("AVX512") and (self.avx512_bf16 or self.amx)
+
+    def describe(self) -> str:
+        feats = [f for f, on in (("avx512_bf16", self.avx512_bf16), ("amx", self.amx)) if on]
+        return (
+            f"{self.machine} capability {self.capability}, {self.cores} cores, "
+            f"native bf16 {'yes (' + '+'.join(feats) + ')' if self.native_bf16 else 'no'}"
+        )
+
+
+def cpu_info() -> CpuInfo:
+    import torch
+
+    def probe(name: str) -> bool:
+        fn = getattr(torch.cpu, name, None)
+        try:
+            return bool(fn()) if fn is not None else False
+        except Exception:  # pragma: no cover - a probe that fails means the feature is not usable
+            return False
+
+    return CpuInfo(
+        machine=platform.machine(),
+        capability=str(torch.backends.cpu.get_cpu_capability()),
+        avx512_bf16=probe("_is_avx512_bf16_supported"),
+        amx=probe("_is_amx_tile_supported"),
+        cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+    )
+
+
+def dtype_rule(requested: str, device: str, info: CpuInfo | None) -> tuple[str, str]:
+    """``(dtype to give vLLM, why)`` for a configured dtype on a device type ("cpu", "cuda", ...)."""
+    if requested != "auto":
+        return requested, "set explicitly"
+    if device != "cpu":
+        return "auto", f"{device}: the model's own dtype"
+    assert info is not None
+    if info.native_bf16:
+        return "bfloat16", "the CPU has native bf16"
+    return "float32", f"the CPU has no native bf16 ({info.capability}); bf16 would run on a slow path"
+
+
+def device_type() -> str:
+    """The device vLLM runs on here ("cpu" for the CPU build)."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type)
+
+
+def resolve_dtype(requested: str = "auto") -> tuple[str, str]:
+    """The dtype rule applied to this machine."""
+    device = device_type()
+    return dtype_rule(requested, device, cpu_info() if device == "cpu" else None)
+
+
+def default_cpu_dtype() -> str:
+    """The dtype ``auto`` becomes on this machine's CPU (for fixtures and benchmarks that need a
+    concrete name, e.g. to start vLLM's own server or transformers with the same dtype)."""
+    return dtype_rule("auto", "cpu", cpu_info())[0]
+
+
+def cpu_bind_for(index: int, count: int, policy: CpuBinding, cores: int) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for engine ``index`` of ``count`` in one server, or None to
+    leave vLLM's own choice (``auto``).
+
+    - ``vllm``: vLLM's default (worker on one core, the others reserved for the API process);
+    - ``all``: every engine's worker uses every core;
+    - ``spread``: one engine alone uses every core; several engines get disjoint core sets
+      (round robin when there are more engines than cores).
+    """
+    if policy == "vllm" or cores < 1:
+        return None
+    if policy == "all" or count == 1:
+        return f"0-{cores - 1}" if cores > 1 else "0"
+    if count >= cores:
+        return str(index % cores)
+    per = cores // count
+    start = index * per
+    end = cores - 1 if index == count - 1 else start + per - 1
+    return f"{start}-{end}" if end > start else str(start)
+
+
+@contextlib.contextmanager
+def engine_environment(bind: str | None):
+    """Set ``VLLM_CPU_OMP_THREADS_BIND`` while an engine starts (its processes inherit it); a value
+    the operator exported already is left as it is."""
+    name = "VLLM_CPU_OMP_THREADS_BIND"
+    if bind is None or name in os.environ:  # vLLM's default, or the operator's own setting wins
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = bind
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
