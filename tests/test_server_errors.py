@@ -3,6 +3,7 @@
 import pytest
 
 ITEM = {"prompt": "q", "response_a": "a", "response_b": "b"}
+ITEM_SCORE = {"prompt": "q", "response": "r"}
 
 
 @pytest.mark.parametrize(
@@ -68,6 +69,24 @@ ITEM = {"prompt": "q", "response_a": "a", "response_b": "b"}
             "too_large",
             "max_inflight",
         ),
+        # Worst-case cost counts retries: 120 pairs x 2 orders x 3 attempts = 720 > 400.
+        (
+            "/winrate",
+            {"prompt": "q", "responses": ["a"] * 16, "order": "both", "mode": "cot", "max_retries": 2},
+            413,
+            "too_large",
+            "max_request_cost",
+        ),
+        ("/score", {"items": [ITEM_SCORE], "rubric": "r" * 20_001}, 413, "too_large", "rubric"),
+        (
+            "/score",
+            {"items": [{"prompt": [{"role": "user", "content": "hi"}] * 65, "response": "r"}]},
+            413,
+            "too_large",
+            "max_messages",
+        ),
+        ("/pairwise", {"items": [ITEM], "order": "random", "seed": 2**64}, 422, "invalid_request", "seed"),
+        ("/judge", {"items": [{"prompt": "q", "response": "r"}], "seed": -1}, 422, "invalid_request", "seed"),
     ],
 )
 def test_client_mistakes(client, route, body, status, code, says):

@@ -199,6 +199,7 @@ def eval_pairs(
     max_new_tokens: Annotated[int | None, typer.Option(help="Reasoning budget for mode=cot.")] = None,
     seed: int = 0,
     output: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for one request (a batch).")] = 1800.0,
 ) -> None:
     """Evaluate a judge on human preference pairs: accuracy, position consistency, ties, invalid."""
     import asyncio
@@ -211,7 +212,10 @@ def eval_pairs(
     pairs = load_pairs(file, limit)
 
     async def run():
-        async with AsyncReferee(url) as client:
+        import httpx
+
+        wait = httpx.Timeout(connect=5.0, read=timeout, write=30.0, pool=timeout)
+        async with AsyncReferee(url, timeout=wait) as client:
             with Progress(console=console) as progress:
                 task = progress.add_task(f"judging {len(pairs)} pairs", total=len(pairs))
                 return await evaluate(

@@ -4,11 +4,13 @@ Exceptions, all under ``RefereeError``::
 
     RefereeError
     ├── TransportError        the server could not be reached, or did not answer in time
-    │   └── RefereeTimeout
+    │   ├── RefereeTimeout
+    │   └── QueueUnavailable  (queue) Redis unreachable or refusing commands, past the retries
     └── APIError              the server answered with an error status (``.status``, ``.code``)
         ├── BadRequest        400/413/422: change the request (``.message`` says how)
         │   └── UnknownJudge  404: no judge of that name is loaded
         ├── Overloaded        429: too much in flight; retried with backoff before it is raised
+        │   └── BacklogFull   (queue) the job's stream is at its cap: wait for answers first
         └── Unavailable       503 (judges loading) and 5xx; retried before it is raised
 
 Retries (connection errors, 429, 503) use jittered exponential backoff and honour ``Retry-After``.
@@ -57,6 +59,10 @@ class RefereeTimeout(TransportError):
     pass
 
 
+class QueueUnavailable(TransportError):
+    """Redis could not be reached (or refused the command) within the request's timeout."""
+
+
 class APIError(RefereeError):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")
@@ -73,6 +79,10 @@ class UnknownJudge(BadRequest):
 
 class Overloaded(APIError):
     pass
+
+
+class BacklogFull(Overloaded):
+    """A job's request stream holds as many messages as its cap allows (code ``backlog_full``)."""
 
 
 class Unavailable(APIError):
@@ -118,8 +128,10 @@ def _retryable(response: httpx.Response) -> bool:
     return response.status_code in (429, 502, 503, 504)
 
 
-def _request_args(body: BaseModel | None) -> dict[str, Any]:
+def _request_args(body: BaseModel | None, timeout: float | None = None) -> dict[str, Any]:
     headers = {"Idempotency-Key": uuid.uuid4().hex}
+    if timeout:  # the server stops working on the request when this client would stop waiting
+        headers["X-Request-Timeout"] = f"{timeout:g}"
     if body is None:
         return {"headers": headers}
     return {"headers": headers, "json": body.model_dump(mode="json", exclude_none=True)}
@@ -170,7 +182,7 @@ class Referee(_Base):
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
 
     def _call(self, method: str, path: str, body: BaseModel | None, out: type[T]) -> T:
-        args = _request_args(body)
+        args = _request_args(body, self._http.timeout.read)
         for attempt in range(self.retry.attempts):
             response = error = None
             try:
@@ -234,7 +246,7 @@ class AsyncReferee(_Base):
         )
 
     async def _call(self, method: str, path: str, body: BaseModel | None, out: type[T]) -> T:
-        args = _request_args(body)
+        args = _request_args(body, self._http.timeout.read)
         for attempt in range(self.retry.attempts):
             response = error = None
             try:

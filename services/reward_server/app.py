@@ -7,7 +7,11 @@ tells orchestrators when the judges can take traffic; judging routes answer 503 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -31,9 +35,11 @@ from referee.protocol import (
 )
 
 from . import compat, metrics
+from .engine import EngineDead
 from .idempotency import IdempotencyCache
+from .lifecycle import Supervisor
 from .service import ClientError, JudgeService
-from .settings import ServerSettings, get_settings
+from .settings import Limits, ServerSettings, get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -92,18 +98,69 @@ async def judges(service: Service) -> JudgesResponse:
     return service.describe()
 
 
-@ops.get("/healthz")
-async def healthz() -> dict:
+@ops.get("/healthz", responses={503: {"model": ErrorResponse}})
+async def healthz(service: Service):
+    """Liveness: 503 once the server cannot judge any more (a dead engine, judges that failed to
+    load); the process then exits by itself as well."""
+    if service.fatal:
+        return _error(503, "fatal", service.fatal)
     return {"status": "ok"}
 
 
 @ops.get("/readyz", responses={503: {"model": ErrorResponse}})
-async def readyz(service: Service):
+async def readyz(request: Request, service: Service):
+    """Ready when the judges are loaded and, with the queue enabled, its consumer is consuming.
+    The body reports the queue's state (``queue``) either way."""
+    queue = _queue_status(request.app)
+    extra = {} if queue is None else {"queue": queue}
+    if service.fatal:
+        return _error(503, "fatal", service.fatal, None, extra)
     if service.ready:
-        return {"status": "ready", "judges": sorted(service.judges)}
+        if queue is not None and queue["state"] != "consuming":
+            message = f"the queue consumer is {queue['state']}"
+            if queue.get("last_error"):
+                message += f" (last error: {queue['last_error']})"
+            return _error(503, "queue_unavailable", message, {"Retry-After": "5"}, extra)
+        return {"status": "ready", "judges": sorted(service.judges), **extra}
     if service.load_error:
-        return _error(503, "load_failed", service.load_error)
-    return _error(503, "loading", "the judges are still loading", {"Retry-After": "5"})
+        return _error(503, "load_failed", service.load_error, None, extra)
+    return _error(503, "loading", "the judges are still loading", {"Retry-After": "5"}, extra)
+
+
+def _stop_reading_on_sigterm(consumer):
+    """Make SIGTERM stop the queue consumer's reads at once, not after the server has drained its
+    HTTP requests (when the lifespan's shutdown begins). Chains to the handler the server installed
+    (uvicorn's), and only where there is one; returns what restores it."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):  # not under a server that handles SIGTERM: leave it alone
+        return None
+
+    def on_sigterm(sig, frame) -> None:
+        consumer.stop_reading()
+        previous(sig, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
+def _queue_status(app) -> dict | None:
+    """The queue consumer's state, or None when the queue is off; a consumer task that ended is
+    reported as such (it should never end before shutdown)."""
+    consumer, task = getattr(app.state, "consumer", None), getattr(app.state, "consuming", None)
+    if consumer is None:
+        return None
+    status = consumer.status()
+    if task is not None and task.done() and status["state"] not in ("draining", "stopped"):
+        error = "cancelled" if task.cancelled() else repr(task.exception())
+        status.update(state="stopped", last_error=f"the consumer task ended: {error}")
+    return status
 
 
 @ops.get("/metrics")
@@ -111,8 +168,11 @@ async def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+def _error(
+    status: int, code: str, message: str, headers: dict | None = None, extra: dict | None = None
+) -> JSONResponse:
+    body = {"error": code, "message": message, **(extra or {})}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -132,6 +192,9 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
         app.state.service = service
         app.state.idempotency = IdempotencyCache()
         loading = asyncio.create_task(service.load())
+        exit_hook = getattr(app.state, "request_exit", None)
+        supervisor = app.state.supervisor = Supervisor(service, request_exit=exit_hook)
+        watching = asyncio.create_task(supervisor.run())
         loading.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged in load()
         consumer = consuming = None
         if settings.queue.enabled:
@@ -139,13 +202,25 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
 
             consumer = QueueConsumer(service, settings.queue)
             consuming = asyncio.create_task(consumer.run())
+
+            def ended(task: asyncio.Task) -> None:  # run() only returns when stopped: say why loudly
+                if task.cancelled() or consumer.state in ("draining", "stopped"):
+                    return
+                logger.error("the queue consumer ended (%s): /readyz reports it", task.exception())
+
+            consuming.add_done_callback(ended)
+        app.state.consumer, app.state.consuming = consumer, consuming
+        restore = _stop_reading_on_sigterm(consumer) if consumer is not None else None
         try:
             yield
         finally:
+            if restore is not None:
+                restore()
             if consumer is not None:
-                await consumer.stop()
+                await consumer.stop()  # stop reading, finish or hand back within shutdown_grace_s
                 consuming.cancel()
             loading.cancel()
+            watching.cancel()
             service.shutdown()
 
     app = FastAPI(
@@ -158,6 +233,11 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
     app.include_router(compat.router)
     app.include_router(ops)
 
+    @app.exception_handler(EngineDead)
+    async def engine_dead(request: Request, exc: EngineDead) -> JSONResponse:
+        request.app.state.supervisor.fail(str(exc))
+        return _error(503, "unavailable", f"{exc}; this server is stopping, retry on another")
+
     @app.exception_handler(ClientError)
     async def client_error(_: Request, exc: ClientError) -> JSONResponse:
         return _error(exc.status, exc.code, exc.message, exc.headers)
@@ -166,16 +246,26 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, "invalid_request", _validation_message(exc))
 
-    return ObservedApp(app)
+    return ObservedApp(app, settings.limits)
 
 
 class ObservedApp:
-    """Counts and times every HTTP request by route template and status (a plain ASGI wrapper:
-    Starlette's BaseHTTPMiddleware costs a task group and a stream per request)."""
+    """The ASGI edge around the FastAPI app (a plain wrapper: Starlette's BaseHTTPMiddleware costs a
+    task group and a stream per request). For every HTTP request it
 
-    def __init__(self, app: FastAPI) -> None:
+    - refuses a body over ``limits.max_body_bytes`` with 413 before anything parses it (by its
+      Content-Length, or while reading a body sent without one);
+    - gives the request a deadline (``X-Request-Timeout`` seconds, capped by and defaulting to
+      ``limits.request_timeout_s``): past it the request is cancelled and answered 504;
+    - cancels a request whose client disconnects, so its engine requests are aborted (vLLM aborts a
+      request whose generator is cancelled) and its admission slots freed at once;
+    - counts and times it by route template and status (499: the client went away).
+    """
+
+    def __init__(self, app: FastAPI, limits: Limits | None = None) -> None:
         self.app = app
         self.state = app.state
+        self.limits = limits or Limits()
 
     def __getattr__(self, name: str):
         return getattr(self.app, name)
@@ -186,18 +276,117 @@ class ObservedApp:
             return
         start = time.monotonic()
         status = 500
+        started = False
 
         async def observe_send(message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
-            await self.app(scope, receive, observe_send)
+            status = await self._serve(scope, receive, observe_send, lambda: started) or status
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             if path != "/metrics":
                 metrics.REQUESTS.labels(path, str(status)).inc()
                 metrics.LATENCY.labels(path).observe(time.monotonic() - start)
+
+    async def _serve(self, scope, receive, send, started) -> int | None:
+        """Run the app under the body limit, the deadline and the disconnect watch; returns a status
+        when the edge answered (or gave up) instead of the app."""
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        limit = self.limits.max_body_bytes
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await _send_error(send, 413, "too_large", _body_message(length.decode(), limit))
+        try:
+            timeout = float(headers.get(b"x-request-timeout", b"0").decode() or 0)
+        except ValueError:
+            return await _send_error(
+                send, 400, "bad_request", "X-Request-Timeout must be a number of seconds"
+            )
+        cap = self.limits.request_timeout_s
+        timeout = min(timeout, cap) if timeout > 0 else cap
+
+        body_read = asyncio.Event()
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # No Content-Length (chunked): read the body here, within the limit, then replay it.
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return 499
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > limit:
+                    return await _send_error(send, 413, "too_large", _body_message(f"over {size}", limit))
+                more = message.get("more_body", False)
+            replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+            body_read.set()
+
+            async def app_receive():
+                return replay.pop() if replay else await receive()
+        else:
+
+            async def app_receive():
+                message = await receive()
+                if message["type"] == "http.request" and not message.get("more_body", False):
+                    body_read.set()
+                return message
+
+        async def watch_disconnect() -> None:
+            # Only once the app has the whole body does nothing else read from the client.
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        app = asyncio.ensure_future(self.app(scope, app_receive, send))
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            done, _ = await asyncio.wait({app, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if app in done:
+                app.result()  # re-raise what the app raised
+                return None
+            app.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await app
+            if watcher in done:
+                logger.info(
+                    "%s %s: the client disconnected; its work was cancelled", scope["method"], scope["path"]
+                )
+                return 499
+            if not started():
+                return await _send_error(
+                    send,
+                    504,
+                    "deadline_exceeded",
+                    f"the request did not finish within its deadline of {timeout:g}s (X-Request-Timeout, "
+                    f"at most limits.request_timeout_s={cap:g}); its engine work was cancelled",
+                )
+            return 504
+        finally:
+            watcher.cancel()
+            if not app.done():
+                app.cancel()
+
+
+def _body_message(size: str, limit: int) -> str:
+    return (
+        f"the request body ({size} bytes) is over the limit of {limit} bytes (limits.max_body_bytes); "
+        "send fewer or shorter items per request"
+    )
+
+
+async def _send_error(send, status: int, code: str, message: str) -> int:
+    body = json.dumps({"error": code, "message": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+    return status

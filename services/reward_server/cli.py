@@ -21,7 +21,17 @@ def serve(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    )
+    # A fatal fault (dead engine, failed load) stops the server this way rather than by a signal,
+    # which uvicorn would re-raise on exit, ending the process before it can exit non-zero.
+    app.state.request_exit = lambda: setattr(server, "should_exit", True)
+    server.run()
+    supervisor = getattr(app.state, "supervisor", None)
+    if supervisor is not None and supervisor.exit_code:
+        raise SystemExit(supervisor.exit_code)  # a dead engine or failed load: let the orchestrator restart
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from referee.protocol import Prompt
 from referee.rewards import bradley_terry, verdict_credit
 
 from . import templates
-from .engine import Engine
+from .engine import Engine, EngineDead
 from .settings import JudgeSettings
 
 
@@ -42,6 +42,8 @@ class Comparison:
     rationale: str | None = None
     attempts: int = 1
     error: str | None = None
+    label_mass: float | None = None  # logprob mode: the next-token probability on A and B
+    low_label_mass: bool = False  # invalid because label_mass < min_label_mass
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Rating:
     rationale: str | None = None
     attempts: int = 1
     error: str | None = None
+    label_mass: float | None = None  # logprob ratings: the next-token probability on the scale's labels
+    logit: float | None = None  # classifiers: the raw reward (score may be its sigmoid)
 
 
 def _describe(exc: BaseException) -> str:
@@ -60,6 +64,13 @@ def verdict_from_probability(p_a: float, margin: float) -> str:
     if abs(p_a - 0.5) <= margin:
         return "tie"
     return "A" if p_a > 0.5 else "B"
+
+
+def low_mass_error(mass: float, minimum: float, labels: str) -> str:
+    return (
+        f"the judge put only {mass:.3g} of its next-token probability on {labels} (label mass "
+        f"{mass:.3g} < min_label_mass {minimum:g}): it did not answer with a verdict label"
+    )
 
 
 @dataclass
@@ -89,6 +100,15 @@ class ClassifierJudge(Judge):
     routes = ("score", "pairwise", "winrate")
     pairwise_modes = ("logprob",)  # Bradley-Terry on the two scores; no generation involved
 
+    def __post_init__(self) -> None:
+        self.engine.prompts  # noqa: B018 -- fails at start-up where user text cannot be kept out of control
+
+    def _messages_ids(self, messages: list[dict]) -> list[int]:
+        """Every message content is user data: never a special token (see ``tokens``)."""
+        if self.engine.tokenizer.chat_template:
+            return self.engine.chat_ids(messages, generation_prompt=False)
+        return self.engine.plain_ids([m["content"] for m in messages])
+
     def _input_ids(self, prompt: Prompt, response: str) -> list[int]:
         messages = (
             [{"role": "user", "content": prompt}]
@@ -96,9 +116,7 @@ class ClassifierJudge(Judge):
             else [m.model_dump() for m in prompt]
         )
         messages.append({"role": "assistant", "content": response})
-        if self.engine.tokenizer.chat_template:
-            return self.engine.chat_ids(messages, generation_prompt=False)
-        return self.engine.text_ids("\n\n".join(m["content"] for m in messages))
+        return self._messages_ids(messages)
 
     async def rate_text(
         self,
@@ -107,38 +125,54 @@ class ClassifierJudge(Judge):
         *,
         activation: bool | None = None,
         add_special_tokens: bool = True,
+        response: str = "",
     ) -> Rating:
-        """Score text that is already formatted for the model (vLLM /classify and OpenRLHF inputs)."""
-        return await self._classify(lambda: self.engine.text_ids(text, add_special_tokens), ctx, activation)
+        """Score text that is already formatted for the model (vLLM /classify and OpenRLHF inputs):
+        its special tokens are the client's template, its BOS appears once; ``response``, appended
+        to it, is user data (OpenRLHF's response part)."""
+        return await self._classify(
+            lambda: self.engine.text_ids(text, add_special_tokens, data=response), ctx, activation
+        )
+
+    async def rate_messages(
+        self, messages: list[dict], ctx: RequestContext, *, activation: bool | None = None
+    ) -> Rating:
+        """Score a conversation (vLLM /classify's chat form) in the model's chat template."""
+        return await self._classify(lambda: self._messages_ids(messages), ctx, activation)
 
     async def rate(self, prompt: Prompt, response: str, ctx: RequestContext) -> Rating:
         return await self._classify(lambda: self._input_ids(prompt, response), ctx, None)
 
     async def _classify(self, build_ids, ctx: RequestContext, activation: bool | None) -> Rating:
+        """One forward pass gives both: the raw logit (what Bradley-Terry compares) and the score the
+        caller asked for (the logit, or its sigmoid: vLLM's activation of a one-label classifier)."""
         if activation is None:
             activation = self.settings.activation == "sigmoid"
         try:
-            ids = build_ids()
+            ids = await self.engine.tokenize(build_ids)
             ctx.engine_requests += 1
             ctx.prompt_tokens += len(ids)
-            score = await self.engine.classify(ids, activation=activation, priority=ctx.priority)
+            logit = await self.engine.classify(ids, activation=False, priority=ctx.priority)
+        except EngineDead:  # not a per-item cause: the request fails, the server exits
+            raise
         except Exception as exc:
             return Rating(None, error=_describe(exc))
-        if not math.isfinite(score):
-            return Rating(None, error=f"the classifier returned a non-finite score ({score})")
-        return Rating(score)
+        if not math.isfinite(logit):
+            return Rating(None, error=f"the classifier returned a non-finite score ({logit})")
+        return Rating(bradley_terry(logit, 0.0) if activation else logit, logit=logit)
 
     async def compare(self, prompt: Prompt, first: str, second: str, ctx: RequestContext, **_) -> Comparison:
         ra, rb = await asyncio.gather(self.rate(prompt, first, ctx), self.rate(prompt, second, ctx))
         return self.compare_scores(ra, rb)
 
     def compare_scores(self, ra: Rating, rb: Rating) -> Comparison:
-        if ra.score is None or rb.score is None:
+        """Bradley-Terry on the raw rewards (logits), whatever the activation of the scores."""
+        if ra.logit is None or rb.logit is None:
             return Comparison(None, "invalid", error=ra.error or rb.error)
-        if ra.score == rb.score:
+        if ra.logit == rb.logit:
             return Comparison(0.5, "tie")
-        p = bradley_terry(ra.score, rb.score)
-        return Comparison(p, "A" if ra.score > rb.score else "B")
+        p = bradley_terry(ra.logit, rb.logit)
+        return Comparison(p, "A" if ra.logit > rb.logit else "B")
 
 
 class GenerativeJudge(Judge):
@@ -169,7 +203,7 @@ class GenerativeJudge(Judge):
         return sum(math.exp(logprobs[t]) for t in self.label_ids[label] if t in logprobs)
 
     async def _generate(self, messages: list[dict], ctx: RequestContext, **kwargs):
-        ids = self.engine.chat_ids(messages, generation_prompt=True)
+        ids = await self.engine.tokenize(lambda: self.engine.chat_ids(messages, generation_prompt=True))
         ctx.engine_requests += 1
         out = await self.engine.complete(ids, priority=ctx.priority, **kwargs)
         ctx.prompt_tokens += out.prompt_tokens
@@ -195,6 +229,8 @@ class GenerativeJudge(Judge):
             return await self._compare_cot(
                 prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed
             )
+        except EngineDead:  # not a per-item cause: the request fails, the server exits
+            raise
         except Exception as exc:
             return Comparison(None, "invalid", error=_describe(exc))
 
@@ -209,9 +245,22 @@ class GenerativeJudge(Judge):
                 "invalid",
                 error=f"neither A nor B is among the judge's top {self.settings.top_logprobs} next tokens "
                 f"(it began with {out.text!r})",
+                label_mass=0.0,
             )
-        p = pa / (pa + pb)
-        return Comparison(p, verdict_from_probability(p, self.settings.tie_margin))
+        mass = pa + pb
+        if mass < self.settings.min_label_mass:
+            # P(A) = pa / (pa + pb) would rest on the tail of the distribution (and is exactly 0 or 1
+            # when only one label made the top logprobs): not a verdict.
+            return Comparison(
+                None,
+                "invalid",
+                error=low_mass_error(mass, self.settings.min_label_mass, "A and B")
+                + f" (it began with {out.text!r})",
+                label_mass=mass,
+                low_label_mass=True,
+            )
+        p = pa / mass
+        return Comparison(p, verdict_from_probability(p, self.settings.tie_margin), label_mass=mass)
 
     async def _attempts(self, messages, ctx, max_new_tokens, max_retries, seed, parse):
         """Reason-then-answer with bounded retries; the first attempt is greedy unless configured."""
@@ -250,6 +299,8 @@ class GenerativeJudge(Judge):
         try:
             messages = templates.pointwise_logprob(prompt, response, rubric, self.scale)
             out = await self._generate(messages, ctx, max_tokens=1, top_logprobs=self.settings.top_logprobs)
+        except EngineDead:  # not a per-item cause: the request fails, the server exits
+            raise
         except Exception as exc:
             return Rating(None, error=_describe(exc))
         masses = {
@@ -261,8 +312,18 @@ class GenerativeJudge(Judge):
                 None,
                 error=f"no rating label {self.scale.low}..{self.scale.high} is among the judge's top "
                 f"{self.settings.top_logprobs} next tokens (it began with {out.text!r})",
+                label_mass=0.0,
             )
-        return Rating(sum(v * m for v, m in masses.items()) / total)
+        if total < self.settings.min_label_mass:
+            return Rating(
+                None,
+                error=low_mass_error(
+                    total, self.settings.min_label_mass, f"the labels {self.scale.low}..{self.scale.high}"
+                )
+                + f" (it began with {out.text!r})",
+                label_mass=total,
+            )
+        return Rating(sum(v * m for v, m in masses.items()) / total, label_mass=total)
 
     async def rate_cot(
         self, prompt, response, ctx, *, rubric=None, max_new_tokens=None, max_retries=0, seed=None
@@ -277,15 +338,18 @@ class GenerativeJudge(Judge):
                 seed,
                 lambda out: templates.parse_rating(out, self.scale),
             )
+        except EngineDead:  # not a per-item cause: the request fails, the server exits
+            raise
         except Exception as exc:
             return Rating(None, error=_describe(exc))
         return Rating(score, rationale=text, attempts=attempts, error=why)
 
 
-def load_judge(settings: JudgeSettings) -> Judge:
+def load_judge(settings: JudgeSettings, cpu_bind: str | None = None) -> Judge:
     """Start the engine for a configured judge (blocking: tens of seconds on a CPU)."""
     runner = "pooling" if settings.kind == "classifier" else "generate"
-    engine = Engine.start(settings.model, settings.engine, runner)
+    bind = settings.engine.cpu_cores or cpu_bind
+    engine = Engine.start(settings.model, settings.engine, runner, cpu_bind=bind)
     try:
         cls = ClassifierJudge if settings.kind == "classifier" else GenerativeJudge
         return cls(settings, engine)

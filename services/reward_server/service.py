@@ -32,6 +32,7 @@ from referee.protocol import (
 from referee.rewards import circular_pairs, group_advantages, verdict_credit, win_rates
 
 from . import metrics
+from .hardware import cpu_bind_for, cpu_info
 from .judges import (
     ClassifierJudge,
     Comparison,
@@ -68,6 +69,7 @@ class JudgeService:
         self.limits = settings.limits
         self.judges: dict[str, Judge] = {}
         self.load_error: str | None = None
+        self.fatal: str | None = None  # set when the server can no longer judge (see lifecycle)
         self._inflight = 0
 
     # ------------------------------------------------------------ lifecycle
@@ -79,8 +81,10 @@ class JudgeService:
     async def load(self) -> None:
         """Start every configured engine (in a thread: engine start-up blocks for tens of seconds)."""
         try:
-            for cfg in self.settings.judges:
-                judge = await asyncio.to_thread(load_judge, cfg)
+            count, cores = len(self.settings.judges), cpu_info().cores
+            for index, cfg in enumerate(self.settings.judges):
+                bind = cpu_bind_for(index, count, self.settings.cpu_binding, cores)
+                judge = await asyncio.to_thread(load_judge, cfg, bind)
                 self.judges[cfg.name] = judge
                 logger.info("judge %r (%s, %s) is ready", cfg.name, cfg.kind, judge.engine.model_path)
         except Exception as exc:
@@ -96,6 +100,8 @@ class JudgeService:
     # ------------------------------------------------------------ validation
 
     def judge_for(self, name: str | None, route: str) -> Judge:
+        if self.fatal:
+            raise ClientError(503, "unavailable", f"{self.fatal}; this server is stopping, retry on another")
         if not self.ready:
             raise ClientError(
                 503,
@@ -160,11 +166,31 @@ class JudgeService:
                 f"max_retries={max_retries} is over the limit of {self.limits.max_retries}",
             )
 
-    @staticmethod
-    def _prompt_texts(where: str, prompt) -> list[tuple[str, str]]:
+    def _prompt_texts(self, where: str, prompt) -> list[tuple[str, str]]:
         if isinstance(prompt, str):
             return [(where, prompt)]
+        if len(prompt) > self.limits.max_messages:
+            raise ClientError(
+                413,
+                "too_large",
+                f"{where} has {len(prompt)} chat messages, over the limit of {self.limits.max_messages} "
+                "(limits.max_messages); shorten the conversation",
+            )
         return [(f"{where}[{k}].content", m.content) for k, m in enumerate(prompt)]
+
+    def _cost(self, units: int, per_unit: int, mode: str, max_retries: int) -> int:
+        """Worst-case engine requests: every unit's requests, each retried as often as allowed."""
+        cost = units * per_unit * (1 + max_retries if mode == "cot" else 1)
+        if cost > self.limits.max_request_cost:
+            raise ClientError(
+                413,
+                "too_large",
+                f"this request may need {cost} engine requests ({units} x {per_unit} per item or pair"
+                + (f" x {1 + max_retries} attempts" if mode == "cot" and max_retries else "")
+                + f"), over the per-request budget of {self.limits.max_request_cost} "
+                "(limits.max_request_cost); split it or ask for fewer orders, retries or opponents",
+            )
+        return cost
 
     @contextmanager
     def admit(self, engine_requests: int):
@@ -198,6 +224,7 @@ class JudgeService:
     async def score(self, req: ScoreRequest, priority: int = 0) -> ScoreResponse:
         judge = self.judge_for(req.judge, "score")
         self.check_items(len(req.items))
+        self.check_texts([("rubric", req.rubric)] if req.rubric is not None else [])
         self.check_texts(
             t
             for k, it in enumerate(req.items)
@@ -207,13 +234,16 @@ class JudgeService:
             ]
         )
         ctx = RequestContext(priority=priority)
-        with self.admit(len(req.items)):
+        with self.admit(self._cost(len(req.items), 1, "logprob", 0)):
             if isinstance(judge, GenerativeJudge):
                 coros = [judge.rate(it.prompt, it.response, ctx, rubric=req.rubric) for it in req.items]
             else:
                 coros = [judge.rate(it.prompt, it.response, ctx) for it in req.items]
             ratings = await asyncio.gather(*coros)
-        results = [ScoreResult(index=k, score=r.score, error=r.error) for k, r in enumerate(ratings)]
+        results = [
+            ScoreResult(index=k, score=r.score, label_mass=r.label_mass, error=r.error)
+            for k, r in enumerate(ratings)
+        ]
         metrics.record_items("score", judge.name, len(results), sum(r.error is not None for r in results))
         metrics.record_tokens(judge.name, ctx)
         return ScoreResponse(judge=judge.name, results=results, usage=_usage(ctx))
@@ -224,7 +254,16 @@ class JudgeService:
         return 2 if order == "both" else 1
 
     async def _pair(
-        self, judge: Judge, prompt, a: str, b: str, order: str, swap: bool, ctx: RequestContext, opts: dict
+        self,
+        judge: Judge,
+        prompt,
+        a: str,
+        b: str,
+        order: str,
+        swap: bool,
+        ctx: RequestContext,
+        opts: dict,
+        inconsistent: str = "tie",
     ):
         """Judge one pair under an order option; the result is always from A's perspective."""
         if isinstance(judge, ClassifierJudge):  # symmetric: order does not matter
@@ -234,7 +273,7 @@ class JudgeService:
             ab, ba = await asyncio.gather(
                 judge.compare(prompt, a, b, ctx, **opts), judge.compare(prompt, b, a, ctx, **opts)
             )
-            return self._combine(judge, ab, ba, opts["mode"])
+            return self._combine(judge, ab, ba, opts["mode"], inconsistent)
         c = await (
             judge.compare(prompt, b, a, ctx, **opts) if swap else judge.compare(prompt, a, b, ctx, **opts)
         )
@@ -246,25 +285,64 @@ class JudgeService:
             verdict=verdict,
             swapped=swap if order == "random" else None,
             rationales=[c.rationale] if c.rationale is not None else None,
+            label_mass=c.label_mass,
             error=c.error,
         )
 
     @staticmethod
-    def _combine(judge: GenerativeJudge, ab: Comparison, ba: Comparison, mode: str) -> PairwiseResult:
+    def _combine(
+        judge: GenerativeJudge, ab: Comparison, ba: Comparison, mode: str, inconsistent: str
+    ) -> PairwiseResult:
         rationales = [r for r in (ab.rationale, ba.rationale) if r is not None] or None
+        masses = [c.label_mass for c in (ab, ba) if c.label_mass is not None]
+        label_mass = min(masses) if masses else None
         if ab.p_first is None or ba.p_first is None:
             errors = [f"{label}: {c.error}" for label, c in (("A first", ab), ("B first", ba)) if c.error]
-            return PairwiseResult(index=0, verdict="invalid", rationales=rationales, error="; ".join(errors))
+            return PairwiseResult(
+                index=0,
+                verdict="invalid",
+                rationales=rationales,
+                label_mass=label_mass,
+                error="; ".join(errors),
+            )
         # Average the two orders' probabilities for A: position bias cancels to first order.
         p_a = (ab.p_first + (1.0 - ba.p_first)) / 2.0
         margin = judge.settings.tie_margin if mode == "logprob" else 0.0
-        return PairwiseResult(
+        result = PairwiseResult(
             index=0,
             p_a=p_a,
             verdict=verdict_from_probability(p_a, margin),
             consistent=ab.verdict == _FLIP[ba.verdict],
             rationales=rationales,
+            label_mass=label_mass,
         )
+        if result.consistent:
+            return result
+        # The verdict flips with the order: the judge preferred a position, not a response, and the
+        # averaged probability (e.g. P(A) 0.99 in both orders -> 0.5 + noise) only hides that. MT-Bench
+        # (Zheng et al. 2023, "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena", sec. 3.4)
+        # declares a win only when a response is preferred in both orders and calls an inconsistent
+        # pair a tie; JudgeLM (Zhu et al. 2023, arXiv:2310.17631) measures the same swap consistency.
+        result.inconsistent_rule = inconsistent
+        if inconsistent == "tie":
+            result.p_a, result.verdict = 0.5, "tie"
+        elif inconsistent == "drop":
+            result.p_a, result.verdict = None, "invalid"
+            result.error = (
+                f"the verdict changed with the order (A first: {ab.verdict}, B first: "
+                f"{_FLIP[ba.verdict]} for A; averaged P(A) {p_a:.3f}), dropped by inconsistent=drop"
+            )
+        return result
+
+    @staticmethod
+    def _inconsistent_rule(judge: Judge, req) -> str:
+        return req.inconsistent or getattr(judge.settings, "inconsistent", "tie")
+
+    @staticmethod
+    def _low_label_mass(judge: Judge, r: PairwiseResult) -> bool:
+        """Made invalid by the min_label_mass rule (no label at all was invalid before the rule)."""
+        mass = r.label_mass
+        return r.verdict == "invalid" and mass is not None and 0.0 < mass < judge.settings.min_label_mass
 
     def _pair_opts(self, judge: Judge, req) -> dict:
         if isinstance(judge, ClassifierJudge):
@@ -282,6 +360,7 @@ class JudgeService:
         self._check_mode(judge, req.mode)
         self.check_items(len(req.items))
         self._check_generation(req.max_new_tokens, req.max_retries)
+        self.check_texts([("rubric", req.rubric)] if req.rubric is not None else [])
         self.check_texts(
             t
             for k, it in enumerate(req.items)
@@ -294,11 +373,15 @@ class JudgeService:
         rng = random.Random(req.seed)
         swaps = [req.order == "random" and rng.random() < 0.5 for _ in req.items]
         opts = self._pair_opts(judge, req)
+        rule = self._inconsistent_rule(judge, req)
         ctx = RequestContext(priority=priority)
-        with self.admit(len(req.items) * self._requests_per_pair(judge, req.order)):
+        per_pair = self._requests_per_pair(judge, req.order)
+        with self.admit(self._cost(len(req.items), per_pair, req.mode, req.max_retries)):
             results = await asyncio.gather(
                 *[
-                    self._pair(judge, it.prompt, it.response_a, it.response_b, req.order, swap, ctx, opts)
+                    self._pair(
+                        judge, it.prompt, it.response_a, it.response_b, req.order, swap, ctx, opts, rule
+                    )
                     for it, swap in zip(req.items, swaps, strict=True)
                 ]
             )
@@ -324,6 +407,8 @@ class JudgeService:
                 for f in ("response", "response_a", "response_b")
                 if getattr(it, f) is not None
             ]
+        if req.rubric is not None:
+            texts.append(("rubric", req.rubric))
         self.check_texts(texts)
         gen = dict(max_new_tokens=req.max_new_tokens, max_retries=req.max_retries, seed=req.seed)
         ctx = RequestContext(priority=priority)
@@ -351,7 +436,7 @@ class JudgeService:
                 error=c.error,
             )
 
-        with self.admit(len(req.items)):
+        with self.admit(self._cost(len(req.items), 1, "cot", req.max_retries)):
             results = await asyncio.gather(*[one(k, it) for k, it in enumerate(req.items)])
         metrics.record_items("judge", judge.name, len(results), sum(r.error is not None for r in results))
         metrics.record_verdicts(judge.name, (r.verdict for r in results if r.verdict is not None))
@@ -370,6 +455,7 @@ class JudgeService:
                 f"a group of {n} responses exceeds the limit of {self.limits.max_group_size} "
                 "(limits.max_group_size); split the group or compare each with k opponents",
             )
+        self.check_texts([("rubric", req.rubric)] if req.rubric is not None else [])
         self.check_texts(
             [
                 *self._prompt_texts("prompt", req.prompt),
@@ -379,33 +465,49 @@ class JudgeService:
         ctx = RequestContext(priority=priority)
         matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
         errors: list[str] = []
-        ties = invalid = 0
+        ties = invalid = inconsistent = low_mass = 0
+        rule = None
         scores = None
         if isinstance(judge, ClassifierJudge):
             # N forward passes give every pair: Bradley-Terry needs only the N scores.
             pairs = circular_pairs(n)
-            with self.admit(n):
+            with self.admit(self._cost(n, 1, "logprob", 0)):
                 ratings = await asyncio.gather(*[judge.rate(req.prompt, r, ctx) for r in req.responses])
             scores = [r.score for r in ratings]
             results = [judge.compare_scores(ratings[i], ratings[j]) for i, j in pairs]
             outcomes = [(c.p_first, c.verdict, c.error) for c in results]
+            flags = [(False, False)] * len(results)
         else:
             pairs = circular_pairs(n, req.opponents)
             rng = random.Random(req.seed)
             swaps = [req.order == "random" and rng.random() < 0.5 for _ in pairs]
             opts = self._pair_opts(judge, req)
+            rule = self._inconsistent_rule(judge, req) if req.order == "both" else None
             # Every comparison of the group goes to the engine at once: they share the question's
             # prefix (cached once) and vLLM batches them together.
-            with self.admit(len(pairs) * self._requests_per_pair(judge, req.order)):
+            per_pair = self._requests_per_pair(judge, req.order)
+            with self.admit(self._cost(len(pairs), per_pair, req.mode, req.max_retries)):
                 results = await asyncio.gather(
                     *[
                         self._pair(
-                            judge, req.prompt, req.responses[i], req.responses[j], req.order, s, ctx, opts
+                            judge,
+                            req.prompt,
+                            req.responses[i],
+                            req.responses[j],
+                            req.order,
+                            s,
+                            ctx,
+                            opts,
+                            rule or "tie",
                         )
                         for (i, j), s in zip(pairs, swaps, strict=True)
                     ]
                 )
             outcomes = [(r.p_a, r.verdict, r.error) for r in results]
+            flags = [(r.inconsistent_rule is not None, self._low_label_mass(judge, r)) for r in results]
+        for changed, low in flags:
+            inconsistent += changed
+            low_mass += low
         for (i, j), (p_a, verdict, error) in zip(pairs, outcomes, strict=True):
             credit = p_a if req.soft else verdict_credit(verdict)
             if verdict == "invalid" or credit is None:
@@ -427,6 +529,9 @@ class JudgeService:
             comparisons=len(pairs),
             ties=ties,
             invalid=invalid,
+            inconsistent=inconsistent,
+            inconsistent_rule=rule,
+            low_label_mass=low_mass,
             errors=errors,
             usage=_usage(ctx),
         )
@@ -443,6 +548,7 @@ class JudgeService:
                     default=cfg.name == self.settings.default_judge,
                     routes=list(cls.routes),
                     pairwise_modes=list(cls.pairwise_modes),
+                    dtype=judge.engine.dtype if (judge := self.judges.get(cfg.name)) else None,
                 )
             )
         return JudgesResponse(default=self.settings.default_judge, judges=infos)
