@@ -21,9 +21,9 @@ import uuid
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from referee.protocol import ScoreItem, ScoreRequest, WinRateRequest
+from referee.protocol import Message, ScoreItem, ScoreRequest, WinRateRequest
 
 from .judges import ClassifierJudge, RequestContext
 from .service import ClientError, JudgeService
@@ -49,7 +49,15 @@ class OpenRLHFResponse(BaseModel):
     extra_logs: dict[str, list[float]]
 
 
-def _split(queries: list[str], prompts: list[str] | None) -> list[tuple[str, str]]:
+def _lstrip_all(text: str, prefix: str | None) -> str:
+    while prefix and text.startswith(prefix):
+        text = text[len(prefix) :]
+    return text
+
+
+def _split(queries: list[str], prompts: list[str] | None, bos: str | None = None) -> list[tuple[str, str]]:
+    """(prompt, response) of each query. Leading BOS texts are not compared: OpenRLHF's decoded
+    query carries a BOS more than the prompt when the tokenizer added one to a templated prompt."""
     if prompts is None:
         raise ClientError(
             422, "invalid_request", "a generative judge needs `prompts` to tell prompt from response"
@@ -58,9 +66,11 @@ def _split(queries: list[str], prompts: list[str] | None) -> list[tuple[str, str
         raise ClientError(422, "invalid_request", f"{len(queries)} queries but {len(prompts)} prompts")
     pairs = []
     for k, (query, prompt) in enumerate(zip(queries, prompts, strict=True)):
-        if not query.startswith(prompt):
+        bare_query, bare_prompt = _lstrip_all(query, bos), _lstrip_all(prompt, bos)
+        if not bare_query.startswith(bare_prompt):
             raise ClientError(422, "invalid_request", f"query[{k}] does not start with prompts[{k}]")
-        pairs.append((prompt, query[len(prompt) :]))
+        cut = len(query) - len(bare_query) + len(bare_prompt)
+        pairs.append((query[:cut], query[cut:]))
     return pairs
 
 
@@ -88,23 +98,37 @@ async def get_reward(
         groups: dict[str, list[int]] = {}
         for k, (prompt, _) in enumerate(pairs):
             groups.setdefault(prompt, []).append(k)
+        alone = [idx[0] for idx in groups.values() if len(idx) == 1]
+        if alone:  # the caller's grouping, not the judge: a 4xx (a 5xx would be retried in vain)
+            raise ClientError(
+                422,
+                "invalid_request",
+                f"reward=winrate compares the responses to one prompt, and queries {alone[:10]} are the "
+                "only response to their prompt: send at least two per prompt, or use reward=score",
+            )
         values: list[float | None] = [None] * len(pairs)
-        errors: list[str | None] = ["the only response to its prompt: nothing to compare"] * len(pairs)
+        errors: list[str | None] = [None] * len(pairs)
         answers = await asyncio.gather(
             *[
                 service.winrate(WinRateRequest(judge=j.name, prompt=p, responses=[pairs[i][1] for i in idx]))
                 for p, idx in groups.items()
-                if len(idx) > 1
             ]
         )
-        for idx, answer in zip([i for i in groups.values() if len(i) > 1], answers, strict=True):
+        for idx, answer in zip(groups.values(), answers, strict=True):
             for i, rate in zip(idx, answer.win_rates, strict=True):
                 values[i], errors[i] = rate, None if rate is not None else "; ".join(answer.errors)
         rewards = _require_all(values, errors, "compare")
     elif isinstance(j, ClassifierJudge):
+        # The prompt part is the trainer's own chat template (special tokens parsed); the response
+        # part is the policy's text, user data. Without `prompts` the query is one formatted text.
+        parts = (
+            [(q, "") for q in req.query]
+            if req.prompts is None
+            else _split(req.query, req.prompts, j.engine.tokenizer.bos_token)
+        )
         ctx = RequestContext()
         with service.admit(len(req.query)):
-            ratings = await asyncio.gather(*[j.rate_text(q, ctx) for q in req.query])
+            ratings = await asyncio.gather(*[j.rate_text(p, ctx, response=r) for p, r in parts])
         rewards = _require_all([r.score for r in ratings], [r.error for r in ratings], "score")
     else:
         items = [ScoreItem(prompt=p, response=r) for p, r in _split(req.query, req.prompts)]
@@ -117,9 +141,24 @@ class ClassificationRequest(BaseModel):
     model: str | None = Field(
         None, description="A classifier judge's name or model; default judge if omitted."
     )
-    input: str | list[str]
+    input: str | list[str] | None = Field(
+        None, description="Text already formatted for the model (its special tokens are parsed)."
+    )
+    messages: list[Message] | None = Field(
+        None,
+        description="As vLLM's chat form: one conversation, put in the model's chat template; the "
+        "contents are data (never special tokens). Give `input` or `messages`.",
+    )
     use_activation: bool | None = None
-    add_special_tokens: bool = Field(True, description="As vLLM: add the tokenizer's special tokens (BOS).")
+    add_special_tokens: bool = Field(
+        True, description="As vLLM, for `input`: add the tokenizer's special tokens (BOS), once."
+    )
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ClassificationRequest:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of `input` and `messages`")
+        return self
 
 
 class ClassificationData(BaseModel):
@@ -146,18 +185,25 @@ async def classify(req: ClassificationRequest, service: Service) -> Classificati
     j = service.judge_for(name, "score")
     if not isinstance(j, ClassifierJudge):
         raise ClientError(400, "unsupported", f"judge {j.name!r} is not a classifier; /classify needs one")
-    texts = [req.input] if isinstance(req.input, str) else req.input
-    service.check_items(len(texts))
-    service.check_texts((f"input[{k}]", t) for k, t in enumerate(texts))
     activation = True if req.use_activation is None else req.use_activation  # vLLM's default
     ctx = RequestContext()
-    with service.admit(len(texts)):
-        ratings = await asyncio.gather(
-            *[
-                j.rate_text(t, ctx, activation=activation, add_special_tokens=req.add_special_tokens)
-                for t in texts
+    if req.messages is not None:
+        service.check_texts((f"messages[{k}].content", m.content) for k, m in enumerate(req.messages))
+        with service.admit(1):
+            ratings = [
+                await j.rate_messages([m.model_dump() for m in req.messages], ctx, activation=activation)
             ]
-        )
+    else:
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        service.check_items(len(texts))
+        service.check_texts((f"input[{k}]", t) for k, t in enumerate(texts))
+        with service.admit(len(texts)):
+            ratings = await asyncio.gather(
+                *[
+                    j.rate_text(t, ctx, activation=activation, add_special_tokens=req.add_special_tokens)
+                    for t in texts
+                ]
+            )
     scores = _require_all([r.score for r in ratings], [r.error for r in ratings], "classify")
     return ClassificationResponse(
         id=f"classify-{uuid.uuid4().hex}",

@@ -14,6 +14,7 @@ The chain-of-thought forms (reason, then a fixed verdict line) follow MT-Bench's
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,15 +27,72 @@ SYSTEM = (
 )
 
 _BLOCK_NAMES = ("CONVERSATION", "RESPONSE A", "RESPONSE B", "RESPONSE", "RUBRIC")
-_DELIMITER = re.compile(r"<<<\s*/?\s*(?:" + "|".join(_BLOCK_NAMES) + r")\s*>>>", re.IGNORECASE)
+# A delimiter as a reader sees it, in folded text (see ``_fold``): any run of two or more angle
+# brackets before or after a block name, an optional slash, any spacing, and any separator or
+# none between RESPONSE and its letter.
+_NAME = r"(?:CONVERSATION|RUBRIC|RESPONSE(?:[\s_\-.:]*[AB](?![A-Z0-9]))?)"
+_DELIMITER = re.compile(
+    rf"<{{2,}}\s*/?\s*{_NAME}\s*>*|/?\s*{_NAME}\s*>{{2,}}",
+    re.IGNORECASE,
+)
+# Letters and signs that look like the ones in a delimiter but that compatibility normalisation
+# leaves alone: Cyrillic and Greek capitals and small letters shaped like Latin ones (Unicode's
+# confusables), angle brackets, slashes and dashes.
+_LOOK_ALIKES = {
+    **dict(zip("АВЕЅІЈКМНОРСТУХӀԁԛԜаеѕіјорсухһ", "ABESIJKMHOPCTYXIdqWaesijopcyxh", strict=True)),
+    **dict(zip("ΑΒΕΖΗΙΚΜΝΟΡΤΥΧαικνορτυχ", "ABEZHIKMNOPTYXaikvoptux", strict=True)),
+    **dict.fromkeys("‹〈⟨〈❮˂ᐸ", "<"),
+    **dict.fromkeys("›〉⟩〉❯˃ᐳ", ">"),
+    **dict.fromkeys("∕⁄⧸╱", "/"),
+    **dict.fromkeys("‐‑‒–—―−﹘﹣", "-"),
+}
+
+
+class _Fold(dict):
+    """``str.translate`` table, filled on demand: each character's compatibility form (NFKC's
+    mapping, taken as NFKD so that accents can be dropped), without combining marks and invisible
+    format characters (zero-width spaces, joiners, soft hyphens), look-alikes mapped to ASCII."""
+
+    def __missing__(self, code: int) -> str:
+        folded = "".join(
+            _LOOK_ALIKES.get(c, c)
+            for c in unicodedata.normalize("NFKD", chr(code))
+            if unicodedata.category(c)[0] != "M" and unicodedata.category(c) != "Cf"
+        )
+        self[code] = folded
+        return folded
+
+
+_FOLD = _Fold()
 _VERDICT = re.compile(r"\[\[\s*(A|B|TIE)\s*\]\]", re.IGNORECASE)
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 _ANY_MARKER = re.compile(r"\[\[[^\[\]]{0,20}\]\]")
 
 
+def delimiter_like(text: str) -> list[str]:
+    """The delimiter look-alikes in a text, as a reader would see them (folded)."""
+    return [m.group(0) for m in _DELIMITER.finditer(text.translate(_FOLD))]
+
+
 def defuse(text: str) -> str:
-    """Neutralise delimiter look-alikes in untrusted text so it cannot close or open a block."""
-    return _DELIMITER.sub(lambda m: m.group(0).replace("<<<", "«").replace(">>>", "»"), text)
+    """Neutralise delimiter look-alikes in untrusted text so it cannot close or open a block.
+
+    The check runs on folded text (compatibility forms, look-alike letters, no invisible
+    characters), so fullwidth, Cyrillic or zero-width-split variants are caught as well as the
+    exact form; each is replaced by its folded name in guillemets (``«/RESPONSE B»``)."""
+    folded = text.translate(_FOLD)
+    if not _DELIMITER.search(folded):
+        return text
+    origin: list[int] = []  # folded index -> index of the original character it came from
+    for k, ch in enumerate(text):
+        origin += [k] * len(_FOLD[ord(ch)])
+    out, at = [], 0
+    for m in _DELIMITER.finditer(folded):
+        start, end = origin[m.start()], origin[m.end() - 1] + 1
+        out += [text[at:start], "«", " ".join(re.sub(r"[<>]", " ", m.group(0)).split()), "»"]
+        at = end
+    out.append(text[at:])
+    return "".join(out)
 
 
 def _block(name: str, text: str) -> str:
