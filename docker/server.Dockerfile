@@ -14,6 +14,6 @@ ENV REFEREE_CACHE_DIR=/cache HF_HOME=/cache/hf
 VOLUME ["/cache"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s \
-  CMD python -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:8000/readyz').status_code != 200)"
+  CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"
 ENTRYPOINT ["referee", "serve", "--host", "0.0.0.0", "--port", "8000"]
 # Mount a judges file and pass `--config /config/judges.yaml` (see deploy/judges.gpu.yaml).

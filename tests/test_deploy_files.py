@@ -1,6 +1,7 @@
 """Deployment files parse and refer to things that exist (no Docker engine or cluster here)."""
 
 import ast
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -87,8 +88,6 @@ def test_dockerfiles_copy_existing_paths():
 
 
 def test_kubernetes_stack_and_autoscaling_on_the_queue():
-    from referee.keys import CONSUMER_GROUP, Keys
-
     docs = [
         d for f in sorted((REPO / "deploy" / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())
     ]
@@ -104,10 +103,7 @@ def test_kubernetes_stack_and_autoscaling_on_the_queue():
     assert "--appendonly" in redis_set["spec"]["template"]["spec"]["containers"][0]["args"]
     assert redis_set["spec"]["volumeClaimTemplates"]
     scaled = next(d for d in docs if d["kind"] == "ScaledObject")
-    trigger = scaled["spec"]["triggers"][0]
-    assert trigger["type"] == "redis-streams"
-    assert trigger["metadata"]["consumerGroup"] == CONSUMER_GROUP
-    assert trigger["metadata"]["stream"] == Keys().stream("job-a")
+    _assert_scales_on_the_backlog_of_every_job(scaled, docs)
     job = next(d for d in docs if d["kind"] == "Job")
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert _flags(args) <= {f for f in _flags(args) if f in _help("trainer.cli")}
@@ -137,3 +133,82 @@ def test_trainer_extra_covers_what_the_trainer_imports():
                 if top in {"referee", "trainer"} or top in sys.stdlib_module_names:
                     continue
                 assert top in provided, (path.name, top)
+
+
+def _metric_name(metric) -> str:
+    return metric.describe()[0].name
+
+
+def _assert_scales_on_the_backlog_of_every_job(scaled: dict, docs: list[dict]) -> None:
+    """The autoscaler follows what waits in all job streams (a metric the consumers publish), not
+    the pending entries of one stream named in the manifest."""
+    from reward_server import metrics
+    from reward_server.settings import QueueSettings
+
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    query = trigger["metadata"]["query"]
+    assert f"max({_metric_name(metrics.QUEUE_BACKLOG)})" in query  # a global figure: max, not sum
+    assert f"sum({_metric_name(metrics.QUEUE_INFLIGHT)})" in query
+    assert int(trigger["metadata"]["threshold"]) == QueueSettings().max_inflight
+    assert trigger["metadata"]["serverAddress"].startswith("http")
+    assert "requests:" not in yaml.safe_dump(scaled)  # no stream named: streams are per job
+    server = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "referee-server")
+    annotations = server["spec"]["template"]["metadata"]["annotations"]
+    port = server["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert annotations["prometheus.io/port"] == str(port)
+
+
+def test_the_backlog_metric_is_served_at_metrics():
+    from prometheus_client import generate_latest
+
+    from reward_server import metrics
+
+    exposed = generate_latest().decode()
+    for metric in (metrics.QUEUE_BACKLOG, metrics.QUEUE_INFLIGHT):
+        assert f"\n{_metric_name(metric)} " in exposed
+
+
+def _redis_args(args: list[str]) -> dict[str, str]:
+    return {a.removeprefix("--"): b for a, b in itertools.pairwise(args) if a.startswith("--")}
+
+
+def test_redis_memory_is_bounded_without_evicting_queue_data():
+    compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "redis.yaml").read_text()))
+    redis_set = next(d for d in docs if d["kind"] == "StatefulSet")
+    for args in (
+        compose["services"]["redis"]["command"],
+        redis_set["spec"]["template"]["spec"]["containers"][0]["args"],
+    ):
+        opts = _redis_args(args)
+        assert opts["maxmemory-policy"] == "noeviction" and opts["appendonly"] == "yes"
+        assert opts["maxmemory"].endswith(("mb", "gb"))
+    limit = redis_set["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    maxmemory = _redis_args(redis_set["spec"]["template"]["spec"]["containers"][0]["args"])["maxmemory"]
+    assert int(maxmemory.removesuffix("gb")) < int(limit.removesuffix("Gi"))  # room for AOF rewrites
+
+
+def test_shutdown_grace_fits_the_pod_termination_grace_period():
+    from reward_server.settings import QueueSettings
+
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "reward-server.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    queue = ServerSettings(**yaml.safe_load(kinds["ConfigMap"]["data"]["judges.yaml"])).queue
+    assert queue.shutdown_grace_s == QueueSettings().shutdown_grace_s < 30  # below k8s' default
+    command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    # preStop, then SIGTERM: the grace period must cover both, with time to stop the engines.
+    assert pod["terminationGracePeriodSeconds"] >= int(command[1]) + queue.shutdown_grace_s + 10
+
+
+def test_health_checks_use_what_the_vllm_image_has():
+    """vLLM's image has python3 but no `python` (nor curl)."""
+    compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
+    test = compose["services"]["reward-server"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python3"] and "/readyz" in test[-1] and "httpx" not in test[-1]
+    dockerfile = (REPO / "docker" / "server.Dockerfile").read_text()
+    healthcheck = dockerfile[dockerfile.index("HEALTHCHECK") :].split("\n")[1]
+    assert healthcheck.strip().startswith("CMD python3 ") and "/readyz" in healthcheck

@@ -68,6 +68,7 @@ def test_default_settings_serve_the_embedded_judge(monkeypatch):
         "judges:\n  - {name: a, kind: oracle, model: m}\n",
         "default_judge: b\njudges:\n  - {name: a, kind: classifier, model: m}\n",
         "judges:\n  - {name: a, kind: classifier, model: m, engine: {dtyp: float32}}\n",
+        "queue: {enabled: true, max_inflght: 8}\n",  # a typo in a queue setting
     ],
 )
 def test_bad_configuration_is_refused(tmp_path, monkeypatch, yaml_text):
@@ -77,3 +78,22 @@ def test_bad_configuration_is_refused(tmp_path, monkeypatch, yaml_text):
     path.write_text(yaml_text)
     with pytest.raises(ValidationError):
         load_settings(path)
+
+
+def test_trainer_seed_flag_reaches_the_training_settings(monkeypatch, tmp_path):
+    """``referee-trainer --seed 7`` trains with seed 7 (TRL's GRPOConfig takes settings.seed)."""
+    from typer.testing import CliRunner
+
+    import trainer.worker
+    from trainer.cli import app
+
+    seen = {}
+
+    def fake_run(settings):
+        seen["seed"] = settings.seed
+        return tmp_path
+
+    monkeypatch.setattr(trainer.worker, "run", fake_run)
+    result = CliRunner().invoke(app, ["--seed", "7", "--job-id", "seeded"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"seed": 7}

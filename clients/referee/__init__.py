@@ -6,8 +6,10 @@ Importing it pulls in neither torch nor vllm.
 from .client import (
     APIError,
     AsyncReferee,
+    BacklogFull,
     BadRequest,
     Overloaded,
+    QueueUnavailable,
     Referee,
     RefereeError,
     RefereeTimeout,
@@ -39,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "APIError",
     "AsyncReferee",
+    "BacklogFull",
     "BadRequest",
     "JudgeItem",
     "JudgeRequest",
@@ -50,6 +53,7 @@ __all__ = [
     "PairwiseRequest",
     "PairwiseResponse",
     "QueueReferee",
+    "QueueUnavailable",
     "Referee",
     "RefereeError",
     "RefereeTimeout",

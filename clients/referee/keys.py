@@ -40,6 +40,11 @@ class Keys:
         return f"{self.prefix}:dead-letter"
 
     @property
+    def limits(self) -> str:
+        """Hash of limits the consumers publish for senders (``max_backlog``); no expiry."""
+        return f"{self.prefix}:limits"
+
+    @property
     def judges(self) -> str:
         """The judges the consumers serve (JSON of ``JudgesResponse``, refreshed, expires)."""
         return f"{self.prefix}:judges"

@@ -14,21 +14,36 @@ batches. Its guarantees:
 - nothing answered twice: the answer is written by a script that sets the request's result key
   only if it is absent, so a reclaimed message that was already answered is just acknowledged;
 - nothing waits forever: a request that fails ``max_deliveries`` times, or cannot be read, goes to
-  the dead-letter stream with its error, and its sender gets an error answer.
+  the dead-letter stream with its error, and its sender gets an error answer; a message past its
+  ``deadline`` gets an ``expired`` answer (status 504) without being judged;
+- faults: ``run()`` reconnects with jittered backoff after any Redis error and recreates the
+  consumer groups, and reports its ``state`` (``/readyz``); answers are written through short
+  outages rather than judged again;
+- bounded: dead-letter entries are cut and the stream capped; idle jobs and dead group members are
+  removed; the per-job backlog cap (``max_backlog``) is published for senders, which enforce it;
+- graceful stop: reading stops at once, messages being judged get ``shutdown_grace_s`` and the rest
+  are handed back to the group without costing a delivery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import random
+import re
 import socket
 import time
 from collections import defaultdict
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from referee.keys import CONSUMER_GROUP, Keys
 from referee.protocol import REQUEST_MODELS, SCHEMA_VERSION, ErrorResponse, QueueMessage, QueueReply
@@ -49,32 +64,127 @@ end
 return 0
 """
 
+# Forget a job silent since before ARGV[2] whose stream is empty (a send in between renews it).
+_DROP_IDLE_JOB = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) < tonumber(ARGV[2]) and redis.call('XLEN', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
 _RETRYABLE = {429, 503}  # overloaded (while stopping) or unavailable: leave it pending, try later
+EXPIRED_STATUS = 504  # an expired message's reply: the judge did not get to it before its deadline
+HAND_BACK_IDLE_MS = 10**9  # idle time given to handed-back messages: any consumer reclaims them at once
+_REQUEST_ID = re.compile(r'"request_id"\s*:\s*"([^"]{1,128})"')
 
 
 class QueueConsumer:
+    """Judges queued messages until ``stop()``; ``run()`` survives any Redis error.
+
+    ``state`` is ``starting`` (judges loading), ``consuming``, ``reconnecting`` (after a Redis error,
+    retried with jittered backoff; ``last_error`` says which), ``draining`` (stopping) or ``stopped``.
+    """
+
     def __init__(self, service: JudgeService, settings: QueueSettings, redis: Redis | None = None) -> None:
         self.service = service
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
-        self.redis = redis or Redis.from_url(settings.url, decode_responses=True)
+        self.redis = redis or Redis.from_url(
+            settings.url,
+            decode_responses=True,
+            socket_timeout=settings.socket_timeout_s + settings.block_ms / 1000,
+            socket_connect_timeout=settings.socket_timeout_s,
+            # A connection broken by a Redis restart is retried on a fresh one (redis-py's URL
+            # clients retry nothing by default); a Redis that stays down raises to run().
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
+        )
         self._reply_once = self.redis.register_script(_REPLY_ONCE)
+        self._drop_idle_job = self.redis.register_script(_DROP_IDLE_JOB)
         self._jobs: list[str] = []
         self._grouped: set[str] = set()
-        self._inflight: dict[str, set[str]] = defaultdict(set)  # job -> entry ids being judged
+        self._inflight: dict[str, dict[str, int]] = defaultdict(dict)  # job -> entry id -> deliveries
         self._tasks: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: asyncio.Task | None = None
+        self.state = "starting"
+        self.since = time.time()
+        self.last_error: str | None = None
+        self.reconnects = 0
+        self.backlog: int | None = None  # messages not yet delivered, all job streams together
+
+    # ------------------------------------------------------------ state
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if error is not None:
+            self.last_error = error
+        if state == self.state and error is None:
+            return
+        log = logger.warning if state in ("reconnecting", "stopped") and error else logger.info
+        log("queue consumer %s: %s -> %s%s", self.name, self.state, state, f" ({error})" if error else "")
+        self.state, self.since = state, time.time()
+        metrics.QUEUE_CONSUMING.set(1 if state == "consuming" else 0)
+
+    def status(self) -> dict:
+        """The state ``/readyz`` reports."""
+        return {
+            "state": self.state,
+            "since": round(self.since, 3),
+            "last_error": self.last_error,
+            "reconnects": self.reconnects,
+            "inflight": self._total_inflight(),
+            "backlog": self.backlog,
+            "consumer": self.name,
+        }
 
     # ------------------------------------------------------------ main loop
 
     async def run(self) -> None:
+        """Consume until ``stop()``. Any error of Redis (or of this loop) sends it back to
+        ``reconnecting``: it waits a jittered, growing delay, reconnects, recreates the consumer
+        groups (a restarted Redis may have lost them) and goes on; messages being judged carry on."""
+        self._loop = asyncio.get_running_loop()
+        self._runner = asyncio.current_task()
+        self._set_state("starting")
         while not self.service.ready:
             if self.service.load_error:
+                self._set_state("stopped", f"the judges failed to load: {self.service.load_error}")
+                return
+            if self._stopping.is_set():
                 return
             await asyncio.sleep(0.5)
-        logger.info("queue consumer %s reading %s", self.name, self.keys.stream("*"))
-        last_jobs = last_reclaim = last_announce = 0.0
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                await self._connect()
+                failures = 0
+                self._set_state("consuming")
+                await self._consume()
+            except Exception as exc:
+                if self._stopping.is_set():
+                    break
+                failures += 1
+                self.reconnects += 1
+                self._grouped.clear()
+                if not isinstance(exc, RedisError):  # a bug rather than a fault: keep its traceback
+                    logger.exception("queue consumer %s failed", self.name)
+                self._set_state("reconnecting", f"{type(exc).__name__}: {exc}")
+                delay = min(self.settings.reconnect_max_s, 0.1 * 2**failures)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay / 2 + random.uniform(0, delay / 2))
+
+    async def _connect(self) -> None:
+        await self.redis.ping()
+        self._grouped.clear()  # recreate every group: Redis may have restarted without them
+        await self._refresh_jobs()
+
+    async def _consume(self) -> None:
+        s = self.settings
+        last_jobs = last_reclaim = last_announce = last_cleanup = 0.0
         while not self._stopping.is_set():
             now = time.monotonic()
             if now - last_announce > 20:
@@ -83,18 +193,70 @@ class QueueConsumer:
             if now - last_jobs > 1.0:
                 await self._refresh_jobs()
                 last_jobs = now
-            if now - last_reclaim > self.settings.reclaim_every_s:
+            if now - last_reclaim > s.reclaim_every_s:
                 await self._heartbeat()
                 await self._reclaim()
+                await self._measure_backlog()
                 last_reclaim = now
+            if now - last_cleanup > s.cleanup_every_s:
+                await self._cleanup()
+                last_cleanup = now
             await self._read()
 
-    async def stop(self, drain_s: float = 30.0) -> None:
-        """Stop reading; let messages being judged finish (unfinished ones stay pending)."""
-        self._stopping.set()
+    def stop_reading(self) -> None:
+        """Stop taking new messages at once; ``stop()`` then drains (safe from a signal handler)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._begin_stop)
+        else:
+            self._begin_stop()
+
+    def _begin_stop(self) -> None:
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self._set_state("draining")
+
+    async def stop(self, drain_s: float | None = None) -> None:
+        """Stop reading at once; let messages being judged finish within ``drain_s`` (default
+        ``shutdown_grace_s``); cancel the rest and hand them back to the group without costing them
+        a delivery, so that another consumer reclaims them at once."""
+        grace = self.settings.shutdown_grace_s if drain_s is None else drain_s
+        self._begin_stop()
+        started = time.monotonic()
+        if self._runner is not None and self._runner is not asyncio.current_task():
+            await asyncio.wait({self._runner}, timeout=self.settings.socket_timeout_s)  # ends its read
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=drain_s)
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, grace - (time.monotonic() - started)))
+        unfinished = {job: dict(ids) for job, ids in self._inflight.items() if ids}
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
+        try:
+            for job, entries in unfinished.items():
+                await self._hand_back(self.keys.stream(job), entries)
+        except RedisError as exc:  # they stay pending and are reclaimed after reclaim_idle_s
+            logger.warning("could not hand back %s: %s", unfinished, exc)
+        self._set_state("stopped")
         await self.redis.aclose()
+
+    async def _hand_back(self, stream: str, entries: dict[str, int]) -> None:
+        """Give pending messages back without using up a delivery: their delivery count goes back to
+        what it was before we took them, and a large idle time makes them reclaimable at once."""
+        by_count: dict[int, list[str]] = defaultdict(list)
+        for entry_id, deliveries in entries.items():
+            by_count[max(0, deliveries - 1)].append(entry_id)
+        for count, ids in by_count.items():
+            await self.redis.xclaim(
+                stream,
+                CONSUMER_GROUP,
+                self.name,
+                0,
+                ids,
+                idle=HAND_BACK_IDLE_MS,
+                retrycount=count,
+                justid=True,
+            )
+        logger.info("handed back %d unfinished message(s) of %s", len(entries), stream)
 
     def _total_inflight(self) -> int:
         return sum(len(ids) for ids in self._inflight.values())
@@ -123,6 +285,9 @@ class QueueConsumer:
             return
         for stream, entries in batches or []:
             job = self.keys.job_from_stream(stream)
+            if self._stopping.is_set():  # read while stop() began: not ours to judge any more
+                await self._hand_back(stream, {entry_id: 1 for entry_id, _ in entries})
+                continue
             for entry_id, fields in entries:
                 self._start(job, stream, entry_id, fields, deliveries=1)
 
@@ -131,17 +296,19 @@ class QueueConsumer:
             return
         # The job's messages already in flight here: vLLM serves lower numbers first.
         priority = len(self._inflight[job])
-        self._inflight[job].add(entry_id)
+        self._inflight[job][entry_id] = deliveries
         metrics.QUEUE_INFLIGHT.set(self._total_inflight())
         task = asyncio.create_task(self._handle(job, stream, entry_id, fields, deliveries, priority))
         self._tasks.add(task)
 
         def done(t: asyncio.Task) -> None:
             self._tasks.discard(t)
-            self._inflight[job].discard(entry_id)
+            self._inflight[job].pop(entry_id, None)
             metrics.QUEUE_INFLIGHT.set(self._total_inflight())
             if not t.cancelled() and t.exception() is not None:
-                logger.error("queue message %s of job %s: %r", entry_id, job, t.exception())
+                logger.error(
+                    "queue message %s of job %s: %s", entry_id, job, t.exception(), exc_info=t.exception()
+                )
 
         task.add_done_callback(done)
 
@@ -159,6 +326,9 @@ class QueueConsumer:
         if await self.redis.exists(self.keys.result(msg.request_id)):
             await self._ack(stream, entry_id)  # answered before (a reclaimed or repeated message)
             return
+        if msg.deadline is not None and time.time() >= msg.deadline:
+            await self._expired(stream, entry_id, msg, deliveries, time.time())
+            return
         if deliveries > self.settings.max_deliveries:  # consumers died judging it: a poison message
             error = f"delivered {deliveries} times without an answer (its consumers stopped while judging it)"
             await self._dead_letter(job, stream, entry_id, raw, error, deliveries, msg=msg, status=500)
@@ -172,13 +342,20 @@ class QueueConsumer:
         picked = time.time()
         try:
             request = REQUEST_MODELS[msg.type].model_validate(msg.body)
-            response = await self._judge(msg.type, request, priority)
+            # Past the deadline the judging is cancelled (and with it its engine requests).
+            left = None if msg.deadline is None else msg.deadline - time.time()
+            response = await asyncio.wait_for(self._judge(msg.type, request, priority), left)
+        except asyncio.TimeoutError:
+            await self._expired(stream, entry_id, msg, deliveries, picked)
+            return
         except ValidationError as exc:
             err = ErrorResponse(error="invalid_request", message=f"invalid {msg.type} request: {exc}")
             await self._answer(stream, entry_id, msg, 422, None, err, deliveries, picked)
             return
         except ClientError as exc:
             if exc.status in _RETRYABLE and deliveries < self.settings.max_deliveries:
+                if self._stopping.is_set():  # refused because we are stopping: not its fault
+                    await self._hand_back(stream, {entry_id: deliveries})
                 return  # stays pending; reclaimed and retried later
             err = ErrorResponse(error=exc.code, message=exc.message)
             await self._answer(stream, entry_id, msg, exc.status, None, err, deliveries, picked)
@@ -200,6 +377,16 @@ class QueueConsumer:
         await self._answer(
             stream, entry_id, msg, 200, response.model_dump(mode="json"), None, deliveries, picked
         )
+
+    async def _expired(self, stream, entry_id, msg: QueueMessage, deliveries, picked) -> None:
+        late = time.time() - (msg.deadline or 0.0)
+        err = ErrorResponse(
+            error="expired",
+            message=f"the request's deadline passed {late:.1f}s ago, before a judge answered it; it was "
+            "not judged (or its judging was stopped). Send it again with a longer timeout if still needed.",
+        )
+        metrics.QUEUE_EXPIRED.inc()
+        await self._answer(stream, entry_id, msg, EXPIRED_STATUS, None, err, deliveries, picked)
 
     async def _judge(self, type_: str, request, priority: int):
         """Ask the service; while it is at its in-flight bound (429), wait here rather than fail:
@@ -228,13 +415,33 @@ class QueueConsumer:
             queued_s=max(0.0, picked - msg.sent_at),
             judged_s=now - picked,
         )
-        written = await self._reply_once(
-            keys=[self.keys.result(msg.request_id), self.keys.reply(msg.request_id)],
-            args=[reply.model_dump_json(), self.settings.reply_ttl_s],
-        )
+
+        async def write() -> int:
+            return await self._reply_once(
+                keys=[self.keys.result(msg.request_id), self.keys.reply(msg.request_id)],
+                args=[reply.model_dump_json(), self.settings.reply_ttl_s],
+            )
+
+        # A judgement is worth keeping through a short Redis outage: retry the write, not the work.
+        written = await self._retrying(write)
         metrics.QUEUE_MESSAGES.labels(msg.type, str(status), "answered" if written else "duplicate").inc()
         metrics.QUEUE_WAIT.observe(reply.queued_s)
-        await self._ack(stream, entry_id)
+        await self._retrying(lambda: self._ack(stream, entry_id))
+
+    async def _retrying(self, command):
+        """Run a Redis command, retrying connection errors for up to ``reclaim_idle_s`` (after which
+        another consumer may have taken the message over anyway)."""
+        give_up = time.monotonic() + self.settings.reclaim_idle_s
+        failures = 0
+        while True:
+            try:
+                return await command()
+            except (RedisConnectionError, RedisTimeoutError):
+                failures += 1
+                delay = min(self.settings.reconnect_max_s, 0.05 * 2**failures) * (0.5 + random.random() / 2)
+                if time.monotonic() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)
 
     async def _ack(self, stream: str, entry_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -243,16 +450,30 @@ class QueueConsumer:
             await pipe.execute()
 
     async def _dead_letter(self, job, stream, entry_id, raw, error, deliveries, msg=None, status=500) -> None:
+        """Record a message that cannot be judged, bounded: its error, ids and the start of its payload
+        (``dead_letter_msg_chars``) in a stream of about ``dead_letter_maxlen`` entries."""
         logger.error("dead-lettering %s of job %s after %d deliveries: %s", entry_id, job, deliveries, error)
+        limit = self.settings.dead_letter_msg_chars
+        request_id = (
+            msg.request_id if msg is not None else (m.group(1) if (m := _REQUEST_ID.search(raw)) else "")
+        )
+        entry = {
+            "job_id": job,
+            "entry_id": entry_id,
+            "request_id": request_id,
+            "type": msg.type if msg is not None else "",
+            "error": error[:limit],
+            "deliveries": deliveries,
+            "msg": raw if len(raw) <= limit else f"{raw[:limit]}... [{len(raw) - limit} more characters cut]",
+        }
         await self.redis.xadd(
-            self.keys.dead_letter,
-            {"job_id": job, "entry_id": entry_id, "error": error, "deliveries": deliveries, "msg": raw},
-            maxlen=100_000,
-            approximate=True,
+            self.keys.dead_letter, entry, maxlen=self.settings.dead_letter_maxlen, approximate=True
         )
         metrics.QUEUE_DEAD_LETTERS.inc()
         if msg is not None:
-            err = ErrorResponse(error="dead_letter", message=f"the request could not be judged: {error}")
+            err = ErrorResponse(
+                error="dead_letter", message=f"the request could not be judged: {error[:limit]}"
+            )
             await self._answer(stream, entry_id, msg, status, None, err, deliveries, time.time())
         else:
             await self._ack(stream, entry_id)
@@ -260,7 +481,10 @@ class QueueConsumer:
     # ------------------------------------------------------------ housekeeping
 
     async def _announce(self) -> None:
-        await self.redis.set(self.keys.judges, self.service.describe().model_dump_json(), ex=60)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.judges, self.service.describe().model_dump_json(), ex=60)
+            pipe.hset(self.keys.limits, "max_backlog", self.settings.max_backlog)
+            await pipe.execute()
 
     async def _refresh_jobs(self) -> None:
         cutoff = time.time() - self.settings.jobs_ttl_s
@@ -279,10 +503,15 @@ class QueueConsumer:
     async def _heartbeat(self) -> None:
         """Reset the idle time of messages this consumer is still judging, so none reclaims them."""
         for job, ids in list(self._inflight.items()):
-            if ids:
+            if not ids:
+                continue
+            try:
                 await self.redis.xclaim(
                     self.keys.stream(job), CONSUMER_GROUP, self.name, 0, list(ids), justid=True
                 )
+            except ResponseError as exc:  # the group is gone (Redis lost it): nothing to keep alive
+                if "NOGROUP" not in str(exc):
+                    raise
 
     async def _reclaim(self) -> None:
         """Take over messages left pending by consumers that stopped answering."""
@@ -308,3 +537,49 @@ class QueueConsumer:
                 metrics.QUEUE_RECLAIMED.inc()
                 logger.warning("reclaimed %s of job %s (delivery %d)", entry_id, job, deliveries)
                 self._start(job, stream, entry_id, fields, deliveries)
+
+    async def _measure_backlog(self) -> None:
+        """Messages not yet delivered to any consumer, all job streams together (the autoscaler's
+        metric): a stream's length less its group's pending entries, since answered entries are
+        deleted. Every replica publishes the same figure; scale on its maximum, not its sum."""
+        if not self._jobs:
+            self.backlog = 0
+            metrics.QUEUE_BACKLOG.set(0)
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in self._jobs:
+                pipe.xlen(self.keys.stream(job))
+                pipe.xpending(self.keys.stream(job), CONSUMER_GROUP)
+            replies = await pipe.execute(raise_on_error=False)
+        total = 0
+        for length, pending in zip(replies[::2], replies[1::2], strict=True):
+            if isinstance(length, Exception):
+                continue
+            held = pending["pending"] if isinstance(pending, dict) else 0
+            total += max(0, int(length) - int(held))
+        self.backlog = total
+        metrics.QUEUE_BACKLOG.set(total)
+
+    async def _cleanup(self) -> None:
+        """Bound what Redis keeps: forget jobs silent for ``jobs_ttl_s`` whose stream is empty (and
+        delete the stream), and remove group members idle for ``dead_consumer_idle_s`` that hold
+        nothing (consumers of stopped replicas; a live one re-joins by reading)."""
+        cutoff = time.time() - self.settings.jobs_ttl_s
+        idle = await self.redis.zrangebyscore(self.keys.jobs, "-inf", f"({cutoff}", start=0, num=1000)
+        for job in idle:
+            if await self._drop_idle_job(keys=[self.keys.jobs, self.keys.stream(job)], args=[job, cutoff]):
+                self._grouped.discard(job)
+                logger.info("forgot idle job %s", job)
+        dead_ms = self.settings.dead_consumer_idle_s * 1000
+        for job in self._jobs:
+            stream = self.keys.stream(job)
+            try:
+                members = await self.redis.xinfo_consumers(stream, CONSUMER_GROUP)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc) or "no such key" in str(exc):
+                    continue
+                raise
+            for member in members:
+                if member["name"] != self.name and member["pending"] == 0 and member["idle"] > dead_ms:
+                    await self.redis.xgroup_delconsumer(stream, CONSUMER_GROUP, member["name"])
+                    logger.info("removed idle consumer %s from %s", member["name"], stream)

@@ -57,3 +57,12 @@ QUEUE_RECLAIMED = Counter(
     "referee_queue_reclaimed_total", "Messages taken over from a consumer that stopped."
 )
 QUEUE_DEAD_LETTERS = Counter("referee_queue_dead_letters_total", "Messages sent to the dead-letter stream.")
+QUEUE_EXPIRED = Counter(
+    "referee_queue_expired_total", "Messages answered `expired`: their deadline passed before an answer."
+)
+QUEUE_BACKLOG = Gauge(
+    "referee_queue_backlog_messages",
+    "Messages not yet delivered to any consumer, all job streams together (the same figure on every "
+    "replica: aggregate with max). The autoscaler's metric.",
+)
+QUEUE_CONSUMING = Gauge("referee_queue_consuming", "1 while this replica's queue consumer is consuming.")

@@ -30,7 +30,7 @@ def main(
     overrides = {
         k: v
         for k, v in dict(
-            job_id=job_id, max_steps=max_steps, transport=transport, output_dir=output_dir
+            job_id=job_id, max_steps=max_steps, transport=transport, output_dir=output_dir, seed=seed
         ).items()
         if v is not None
     }
