@@ -78,13 +78,27 @@ def test_all_pairs_by_default(n):
     assert pairs == list(itertools.combinations(range(n), 2))
 
 
-@pytest.mark.parametrize(("n", "k"), [(8, 1), (8, 2), (9, 3), (16, 4)])
-def test_k_opponents_schedule_is_balanced(n, k):
-    pairs = circular_pairs(n, k)
-    assert len(set(pairs)) == len(pairs) == n * k
-    counts = [sum(i in p for p in pairs) for i in range(n)]
-    assert counts == [2 * k] * n
-    assert all(i < j for i, j in pairs)
+@pytest.mark.parametrize("n", range(2, 34))
+def test_k_opponents_gives_each_response_k_comparisons(n):
+    """opponents=k: k comparisons per response (n*k/2 pairs), never 2k. Exactly k for every response
+    is impossible when n and k are both odd (n*k/2 is not whole): then one response gets k+1."""
+    for k in range(1, n + 2):
+        pairs = circular_pairs(n, k)
+        assert len(set(pairs)) == len(pairs)
+        assert all(0 <= i < j < n for i, j in pairs)
+        counts = sorted(sum(i in p for p in pairs) for i in range(n))
+        kk = min(k, n - 1)  # k >= n-1: the full round robin
+        if n * kk % 2 == 0:
+            assert counts == [kk] * n, (n, k)
+            assert len(pairs) == n * kk // 2
+        else:
+            assert counts == [kk] * (n - 1) + [kk + 1], (n, k)
+            assert len(pairs) == (n * kk + 1) // 2
+
+
+def test_k_opponents_rejects_zero():
+    with pytest.raises(ValueError):
+        circular_pairs(5, 0)
 
 
 def test_group_of_one_is_rejected():

@@ -50,6 +50,7 @@ def test_score_with_generative_judge_is_an_expected_rating(client):
     for r in out["results"]:
         assert r["error"] is None
         assert 1.0 <= r["score"] <= 9.0
+        assert 0.01 <= r["label_mass"] <= 1.0 + 1e-9
 
 
 @pytest.mark.parametrize("order", ["single", "random", "both"])
@@ -196,9 +197,42 @@ def test_winrate_k_opponents(client):
         "/winrate",
         {"prompt": QUESTION, "responses": group, "opponents": 2, "order": "random", "seed": 2},
     )
-    assert out["comparisons"] == len(group) * 2
+    assert out["comparisons"] == len(group) * 2 // 2  # k per response: N*k/2 pairs, not N*k
     compared = [sum(c is not None for c in row) for row in out["win_matrix"]]
-    assert all(c <= 4 for c in compared)
+    assert all(c <= 2 for c in compared)
+    if out["invalid"] == 0:
+        assert compared == [2] * len(group)
+
+
+def test_pairwise_both_orders_inconsistent_rules_and_label_mass(client):
+    """The README demo's pair (the small judge prefers a position, not a response) and the group:
+    a pair whose verdict flips with the order is a tie by default, averaged or dropped on request."""
+    items = [{"prompt": QUESTION, "response_a": GOOD, "response_b": r} for r in GROUP[1:]]
+    items += [{"prompt": QUESTION, "response_a": r, "response_b": GOOD} for r in GROUP[1:]]
+    body = {"items": items, "order": "both"}
+    rules = {
+        rule: _post(client, "/pairwise", {**body, "inconsistent": rule})["results"]
+        for rule in ("average", "drop")
+    }
+    rules["tie"] = _post(client, "/pairwise", body)["results"]  # the default rule
+    assert any(r["consistent"] is False for r in rules["tie"])  # this judge is position-biased
+    for rule, results in rules.items():
+        for r in results:  # each answer on its own: batches of other composition differ slightly
+            assert 0.01 <= r["label_mass"] <= 1.0 + 1e-9  # above min_label_mass: it answered a label
+            if r["consistent"]:
+                assert r["inconsistent_rule"] is None and r["verdict"] in {"A", "B", "tie"}
+            elif rule == "tie":
+                assert (r["verdict"], r["p_a"], r["inconsistent_rule"]) == ("tie", 0.5, "tie")
+            elif rule == "drop":
+                assert (r["verdict"], r["p_a"], r["inconsistent_rule"]) == ("invalid", None, "drop")
+                assert "changed with the order" in r["error"]
+            else:
+                assert r["inconsistent_rule"] == "average" and r["verdict"] != "invalid"
+    group = {"prompt": QUESTION, "responses": GROUP, "order": "both"}
+    drop = _post(client, "/winrate", {**group, "inconsistent": "drop"})
+    assert drop["inconsistent_rule"] == "drop" and drop["inconsistent"] <= drop["invalid"]
+    tie = _post(client, "/winrate", group)
+    assert tie["inconsistent_rule"] == "tie" and tie["inconsistent"] <= tie["ties"]
 
 
 def test_winrate_classifier_uses_n_forward_passes(client):

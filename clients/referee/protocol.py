@@ -17,6 +17,7 @@ Role = Literal["system", "user", "assistant"]
 PairwiseMode = Literal["logprob", "cot"]
 Order = Literal["single", "random", "both"]
 Verdict = Literal["A", "B", "tie", "invalid"]
+InconsistentRule = Literal["tie", "average", "drop"]
 JudgeKind = Literal["classifier", "generative"]
 
 
@@ -34,6 +35,12 @@ class Message(_Model):
 Prompt = Annotated[
     str | list[Message],
     Field(description="The user's question as text, or a conversation as chat messages."),
+]
+
+
+Seed = Annotated[
+    int | None,
+    Field(None, ge=0, le=2**62, description="Seed for order=random and for sampled retries (0..2**62)."),
 ]
 
 
@@ -69,6 +76,11 @@ class ScoreResult(BaseModel):
         description="Classifier: the raw reward logit. Generative: the expected rating under the "
         "judge's probabilities over the scale's labels.",
     )
+    label_mass: float | None = Field(
+        None,
+        description="Generative judges: the next-token probability on the scale's labels. Below "
+        "the judge's min_label_mass the score is None, with the reason in error.",
+    )
     error: str | None = None
 
 
@@ -98,9 +110,15 @@ class _PairwiseOptions(_JudgeOptions):
         description="single: A shown first. random: shuffled per item (answers are un-shuffled). "
         "both: judged in both orders, probabilities averaged, agreement reported.",
     )
-    seed: int | None = Field(None, description="Seed for order=random and for sampled retries.")
+    seed: Seed = None
     max_new_tokens: int | None = Field(None, ge=1, description="Reasoning budget for mode=cot.")
     max_retries: int = Field(0, ge=0, description="Retries of an unparsable cot verdict (bounded).")
+    inconsistent: InconsistentRule | None = Field(
+        None,
+        description="order=both: what a pair whose verdict changes with the order becomes. tie (the "
+        "MT-Bench/JudgeLM rule): a tie, p_a 1/2; average: the two orders' averaged probability "
+        "decides; drop: invalid. Default: the judge's setting (tie unless configured).",
+    )
 
 
 class PairwiseRequest(_PairwiseOptions):
@@ -113,6 +131,17 @@ class PairwiseResult(BaseModel):
     verdict: Verdict
     consistent: bool | None = Field(
         None, description="order=both: whether the two orders gave the same verdict."
+    )
+    inconsistent_rule: InconsistentRule | None = Field(
+        None,
+        description="order=both and consistent=false: the rule that decided verdict and p_a "
+        "(the request's or the judge's `inconsistent`).",
+    )
+    label_mass: float | None = Field(
+        None,
+        description="mode=logprob with a generative judge: the next-token probability on the labels "
+        "A and B (order=both: the smaller of the two orders'). Below the judge's min_label_mass "
+        "the verdict is invalid.",
     )
     swapped: bool | None = Field(None, description="order=random: whether B was shown first.")
     rationales: list[str] | None = Field(None, description="mode=cot: the judge's reasoning per order.")
@@ -147,7 +176,7 @@ class JudgeRequest(_JudgeOptions):
     items: list[JudgeItem] = Field(min_length=1)
     max_new_tokens: int | None = Field(None, ge=1, description="Reasoning budget.")
     max_retries: int = Field(0, ge=0, description="Retries of an unparsable verdict (bounded).")
-    seed: int | None = None
+    seed: Seed = None
 
 
 class JudgeResult(BaseModel):
@@ -175,8 +204,10 @@ class WinRateRequest(_PairwiseOptions):
     opponents: int | None = Field(
         None,
         ge=1,
-        description="Compare each response with k others (a balanced circular schedule) instead of "
-        "all N-1. Only for generative judges; classifiers always score N responses once.",
+        description="Compare each response with k others (a balanced circulant schedule, N*k/2 "
+        "comparisons) instead of all N-1. When N and k are both odd, exactly k for every response is "
+        "impossible and one response gets k+1. Only for generative judges; classifiers always score "
+        "N responses once.",
     )
     soft: bool = Field(
         False, description="Credit a comparison with P(i beats j) instead of its verdict (1, 1/2, 0)."
@@ -197,6 +228,19 @@ class WinRateResponse(BaseModel):
     comparisons: int = Field(description="Pairs compared (each pair once, whatever the order option).")
     ties: int
     invalid: int = Field(description="Pairs without a valid verdict; left out of the win rates.")
+    inconsistent: int = Field(
+        0,
+        description="order=both: pairs whose verdict changed with the order, each changed by "
+        "inconsistent_rule (tie: counted in ties too; drop: counted in invalid too).",
+    )
+    inconsistent_rule: InconsistentRule | None = Field(
+        None, description="order=both with a generative judge: the rule applied to inconsistent pairs."
+    )
+    low_label_mass: int = Field(
+        0,
+        description="Pairs made invalid because the judge's probability on the labels A and B was "
+        "below its min_label_mass (counted in invalid too).",
+    )
     errors: list[str] = Field(default_factory=list, description="Why comparisons were invalid.")
     usage: Usage
 
@@ -211,6 +255,7 @@ class JudgeInfo(BaseModel):
     default: bool
     routes: list[str]
     pairwise_modes: list[PairwiseMode]
+    dtype: str | None = Field(None, description="The dtype the engine runs in (None while loading).")
 
 
 class JudgesResponse(BaseModel):
@@ -250,6 +295,12 @@ class QueueMessage(BaseModel):
     job_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     request_id: str = Field(min_length=1, max_length=128, description="Idempotency key: one answer per id.")
     sent_at: float = Field(description="Sender's wall clock (seconds), for queue latency.")
+    deadline: float | None = Field(
+        None,
+        description="Sender's wall clock (epoch seconds) after which an answer is of no use: a consumer "
+        "that reaches the message later answers it with status 504 and error `expired`, unjudged, and "
+        "stops judging it when the deadline passes mid-way. QueueReferee sets it from its timeout.",
+    )
     body: dict
 
 

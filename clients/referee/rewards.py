@@ -37,19 +37,35 @@ def verdict_credit(verdict: str) -> float | None:
 def circular_pairs(n: int, opponents: int | None = None) -> list[tuple[int, int]]:
     """Pairs (i, j), i < j, to compare in a group of n.
 
-    All n(n-1)/2 pairs by default. With ``opponents=k`` (k < n-1), a circular schedule: response i
-    meets i+1..i+k (mod n) so that every response takes part in the same number of comparisons and
-    none is favoured by the schedule.
+    All n(n-1)/2 pairs by default or when ``opponents >= n-1``. With ``opponents=k`` (k < n-1), a
+    circulant schedule in which every response takes part in exactly k comparisons (none is
+    favoured by the schedule), n*k/2 pairs in all: response i meets i±1..i±floor(k/2) (mod n) and,
+    for odd k, its opposite i+n/2. A schedule with exactly k for everyone exists only when n*k is
+    even (the comparisons count n*k/2 pairs); when n and k are both odd every response gets k
+    comparisons except one that gets k+1, (n*k+1)/2 pairs in all.
     """
     if n < 2:
         raise ValueError("a group needs at least 2 responses")
-    if opponents is None or 2 * opponents >= n - 1:
+    if opponents is not None and opponents < 1:
+        raise ValueError("opponents must be at least 1")
+    if opponents is None or opponents >= n - 1:
         return [(i, j) for i in range(n) for j in range(i + 1, n)]
-    pairs = set()
-    for i in range(n):
-        for step in range(1, opponents + 1):
-            j = (i + step) % n
-            pairs.add((min(i, j), max(i, j)))
+    k = opponents
+    pairs: set[tuple[int, int]] = set()
+
+    def add(i: int, j: int) -> None:
+        i, j = i % n, j % n
+        pairs.add((min(i, j), max(i, j)))
+
+    for i in range(n):  # the ring's k//2 nearest neighbours on each side: degree 2*(k//2)
+        for step in range(1, k // 2 + 1):
+            add(i, i + step)
+    if k % 2:  # one more opponent each, at the largest distance (never a ring neighbour above)
+        half = n // 2
+        for i in range(half):  # i meets i + n//2: all n responses, or n-1 of them when n is odd
+            add(i, i + half)
+        if n % 2:  # the one left over meets response half-1, the one that gets k+1
+            add(n - 1, n - 1 + half)
     return sorted(pairs)
 
 

@@ -1,9 +1,37 @@
 """Reward functions for TRL's ``GRPOTrainer`` (``reward_funcs=[...]``) backed by a referee judge.
 
 TRL calls a reward function with ``prompts``, ``completions`` and the dataset's columns as keyword
-arguments and expects ``list[float | None]``, ``None`` meaning "could not score" (TRL turns it into
-NaN and leaves it out). The functions here are ``async def`` so TRL overlaps their judge calls;
-``sync=True`` gives a plain function for trainers that cannot await.
+arguments and expects ``list[float | None]``. The functions here are ``async def`` so TRL overlaps
+their judge calls; ``sync=True`` gives a plain function for trainers that cannot await.
+
+What TRL (1.16, ``GRPOTrainer._generate_and_score_completions``) does with ``None``: it becomes NaN
+in ``rewards_per_func``. A completion is left out (reward NaN, out of its group's mean and std,
+advantage 0) only when *every* reward function returned ``None`` for it. Otherwise:
+
+- ``multi_objective_aggregation="sum_then_normalize"`` (the default): the reward is the weighted
+  ``nansum`` over the functions, so a ``None`` counts as 0 -- for a win rate the worst reward in
+  the group, whatever the other functions say (even one at weight 0: 0 * x is still a number).
+- ``"normalize_then_sum"``: each function is z-scored in its group with ``nanmean``/``nanstd``
+  and then ``nansum``-ed, so a ``None`` counts as that function's group mean.
+
+Hence ``on_failure``, one per reward function, says what a completion the judge could not score
+gets:
+
+- ``"group_mean"`` (the default): the mean of this function's rewards over the completions of the
+  same prompt that were scored; a group with none scored stays ``None``. It adds no signal in
+  either aggregation and with one reward function or several: its advantage from this function is
+  0, as if left out. A wholly unscored group stays ``None``: with one function TRL leaves the group
+  out, with several it adds the same 0 to every member of the group, which the group baseline
+  removes. The safe default.
+- ``"mask"``: ``None``, TRL's own leave-out. Exact with one reward function (or when every
+  function masks the same completions); with several, TRL counts it as described above, so this
+  logs a warning.
+- ``"raise"``: ``RewardUnavailable``, stopping the training step.
+- a float: that value, for a user who has chosen what an unjudged completion is worth.
+
+Never silently the worst score. Counts go to TRL's ``log_metric`` under ``judge/<name>/unscored``
+(completions the judge could not score), ``judge/<name>/filled`` (given a value by the policy)
+and ``judge/<name>/masked`` (returned as ``None``).
 
 - ``winrate_reward``: Pref-GRPO. Completions are grouped by their prompt (not by position in the
   batch), each group is one ``/winrate`` question, and each completion's reward is its win rate.
@@ -11,7 +39,7 @@ NaN and leaves it out). The functions here are ``async def`` so TRL overlaps the
 - ``preference_reward``: P(completion better than a reference response from a dataset column)
   (``/pairwise``).
 
-A failed judge call gives ``None`` for the completions it concerned, never a neutral value.
+A failed judge call leaves the completions it concerned unscored, and ``on_failure`` decides.
 Judge statistics (ties, invalid verdicts, win-rate spread, latency) are logged through TRL's
 ``log_metric`` keyword when TRL passes it, under ``judge/...``.
 """
@@ -25,14 +53,27 @@ import math
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from .client import AsyncReferee, RefereeError
 from .protocol import Message, PairwiseItem, PairwiseRequest, ScoreItem, ScoreRequest, WinRateRequest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JudgeClient", "preference_reward", "score_reward", "winrate_reward"]
+__all__ = [
+    "JudgeClient",
+    "OnFailure",
+    "RewardUnavailable",
+    "preference_reward",
+    "score_reward",
+    "winrate_reward",
+]
+
+OnFailure = Literal["mask", "raise", "group_mean"] | float
+
+
+class RewardUnavailable(RuntimeError):
+    """``on_failure="raise"``: the judge could not score some completions."""
 
 
 class JudgeClient(Protocol):
@@ -96,6 +137,62 @@ def _finish(func: RewardFunc, name: str, sync: bool) -> Callable[..., Any]:
     return run
 
 
+def _check_policy(on_failure: OnFailure) -> OnFailure:
+    if isinstance(on_failure, bool) or not (
+        on_failure in ("mask", "raise", "group_mean")
+        or (isinstance(on_failure, int | float) and math.isfinite(on_failure))
+    ):
+        raise ValueError(
+            f"on_failure must be 'mask', 'raise', 'group_mean' or a finite number, got {on_failure!r}"
+        )
+    return on_failure
+
+
+def apply_on_failure(
+    rewards: Sequence[float | None],
+    prompts: Sequence[Any],
+    on_failure: OnFailure,
+    name: str,
+    kwargs: dict | None = None,
+) -> list[float | None]:
+    """Give the completions without a reward (``None`` or NaN) what ``on_failure`` says; log counts."""
+    out = [None if r is None or (isinstance(r, float) and math.isnan(r)) else r for r in rewards]
+    missing = [i for i, r in enumerate(out) if r is None]
+    if missing and on_failure == "raise":
+        raise RewardUnavailable(
+            f"reward {name!r}: the judge could not score {len(missing)} of {len(out)} completions "
+            "(on_failure='raise')"
+        )
+    if missing and on_failure == "group_mean":
+        for indices in _group_by_prompt(prompts).values():
+            scored = [out[i] for i in indices if out[i] is not None]
+            if scored:
+                mean = statistics.fmean(scored)
+                for i in indices:
+                    if out[i] is None:
+                        out[i] = mean
+    elif missing and on_failure != "mask":
+        for i in missing:
+            out[i] = float(on_failure)
+    masked = sum(r is None for r in out)
+    if masked and on_failure == "mask":
+        logger.warning(
+            "reward %r: %d completions unscored, returned as None; TRL leaves one out only when every "
+            "reward function returned None for it, and otherwise counts it as 0 (sum_then_normalize)",
+            name,
+            masked,
+        )
+    _log(
+        kwargs or {},
+        {
+            f"judge/{name}/unscored": float(len(missing)),
+            f"judge/{name}/filled": float(len(missing) - masked),
+            f"judge/{name}/masked": float(masked),
+        },
+    )
+    return out
+
+
 def _log(kwargs: dict, metrics: dict[str, float]) -> None:
     log_metric = kwargs.get("log_metric")
     if callable(log_metric):
@@ -113,11 +210,14 @@ def winrate_reward(
     opponents: int | None = None,
     soft: bool = False,
     rubric: str | None = None,
+    inconsistent: str | None = None,
+    on_failure: OnFailure = "group_mean",
     name: str = "winrate",
     sync: bool = False,
 ) -> Callable[..., Any]:
     """Pref-GRPO's reward: each completion's win rate within the group of its prompt's completions."""
     judged = _Judged(client_factory, url)
+    on_failure = _check_policy(on_failure)
 
     async def reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> list[float | None]:
         client = judged.client()
@@ -137,6 +237,7 @@ def winrate_reward(
                 opponents=opponents,
                 soft=soft,
                 rubric=rubric,
+                inconsistent=inconsistent,
             )
             return await client.winrate(request)
 
@@ -169,7 +270,7 @@ def winrate_reward(
                 "judge/winrate_spread": statistics.fmean(spreads) if spreads else math.nan,
             },
         )
-        return rewards
+        return apply_on_failure(rewards, prompts, on_failure, name, kwargs)
 
     return _finish(reward, name, sync)
 
@@ -180,11 +281,13 @@ def score_reward(
     client_factory: ClientFactory | None = None,
     judge: str | None = None,
     rubric: str | None = None,
+    on_failure: OnFailure = "group_mean",
     name: str = "score",
     sync: bool = False,
 ) -> Callable[..., Any]:
     """The judge's pointwise score of each completion (a reward model's logit, or a judge's rating)."""
     judged = _Judged(client_factory, url)
+    on_failure = _check_policy(on_failure)
 
     async def reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> list[float | None]:
         start = time.monotonic()
@@ -195,7 +298,7 @@ def score_reward(
             out = await judged.client().score(ScoreRequest(judge=judge, items=items, rubric=rubric))
         except RefereeError as exc:
             logger.warning("scoring failed for %d completions: %s", len(items), exc)
-            return [None] * len(items)
+            return apply_on_failure([None] * len(items), prompts, on_failure, name, kwargs)
         _log(
             kwargs,
             {
@@ -203,7 +306,7 @@ def score_reward(
                 "judge/failed_items": float(sum(r.score is None for r in out.results)),
             },
         )
-        return [r.score for r in out.results]
+        return apply_on_failure([r.score for r in out.results], prompts, on_failure, name, kwargs)
 
     return _finish(reward, name, sync)
 
@@ -217,11 +320,14 @@ def preference_reward(
     mode: str = "logprob",
     order: str = "both",
     rubric: str | None = None,
+    inconsistent: str | None = None,
+    on_failure: OnFailure = "group_mean",
     name: str = "preference",
     sync: bool = False,
 ) -> Callable[..., Any]:
     """P(completion is better than the dataset's reference response), from ``/pairwise``."""
     judged = _Judged(client_factory, url)
+    on_failure = _check_policy(on_failure)
 
     async def reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> list[float | None]:
         if reference_column not in kwargs:
@@ -236,11 +342,18 @@ def preference_reward(
         ]
         try:
             out = await judged.client().pairwise(
-                PairwiseRequest(judge=judge, items=items, mode=mode, order=order, rubric=rubric)
+                PairwiseRequest(
+                    judge=judge,
+                    items=items,
+                    mode=mode,
+                    order=order,
+                    rubric=rubric,
+                    inconsistent=inconsistent,
+                )
             )
         except RefereeError as exc:
             logger.warning("preference judging failed for %d completions: %s", len(items), exc)
-            return [None] * len(items)
+            return apply_on_failure([None] * len(items), prompts, on_failure, name, kwargs)
         _log(
             kwargs,
             {
@@ -249,6 +362,6 @@ def preference_reward(
                 "judge/invalid": float(sum(r.verdict == "invalid" for r in out.results)),
             },
         )
-        return [r.p_a for r in out.results]
+        return apply_on_failure([r.p_a for r in out.results], prompts, on_failure, name, kwargs)
 
     return _finish(reward, name, sync)

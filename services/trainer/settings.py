@@ -26,6 +26,15 @@ class RewardSettings(BaseModel):
     soft: bool = False
     rubric: str | None = None
     reference_column: str = "reference"
+    inconsistent: Literal["tie", "average", "drop"] | None = Field(
+        None, description="order=both: the rule for pairs whose verdict flips (default: the judge's)."
+    )
+    on_failure: Literal["mask", "raise", "group_mean"] | float = Field(
+        "group_mean",
+        description="What a completion the judge could not score gets (see referee.trl): the group "
+        "mean of this reward (neutral), None (TRL leaves it out only if every reward is None), an "
+        "error, or a given value.",
+    )
 
 
 class TrainSettings(BaseSettings):

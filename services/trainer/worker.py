@@ -77,11 +77,21 @@ def build_rewards(settings: TrainSettings) -> tuple[list, list[float]]:
                     opponents=r.opponents,
                     soft=r.soft,
                     rubric=r.rubric,
+                    inconsistent=r.inconsistent,
+                    on_failure=r.on_failure,
                     name=name,
                 )
             )
         elif r.kind == "score":
-            funcs.append(score_reward(client_factory=factory, judge=r.judge, rubric=r.rubric, name=name))
+            funcs.append(
+                score_reward(
+                    client_factory=factory,
+                    judge=r.judge,
+                    rubric=r.rubric,
+                    on_failure=r.on_failure,
+                    name=name,
+                )
+            )
         else:
             funcs.append(
                 preference_reward(
@@ -91,6 +101,8 @@ def build_rewards(settings: TrainSettings) -> tuple[list, list[float]]:
                     order=r.order,
                     rubric=r.rubric,
                     reference_column=r.reference_column,
+                    inconsistent=r.inconsistent,
+                    on_failure=r.on_failure,
                     name=name,
                 )
             )
