@@ -2,6 +2,7 @@
 
 import concurrent.futures as cf
 import math
+import threading
 
 import pytest
 
@@ -286,9 +287,14 @@ def test_overload_answers_429_with_retry_after(client, server_url):
     import httpx
 
     items = [{"prompt": QUESTION, "response_a": GOOD, "response_b": BAD}] * 40  # 80 engine requests each
+    # Reasoning keeps each admitted request in the engine for seconds, and the six are released
+    # together, so the later ones find two requests (160 slots) in flight whatever the timing.
+    body = {"items": items, "order": "both", "mode": "cot", "max_new_tokens": 8}
+    start = threading.Barrier(6)
 
     def send(_):
-        return httpx.post(f"{server_url}/pairwise", json={"items": items, "order": "both"}, timeout=300)
+        start.wait()
+        return httpx.post(f"{server_url}/pairwise", json=body, timeout=300)
 
     with cf.ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(send, range(6)))
