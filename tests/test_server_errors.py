@@ -106,3 +106,12 @@ def test_malformed_json_is_422(client):
 def test_wrong_method_and_path_are_4xx(client):
     assert client.get("/pairwise").status_code == 405
     assert client.post("/nowhere", json={}).status_code == 404
+    assert client.get("/pairwise").json()["error"] == "method_not_allowed"
+    assert set(client.post("/nowhere", json={}).json()) == {"error", "message"}
+
+
+def test_a_body_that_cannot_be_parsed_gets_the_same_error_shape(client):
+    # A multipart body on a JSON route: Starlette's body parsing fails with a 400 of its own.
+    r = client.post("/score", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data"})
+    assert 400 <= r.status_code < 500, r.text
+    assert set(r.json()) == {"error", "message"}, r.text

@@ -74,6 +74,14 @@ def _split(queries: list[str], prompts: list[str] | None, bos: str | None = None
     return pairs
 
 
+def _require_nonempty(texts: list[str], what: str) -> None:
+    """An empty text is the caller's mistake (a 4xx), not the engine's: vLLM refuses an empty prompt,
+    which would come back as a 502 that clients retry in vain."""
+    empty = [k for k, t in enumerate(texts) if not t]
+    if empty:
+        raise ClientError(422, "invalid_request", f"{what} {empty[:10]} empty: give text to judge")
+
+
 def _require_all(values: list[float | None], errors: list[str | None], what: str) -> list[float]:
     failed = [f"{k}: {e}" for k, (v, e) in enumerate(zip(values, errors, strict=True)) if v is None]
     if failed:
@@ -93,6 +101,7 @@ async def get_reward(
     j = service.judge_for(judge, "score")
     service.check_items(len(req.query))
     service.check_texts((f"query[{k}]", q) for k, q in enumerate(req.query))
+    _require_nonempty(req.query, "query")
     if reward == "winrate":
         pairs = _split(req.query, req.prompts)
         groups: dict[str, list[int]] = {}
@@ -197,6 +206,7 @@ async def classify(req: ClassificationRequest, service: Service) -> Classificati
         texts = [req.input] if isinstance(req.input, str) else req.input
         service.check_items(len(texts))
         service.check_texts((f"input[{k}]", t) for k, t in enumerate(texts))
+        _require_nonempty(texts, "input")
         with service.admit(len(texts)):
             ratings = await asyncio.gather(
                 *[
