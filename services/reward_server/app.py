@@ -41,8 +41,12 @@ from .idempotency import IdempotencyCache
 from .lifecycle import Supervisor
 from .service import ClientError, JudgeService
 from .settings import Limits, ServerSettings, get_settings
+from .tenancy import Authenticator, Caller, authenticate, check_exposure, path_token
 
 logger = logging.getLogger(__name__)
+
+# Open without a key even when keys are required: orchestrators' probes and the API's description.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 async def get_service(request: Request) -> JudgeService:  # async: no thread hop per request
@@ -50,9 +54,10 @@ async def get_service(request: Request) -> JudgeService:  # async: no thread hop
 
 
 Service = Annotated[JudgeService, Depends(get_service)]
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 429, 503)}
+Who = Annotated[Caller, Depends(authenticate)]
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
 
-judging = APIRouter(responses=_ERRORS)
+judging = APIRouter(responses=_ERRORS, dependencies=[Depends(authenticate)])
 ops = APIRouter()
 
 
@@ -68,33 +73,62 @@ IdempotencyKey = Annotated[
 
 @judging.post("/score", response_model=ScoreResponse, summary="Pointwise scores")
 async def score(
-    req: ScoreRequest, service: Service, cache: Idempotency, idempotency_key: IdempotencyKey = None
+    req: ScoreRequest,
+    service: Service,
+    cache: Idempotency,
+    caller: Who,
+    idempotency_key: IdempotencyKey = None,
 ) -> ScoreResponse:
-    return await cache.run(idempotency_key, "score", req, lambda: service.score(req))
+    return await cache.run(
+        _scoped(caller, idempotency_key), "score", req, lambda: service.score(req, **caller.who())
+    )
 
 
 @judging.post("/pairwise", response_model=PairwiseResponse, summary="Pairwise preferences")
 async def pairwise(
-    req: PairwiseRequest, service: Service, cache: Idempotency, idempotency_key: IdempotencyKey = None
+    req: PairwiseRequest,
+    service: Service,
+    cache: Idempotency,
+    caller: Who,
+    idempotency_key: IdempotencyKey = None,
 ) -> PairwiseResponse:
-    return await cache.run(idempotency_key, "pairwise", req, lambda: service.pairwise(req))
+    return await cache.run(
+        _scoped(caller, idempotency_key), "pairwise", req, lambda: service.pairwise(req, **caller.who())
+    )
 
 
 @judging.post("/judge", response_model=JudgeResponse, summary="Chain-of-thought judging")
 async def judge(
-    req: JudgeRequest, service: Service, cache: Idempotency, idempotency_key: IdempotencyKey = None
+    req: JudgeRequest,
+    service: Service,
+    cache: Idempotency,
+    caller: Who,
+    idempotency_key: IdempotencyKey = None,
 ) -> JudgeResponse:
-    return await cache.run(idempotency_key, "judge", req, lambda: service.judge(req))
+    return await cache.run(
+        _scoped(caller, idempotency_key), "judge", req, lambda: service.judge(req, **caller.who())
+    )
 
 
 @judging.post("/winrate", response_model=WinRateResponse, summary="Pref-GRPO group win rates")
 async def winrate(
-    req: WinRateRequest, service: Service, cache: Idempotency, idempotency_key: IdempotencyKey = None
+    req: WinRateRequest,
+    service: Service,
+    cache: Idempotency,
+    caller: Who,
+    idempotency_key: IdempotencyKey = None,
 ) -> WinRateResponse:
-    return await cache.run(idempotency_key, "winrate", req, lambda: service.winrate(req))
+    return await cache.run(
+        _scoped(caller, idempotency_key), "winrate", req, lambda: service.winrate(req, **caller.who())
+    )
 
 
-@ops.get("/judges", response_model=JudgesResponse)
+def _scoped(caller: Caller, key: str | None) -> str | None:
+    """Idempotency keys are per tenant: another tenant's key never returns this tenant's answer."""
+    return None if key is None else f"{caller.tenant}\0{key}"
+
+
+@ops.get("/judges", response_model=JudgesResponse, dependencies=[Depends(authenticate)])
 async def judges(service: Service) -> JudgesResponse:
     return service.describe()
 
@@ -164,7 +198,7 @@ def _queue_status(app) -> dict | None:
     return status
 
 
-@ops.get("/metrics")
+@ops.get("/metrics", dependencies=[Depends(authenticate)])
 async def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -186,6 +220,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(settings: ServerSettings | None = None) -> ObservedApp:
     settings = settings or get_settings()
+    check_exposure(settings)  # no keys and a public address: refuse before loading anything
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -230,6 +265,7 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.authenticator = Authenticator(settings)
     app.include_router(judging)
     app.include_router(compat.router)
     app.include_router(ops)
@@ -282,6 +318,22 @@ class ObservedApp:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not path_token(scope):
+            await _send_error(
+                send, 404, "not_found", "a /k/ path is /k/<api key>/<route>, e.g. /k/KEY/get_reward"
+            )
+            return
+        auth = getattr(self.state, "authenticator", None)
+        if auth is not None and auth.enabled and scope["path"] not in OPEN_PATHS:
+            # Keys are checked here, before the body is read: a caller without one costs nothing.
+            headers = {k.lower(): v for k, v in scope.get("headers", [])}
+            try:
+                tenant = auth.tenant_for(headers.get(b"authorization", b"").decode("latin-1") or None)
+            except ClientError as exc:
+                metrics.REQUESTS.labels("unauthenticated", "401").inc()
+                await _send_error(send, exc.status, exc.code, exc.message, exc.headers)
+                return
+            scope.setdefault("state", {})["tenant"] = tenant
         start = time.monotonic()
         status = 500
         started = False
@@ -387,13 +439,18 @@ def _body_message(size: str, limit: int) -> str:
     )
 
 
-async def _send_error(send, status: int, code: str, message: str) -> int:
+async def _send_error(send, status: int, code: str, message: str, headers: dict | None = None) -> int:
     body = json.dumps({"error": code, "message": message}).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *extra,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

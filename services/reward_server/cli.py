@@ -7,21 +7,33 @@ from pathlib import Path
 
 
 def serve(
-    config: Path | None = None, host: str | None = None, port: int | None = None, queue: bool | None = None
+    config: Path | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    queue: bool | None = None,
+    *,
+    allow_open: bool | None = None,
 ) -> None:
     import uvicorn
 
     from .app import create_app
     from .settings import load_settings
+    from .tenancy import UnsafeExposure
 
-    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    overrides = {
+        k: v for k, v in (("host", host), ("port", port), ("allow_open", allow_open)) if v is not None
+    }
     settings = load_settings(config, **overrides)
     if queue is not None:
         settings.queue.enabled = queue
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except UnsafeExposure as exc:
+        logging.getLogger("reward_server").error("%s", exc)
+        raise SystemExit(f"referee: {exc}") from None
     server = uvicorn.Server(
         uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     )
@@ -47,8 +59,15 @@ def main() -> None:
         default=None,
         help="also judge requests from the Redis queue (REDIS_URL)",
     )
+    parser.add_argument(
+        "--allow-open",
+        action="store_true",
+        default=None,
+        help="without tenants, bind a non-loopback --host anyway: anyone who reaches it can use it "
+        "(REFEREE_ALLOW_OPEN=1)",
+    )
     args = parser.parse_args()
-    serve(args.config, args.host, args.port, args.queue)
+    serve(args.config, args.host, args.port, args.queue, allow_open=args.allow_open)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from referee.protocol import Message, ScoreItem, ScoreRequest, WinRateRequest
 
 from .judges import ClassifierJudge, RequestContext
 from .service import ClientError, JudgeService
+from .tenancy import Caller, authenticate
 
 
 def _service(request: Request) -> JudgeService:
@@ -34,7 +35,8 @@ def _service(request: Request) -> JudgeService:
 
 
 Service = Annotated[JudgeService, Depends(_service)]
-router = APIRouter(tags=["compatibility"])
+Who = Annotated[Caller, Depends(authenticate)]
+router = APIRouter(tags=["compatibility"], dependencies=[Depends(authenticate)])
 
 
 class OpenRLHFRequest(BaseModel):
@@ -93,6 +95,7 @@ def _require_all(values: list[float | None], errors: list[str | None], what: str
 async def get_reward(
     req: OpenRLHFRequest,
     service: Service,
+    caller: Who,
     judge: str | None = None,
     reward: Annotated[
         Literal["score", "winrate"], Query(description="score, or win rate within a prompt")
@@ -119,7 +122,10 @@ async def get_reward(
         errors: list[str | None] = [None] * len(pairs)
         answers = await asyncio.gather(
             *[
-                service.winrate(WinRateRequest(judge=j.name, prompt=p, responses=[pairs[i][1] for i in idx]))
+                service.winrate(
+                    WinRateRequest(judge=j.name, prompt=p, responses=[pairs[i][1] for i in idx]),
+                    **caller.who(),
+                )
                 for p, idx in groups.items()
             ]
         )
@@ -136,12 +142,12 @@ async def get_reward(
             else _split(req.query, req.prompts, j.engine.tokenizer.bos_token)
         )
         ctx = RequestContext()
-        with service.admit(len(req.query)):
+        async with service.admit(len(req.query), ctx, **caller.who()):
             ratings = await asyncio.gather(*[j.rate_text(p, ctx, response=r) for p, r in parts])
         rewards = _require_all([r.score for r in ratings], [r.error for r in ratings], "score")
     else:
         items = [ScoreItem(prompt=p, response=r) for p, r in _split(req.query, req.prompts)]
-        out = await service.score(ScoreRequest(judge=j.name, items=items))
+        out = await service.score(ScoreRequest(judge=j.name, items=items), **caller.who())
         rewards = _require_all([r.score for r in out.results], [r.error for r in out.results], "score")
     return OpenRLHFResponse(rewards=rewards, scores=rewards, extra_logs={f"referee/{reward}": rewards})
 
@@ -187,7 +193,7 @@ class ClassificationResponse(BaseModel):
 
 
 @router.post("/classify", response_model=ClassificationResponse, summary="vLLM-compatible classification")
-async def classify(req: ClassificationRequest, service: Service) -> ClassificationResponse:
+async def classify(req: ClassificationRequest, service: Service, caller: Who) -> ClassificationResponse:
     name = req.model
     if name is not None and name not in service.judges:  # also accept the judge's configured model
         name = next((n for n, j in service.judges.items() if j.settings.model == name), name)
@@ -198,7 +204,7 @@ async def classify(req: ClassificationRequest, service: Service) -> Classificati
     ctx = RequestContext()
     if req.messages is not None:
         service.check_texts((f"messages[{k}].content", m.content) for k, m in enumerate(req.messages))
-        with service.admit(1):
+        async with service.admit(1, ctx, **caller.who()):
             ratings = [
                 await j.rate_messages([m.model_dump() for m in req.messages], ctx, activation=activation)
             ]
@@ -207,7 +213,7 @@ async def classify(req: ClassificationRequest, service: Service) -> Classificati
         service.check_items(len(texts))
         service.check_texts((f"input[{k}]", t) for k, t in enumerate(texts))
         _require_nonempty(texts, "input")
-        with service.admit(len(texts)):
+        async with service.admit(len(texts), ctx, **caller.who()):
             ratings = await asyncio.gather(
                 *[
                     j.rate_text(t, ctx, activation=activation, add_special_tokens=req.add_special_tokens)

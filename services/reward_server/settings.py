@@ -13,9 +13,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources import YamlConfigSettingsSource
+
+from referee.auth import RESERVED_TENANTS, TENANT_PATTERN, valid_hash
 
 
 class EngineSettings(BaseModel):
@@ -101,7 +104,15 @@ class Limits(BaseModel):
     max_items: int = Field(256, ge=1, description="Items per /score, /pairwise or /judge request.")
     max_group_size: int = Field(64, ge=2, description="Responses per /winrate group.")
     max_text_chars: int = Field(32_000, ge=1, description="Characters per prompt or response.")
-    max_inflight: int = Field(4096, ge=1, description="Engine requests in flight before answering 429.")
+    max_inflight: int = Field(
+        4096, ge=1, description="Engine requests in the engines at once; more wait in the fair order."
+    )
+    max_waiting: int = Field(
+        4096,
+        ge=0,
+        description="Engine requests of HTTP requests waiting for the engines; past it HTTP gets 429 "
+        "(queued messages wait in their streams instead).",
+    )
     max_retries: int = Field(3, ge=0, description="Upper bound on a request's cot retries.")
     max_new_tokens: int = Field(2048, ge=1, description="Upper bound on a request's reasoning budget.")
     max_messages: int = Field(64, ge=1, description="Chat messages per prompt.")
@@ -135,6 +146,18 @@ class QueueSettings(BaseModel):
     read_count: int = Field(2, ge=1, description="Messages taken from each job's stream per read.")
     per_job_inflight: int = Field(8, ge=1, description="A job's messages being judged in this consumer.")
     max_inflight: int = Field(64, ge=1, description="All messages being judged in this consumer.")
+    per_tenant_inflight: int = Field(
+        32,
+        ge=1,
+        description="A tenant's messages being judged in this consumer (all its jobs): no tenant can "
+        "fill the consumer, e.g. with messages waiting on its own limits.",
+    )
+    max_jobs_per_tenant: int = Field(
+        256,
+        ge=1,
+        description="Jobs a tenant may have active at once: the consumers poll its most recent ones "
+        "only, and senders are refused a new job beyond it (published to Redis as max_jobs).",
+    )
     block_ms: int = Field(200, ge=1)
     reclaim_idle_s: float = Field(60.0, gt=0, description="Pending this long without a heartbeat: reclaimed.")
     reclaim_every_s: float = Field(5.0, gt=0)
@@ -172,6 +195,57 @@ class QueueSettings(BaseModel):
     )
 
 
+class TenantSettings(BaseModel):
+    """A team sharing the judge: its keys (hashed), its share of the engine and its limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=TENANT_PATTERN, description="Also its Redis ACL user and key namespace.")
+    keys: list[str] = Field(
+        min_length=1,
+        description="SHA-256 of each API key, 'sha256:<hex>' (`referee keys new` prints both); several "
+        "keys let a key be rotated without downtime.",
+    )
+    weight: float = Field(1.0, gt=0, description="Its share of the engine relative to other busy tenants.")
+    max_inflight: int | None = Field(
+        None, ge=1, description="Engine requests in flight for this tenant; more waits (queue) or gets 429."
+    )
+    max_queued: int | None = Field(
+        None, ge=1, description="Messages waiting in all of this tenant's job streams; more are refused."
+    )
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Prompt and completion tokens judged per minute; more waits or gets 429."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_TENANTS:
+            raise ValueError(f"{name!r} is reserved; choose another tenant name")
+        return name
+
+    @field_validator("keys")
+    @classmethod
+    def _hashed(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not valid_hash(key):
+                raise ValueError(
+                    "tenant keys are stored hashed: give 'sha256:<64 hex digits>' (`referee keys hash KEY` "
+                    "prints it), never the key itself"
+                )
+        return keys
+
+
+def read_tenants_file(path: Path) -> list[TenantSettings]:
+    """A secrets file of tenants: ``tenants: [...]`` (YAML or JSON)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"tenants file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("tenants"), list):
+        raise ValueError(f"tenants file {path} must hold a mapping with a list under 'tenants'")
+    return [TenantSettings.model_validate(t) for t in data["tenants"]]
+
+
 DEFAULT_JUDGE = JudgeSettings(
     name="smollm2",
     kind="generative",
@@ -195,6 +269,17 @@ class ServerSettings(BaseSettings):
         "spread: one engine on every core, several engines on disjoint cores. An engine's "
         "cpu_cores, or VLLM_CPU_OMP_THREADS_BIND in the environment, wins.",
     )
+    tenants: list[TenantSettings] = Field(
+        default_factory=list,
+        description="Teams and their hashed keys. None: the server runs open (no keys), on loopback only.",
+    )
+    tenants_file: Path | None = Field(
+        None, description="A secrets file of more tenants (``tenants: [...]``), e.g. a mounted Secret."
+    )
+    allow_open: bool = Field(
+        False,
+        description="Allow a server without tenants to bind a non-loopback address (anyone can use it).",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
@@ -210,7 +295,21 @@ class ServerSettings(BaseSettings):
             self.default_judge = names[0]
         elif self.default_judge not in names:
             raise ValueError(f"default_judge {self.default_judge!r} is not one of {names}")
+        if self.tenants_file is not None:
+            self.tenants = [*self.tenants, *read_tenants_file(self.tenants_file)]
+            self.tenants_file = None  # read once
+        tenant_names = [t.name for t in self.tenants]
+        if len(set(tenant_names)) != len(tenant_names):
+            raise ValueError(f"tenant names must be unique, got {tenant_names}")
+        hashes = [h for t in self.tenants for h in t.keys]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("the same key is given to two tenants (or twice to one)")
         return self
+
+    @property
+    def auth(self) -> bool:
+        """Keys are required (some tenant is configured)."""
+        return bool(self.tenants)
 
     @classmethod
     def settings_customise_sources(
