@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -36,6 +37,7 @@ TEST_LIMITS = {
     "max_group_size": 16,
     "max_text_chars": 20_000,
     "max_inflight": 160,
+    "max_waiting": 80,
     "max_retries": 2,
     "max_new_tokens": 256,
     "max_body_bytes": 1 << 20,
@@ -201,3 +203,73 @@ def server_url(server_config, server_log) -> str:
 def client(server_url):
     with httpx.Client(base_url=server_url, timeout=300) as c:
         yield c
+
+
+# ------------------------------------------------------------------ a server shared by tenants
+
+TENANTS = [
+    {"name": "team-a", "weight": 2.0},
+    {"name": "team-b", "weight": 1.0},
+    {"name": "team-c", "weight": 1.0, "max_inflight": 4, "max_queued": 3},
+    {"name": "team-d", "weight": 1.0, "tokens_per_minute": 2000},
+]
+
+
+@dataclass
+class TenantServer:
+    url: str
+    redis_url: str
+    prefix: str
+    keys: dict[str, str]  # tenant -> its plaintext API key
+    tenants: list[dict]  # as given to the server (hashed keys)
+    log: Path
+
+    def headers(self, tenant: str, job: str | None = None) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.keys[tenant]}"}
+        if job is not None:
+            headers["X-Referee-Job"] = job
+        return headers
+
+
+@pytest.fixture(scope="session")
+def tenant_server(tmp_path_factory, tiny_classifier_dir) -> TenantServer:
+    """A second real server, with keys: four tenants (weights 2:1:1:1, limits on team-c and team-d), the tiny
+    reward model only (quick to start), the queue on its own prefix, and a Redis ACL user per
+    tenant made by ``referee.acl`` (removed at the end; the shared Redis keeps its default user)."""
+    import redis
+
+    from referee.acl import acl_rules, apply_acl, remove_users
+    from referee.auth import hash_key, new_key
+
+    prefix = f"referee-tenants-{uuid.uuid4().hex[:8]}"
+    keys = {t["name"]: new_key(t["name"]) for t in TENANTS}
+    tenants = [{**t, "keys": [hash_key(keys[t["name"]])]} for t in TENANTS]
+    config = {
+        "limits": TEST_LIMITS,
+        "queue": {"enabled": True, "url": REDIS_URL, "prefix": prefix, **TEST_QUEUE},
+        "tenants": tenants,
+        "judges": [
+            {
+                "name": "tiny-rm",
+                "kind": "classifier",
+                "model": str(tiny_classifier_dir),
+                "engine": {"dtype": "float32", "max_model_len": 1024, "kv_cache_memory_gib": 0.125},
+            }
+        ],
+    }
+    folder = tmp_path_factory.mktemp("tenants")
+    path = folder / "judges.yaml"
+    path.write_text(yaml.safe_dump(config))
+    admin = redis.Redis.from_url(REDIS_URL)
+    users = apply_acl(admin, acl_rules(tenants, prefix=prefix, disable_default=False))
+    log = folder / "server.log"
+    proc, url = start_server(path, log)
+    try:
+        yield TenantServer(url, REDIS_URL, prefix, keys, tenants, log)
+    finally:
+        stop_server(proc)
+        remove_users(admin, users)
+        stale = list(admin.scan_iter(f"{prefix}:*", count=1000))
+        if stale:
+            admin.delete(*stale)
+        admin.close()

@@ -47,6 +47,17 @@ class EngineDead(RuntimeError):
     (compose, Kubernetes) starts a fresh one."""
 
 
+def _prompt(token_ids: list[int], cache_salt: str | None):
+    """vLLM's token prompt; with a salt its prefix-cache blocks are shared only with prompts of the
+    same salt (one tenant's), so another tenant cannot time its way to them."""
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=token_ids)
+    if cache_salt is not None:
+        prompt["cache_salt"] = cache_salt
+    return prompt
+
+
 async def _last(stream):
     """The final output of an engine request (outputs are requested as FINAL_ONLY anyway)."""
     from vllm.v1.engine.exceptions import EngineDeadError
@@ -173,16 +184,16 @@ class Engine:
         top_logprobs: int | None = None,
         seed: int | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> Completion:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, logprobs=top_logprobs, seed=seed
         )
         final = await _last(
             self._llm.generate(
-                TokensPrompt(prompt_token_ids=token_ids),
+                _prompt(token_ids, cache_salt),
                 params,
                 request_id=uuid.uuid4().hex,
                 priority=priority if self._priorities else 0,
@@ -200,16 +211,22 @@ class Engine:
             finish_reason=choice.finish_reason,
         )
 
-    async def classify(self, token_ids: list[int], *, activation: bool = False, priority: int = 0) -> float:
+    async def classify(
+        self,
+        token_ids: list[int],
+        *,
+        activation: bool = False,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> float:
         """The classifier's single output. ``activation=False`` returns the raw logit: vLLM applies
         a sigmoid to one-label classifiers by default, which is not what a reward model's score is."""
         from vllm import PoolingParams
-        from vllm.inputs import TokensPrompt
 
         params = PoolingParams(task="classify", use_activation=activation)
         final = await _last(
             self._llm.encode(
-                TokensPrompt(prompt_token_ids=token_ids),
+                _prompt(token_ids, cache_salt),
                 params,
                 request_id=uuid.uuid4().hex,
                 priority=priority if self._priorities else 0,

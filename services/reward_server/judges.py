@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from referee.protocol import Prompt
 from referee.rewards import bradley_terry, verdict_credit
@@ -25,12 +26,25 @@ class JudgeConfigError(RuntimeError):
 
 @dataclass
 class RequestContext:
-    """What the engine calls of one request share: its scheduling priority and its usage counts."""
+    """What the engine calls of one request share: its place in the fair order and its usage counts."""
 
-    priority: int = 0  # vLLM serves lower numbers first (the queue's fair-share order)
+    ticket: Any = None  # fairness.Ticket once admitted: hands out the engine priorities
     prompt_tokens: int = 0
     completion_tokens: int = 0
     engine_requests: int = 0
+
+    def engine_args(self) -> dict:
+        """The next engine call's vLLM priority (lower first) and prefix-cache salt."""
+        if self.ticket is None:
+            return {"priority": 0}
+        args = {"priority": self.ticket.next_priority()}
+        if self.ticket.cache_salt is not None:
+            args["cache_salt"] = self.ticket.cache_salt
+        return args
+
+    def engine_done(self) -> None:
+        if self.ticket is not None:
+            self.ticket.done += 1
 
 
 @dataclass
@@ -152,7 +166,10 @@ class ClassifierJudge(Judge):
             ids = await self.engine.tokenize(build_ids)
             ctx.engine_requests += 1
             ctx.prompt_tokens += len(ids)
-            logit = await self.engine.classify(ids, activation=False, priority=ctx.priority)
+            try:
+                logit = await self.engine.classify(ids, activation=False, **ctx.engine_args())
+            finally:
+                ctx.engine_done()
         except EngineDead:  # not a per-item cause: the request fails, the server exits
             raise
         except Exception as exc:
@@ -205,7 +222,10 @@ class GenerativeJudge(Judge):
     async def _generate(self, messages: list[dict], ctx: RequestContext, **kwargs):
         ids = await self.engine.tokenize(lambda: self.engine.chat_ids(messages, generation_prompt=True))
         ctx.engine_requests += 1
-        out = await self.engine.complete(ids, priority=ctx.priority, **kwargs)
+        try:
+            out = await self.engine.complete(ids, **ctx.engine_args(), **kwargs)
+        finally:
+            ctx.engine_done()
         ctx.prompt_tokens += out.prompt_tokens
         ctx.completion_tokens += out.completion_tokens
         return out

@@ -66,3 +66,18 @@ QUEUE_BACKLOG = Gauge(
     "replica: aggregate with max). The autoscaler's metric.",
 )
 QUEUE_CONSUMING = Gauge("referee_queue_consuming", "1 while this replica's queue consumer is consuming.")
+
+TENANT_INFLIGHT = Gauge(
+    "referee_tenant_inflight_engine_requests", "Engine requests in flight by tenant.", ["tenant"]
+)
+TENANT_ENGINE_REQUESTS = Counter(
+    "referee_tenant_engine_requests_total", "Engine requests judged, by tenant.", ["tenant"]
+)
+TENANT_TOKENS = Counter("referee_tenant_tokens_total", "Prompt and completion tokens, by tenant.", ["tenant"])
+TENANT_REFUSED = Counter(
+    "referee_tenant_refused_total",
+    "Requests refused with 429, by tenant and the limit reached.",
+    ["tenant", "limit"],
+)
+AUTH_FAILURES = Counter("referee_auth_failures_total", "Requests refused 401 (a missing or unknown key).")
+ADMISSION_WAITING = Gauge("referee_admission_waiting_requests", "Requests waiting for the engines' capacity.")

@@ -11,8 +11,9 @@ import asyncio
 import logging
 import random
 from collections.abc import Iterable
-from contextlib import contextmanager
+from contextlib import asynccontextmanager
 
+from referee.auth import OPEN_TENANT
 from referee.protocol import (
     JudgeInfo,
     JudgeRequest,
@@ -32,6 +33,7 @@ from referee.protocol import (
 from referee.rewards import circular_pairs, group_advantages, verdict_credit, win_rates
 
 from . import metrics
+from .fairness import AdmissionRefused, FairScheduler, TenantPolicy, retry_after
 from .hardware import cpu_bind_for, cpu_info
 from .judges import (
     ClassifierJudge,
@@ -46,6 +48,7 @@ from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_JOB = "default"  # the job of an HTTP request that names none (X-Referee-Job)
 _FLIP = {"A": "B", "B": "A", "tie": "tie", "invalid": "invalid"}
 
 
@@ -70,7 +73,14 @@ class JudgeService:
         self.judges: dict[str, Judge] = {}
         self.load_error: str | None = None
         self.fatal: str | None = None  # set when the server can no longer judge (see lifecycle)
-        self._inflight = 0
+        policies = {
+            t.name: TenantPolicy(t.weight, t.max_inflight, t.tokens_per_minute) for t in settings.tenants
+        }
+        # Tenants do not share prefix-cache blocks (vLLM's cache_salt): a shared cache would let one
+        # tenant time another's prompts. With no tenants there is one tenant and nothing to isolate.
+        self.scheduler = FairScheduler(
+            self.limits.max_inflight, self.limits.max_waiting, policies, isolate_cache=settings.auth
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -192,9 +202,18 @@ class JudgeService:
             )
         return cost
 
-    @contextmanager
-    def admit(self, engine_requests: int):
-        """Bound the engine requests in flight; past the bound the caller gets 429 + Retry-After."""
+    @asynccontextmanager
+    async def admit(
+        self,
+        engine_requests: int,
+        ctx: RequestContext,
+        tenant: str = OPEN_TENANT,
+        job: str = DEFAULT_JOB,
+        queued: bool = False,
+    ):
+        """Hold ``engine_requests`` of the engines' capacity in the tenants' fair order (see
+        ``fairness``); the request's engine calls take their priorities from ``ctx``. An HTTP request
+        over a limit gets 429 + Retry-After naming it; a queued one waits."""
         limit = self.limits.max_inflight
         if engine_requests > limit:
             raise ClientError(
@@ -203,25 +222,23 @@ class JudgeService:
                 f"this request needs {engine_requests} engine requests, over the "
                 f"in-flight limit of {limit} (limits.max_inflight); split it",
             )
-        if self._inflight + engine_requests > limit:
-            raise ClientError(
-                429,
-                "overloaded",
-                f"the judge has {self._inflight} requests in flight (limit {limit}); "
-                "retry after the delay in Retry-After",
-                {"Retry-After": "1"},
-            )
-        self._inflight += engine_requests
-        metrics.INFLIGHT.set(self._inflight)
         try:
-            yield
-        finally:
-            self._inflight -= engine_requests
-            metrics.INFLIGHT.set(self._inflight)
+            async with self.scheduler.admit(tenant, job, engine_requests, wait=queued) as ticket:
+                ctx.ticket = ticket
+                try:
+                    yield ticket
+                finally:
+                    self.scheduler.record_tokens(tenant, ctx.prompt_tokens + ctx.completion_tokens)
+                    metrics.TENANT_ENGINE_REQUESTS.labels(tenant).inc(ctx.engine_requests)
+        except AdmissionRefused as exc:
+            headers = {"Retry-After": retry_after(exc.retry_after)} if exc.status == 429 else None
+            raise ClientError(exc.status, exc.code, exc.message, headers) from None
 
     # ------------------------------------------------------------ questions
 
-    async def score(self, req: ScoreRequest, priority: int = 0) -> ScoreResponse:
+    async def score(
+        self, req: ScoreRequest, *, tenant: str = OPEN_TENANT, job: str = DEFAULT_JOB, queued: bool = False
+    ) -> ScoreResponse:
         judge = self.judge_for(req.judge, "score")
         self.check_items(len(req.items))
         self.check_texts([("rubric", req.rubric)] if req.rubric is not None else [])
@@ -233,8 +250,9 @@ class JudgeService:
                 (f"items[{k}].response", it.response),
             ]
         )
-        ctx = RequestContext(priority=priority)
-        with self.admit(self._cost(len(req.items), 1, "logprob", 0)):
+        ctx = RequestContext()
+        who = dict(tenant=tenant, job=job, queued=queued)
+        async with self.admit(self._cost(len(req.items), 1, "logprob", 0), ctx, **who):
             if isinstance(judge, GenerativeJudge):
                 coros = [judge.rate(it.prompt, it.response, ctx, rubric=req.rubric) for it in req.items]
             else:
@@ -355,7 +373,9 @@ class JudgeService:
             seed=req.seed,
         )
 
-    async def pairwise(self, req: PairwiseRequest, priority: int = 0) -> PairwiseResponse:
+    async def pairwise(
+        self, req: PairwiseRequest, *, tenant: str = OPEN_TENANT, job: str = DEFAULT_JOB, queued: bool = False
+    ) -> PairwiseResponse:
         judge = self.judge_for(req.judge, "pairwise")
         self._check_mode(judge, req.mode)
         self.check_items(len(req.items))
@@ -374,9 +394,10 @@ class JudgeService:
         swaps = [req.order == "random" and rng.random() < 0.5 for _ in req.items]
         opts = self._pair_opts(judge, req)
         rule = self._inconsistent_rule(judge, req)
-        ctx = RequestContext(priority=priority)
+        ctx = RequestContext()
+        who = dict(tenant=tenant, job=job, queued=queued)
         per_pair = self._requests_per_pair(judge, req.order)
-        with self.admit(self._cost(len(req.items), per_pair, req.mode, req.max_retries)):
+        async with self.admit(self._cost(len(req.items), per_pair, req.mode, req.max_retries), ctx, **who):
             results = await asyncio.gather(
                 *[
                     self._pair(
@@ -394,7 +415,9 @@ class JudgeService:
         metrics.record_tokens(judge.name, ctx)
         return PairwiseResponse(judge=judge.name, results=results, usage=_usage(ctx))
 
-    async def judge(self, req: JudgeRequest, priority: int = 0) -> JudgeResponse:
+    async def judge(
+        self, req: JudgeRequest, *, tenant: str = OPEN_TENANT, job: str = DEFAULT_JOB, queued: bool = False
+    ) -> JudgeResponse:
         judge = self.judge_for(req.judge, "judge")
         assert isinstance(judge, GenerativeJudge)
         self.check_items(len(req.items))
@@ -411,7 +434,8 @@ class JudgeService:
             texts.append(("rubric", req.rubric))
         self.check_texts(texts)
         gen = dict(max_new_tokens=req.max_new_tokens, max_retries=req.max_retries, seed=req.seed)
-        ctx = RequestContext(priority=priority)
+        ctx = RequestContext()
+        who = dict(tenant=tenant, job=job, queued=queued)
 
         async def one(k: int, it) -> JudgeResult:
             if it.response is not None:
@@ -436,14 +460,16 @@ class JudgeService:
                 error=c.error,
             )
 
-        with self.admit(self._cost(len(req.items), 1, "cot", req.max_retries)):
+        async with self.admit(self._cost(len(req.items), 1, "cot", req.max_retries), ctx, **who):
             results = await asyncio.gather(*[one(k, it) for k, it in enumerate(req.items)])
         metrics.record_items("judge", judge.name, len(results), sum(r.error is not None for r in results))
         metrics.record_verdicts(judge.name, (r.verdict for r in results if r.verdict is not None))
         metrics.record_tokens(judge.name, ctx)
         return JudgeResponse(judge=judge.name, results=results, usage=_usage(ctx))
 
-    async def winrate(self, req: WinRateRequest, priority: int = 0) -> WinRateResponse:
+    async def winrate(
+        self, req: WinRateRequest, *, tenant: str = OPEN_TENANT, job: str = DEFAULT_JOB, queued: bool = False
+    ) -> WinRateResponse:
         judge = self.judge_for(req.judge, "winrate")
         self._check_mode(judge, req.mode)
         self._check_generation(req.max_new_tokens, req.max_retries)
@@ -462,7 +488,8 @@ class JudgeService:
                 *((f"responses[{k}]", r) for k, r in enumerate(req.responses)),
             ]
         )
-        ctx = RequestContext(priority=priority)
+        ctx = RequestContext()
+        who = dict(tenant=tenant, job=job, queued=queued)
         matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
         errors: list[str] = []
         ties = invalid = inconsistent = low_mass = 0
@@ -471,7 +498,7 @@ class JudgeService:
         if isinstance(judge, ClassifierJudge):
             # N forward passes give every pair: Bradley-Terry needs only the N scores.
             pairs = circular_pairs(n)
-            with self.admit(self._cost(n, 1, "logprob", 0)):
+            async with self.admit(self._cost(n, 1, "logprob", 0), ctx, **who):
                 ratings = await asyncio.gather(*[judge.rate(req.prompt, r, ctx) for r in req.responses])
             scores = [r.score for r in ratings]
             results = [judge.compare_scores(ratings[i], ratings[j]) for i, j in pairs]
@@ -486,7 +513,7 @@ class JudgeService:
             # Every comparison of the group goes to the engine at once: they share the question's
             # prefix (cached once) and vLLM batches them together.
             per_pair = self._requests_per_pair(judge, req.order)
-            with self.admit(self._cost(len(pairs), per_pair, req.mode, req.max_retries)):
+            async with self.admit(self._cost(len(pairs), per_pair, req.mode, req.max_retries), ctx, **who):
                 results = await asyncio.gather(
                     *[
                         self._pair(

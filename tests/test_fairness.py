@@ -1,0 +1,143 @@
+"""The fair scheduler's rules, as pure logic (no engine): the order it gives engine requests, the
+admission it grants under contention, and the limits it enforces. The serving tests in
+test_tenants.py check the same rules through a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from reward_server.fairness import PRIORITY_SCALE, AdmissionRefused, FairScheduler, TenantPolicy
+
+
+def _scheduler(max_inflight=1000, max_waiting=1000, **policies) -> FairScheduler:
+    return FairScheduler(max_inflight, max_waiting, {k: TenantPolicy(**v) for k, v in policies.items()})
+
+
+async def _priorities(scheduler, tenant, job, n):
+    """Admit one request of ``n`` engine requests and hand out all its priorities (held open)."""
+    cm = scheduler.admit(tenant, job, n, wait=True)
+    ticket = await cm.__aenter__()
+    return cm, [(ticket.next_priority(), tenant, job) for _ in range(n)]
+
+
+def _share(merged, first_n, key):
+    top = sorted(merged)[:first_n]
+    return sum(1 for p in top if key(p)) / first_n
+
+
+async def test_busy_tenants_are_served_in_proportion_to_their_weights():
+    s = _scheduler(a={"weight": 2.0}, b={"weight": 1.0})
+    _, a = await _priorities(s, "a", "j", 300)
+    _, b = await _priorities(s, "b", "j", 300)
+    # The engine serves the lowest priorities first: of the first 300, two thirds are a's.
+    assert _share(a + b, 300, lambda p: p[1] == "a") == pytest.approx(2 / 3, abs=0.01)
+
+
+async def test_many_job_ids_share_their_tenant_weight_not_multiply_it():
+    s = _scheduler(a={"weight": 1.0}, b={"weight": 1.0})
+    merged = []
+    for _ in range(25):  # requests keep arriving: tenant a's spread over four jobs, b's in one
+        for job in ("j1", "j2", "j3", "j4"):
+            merged += (await _priorities(s, "a", job, 4))[1]
+        merged += (await _priorities(s, "b", "only", 16))[1]
+    share_b = _share(merged, 400, lambda p: p[1] == "b")
+    assert share_b == pytest.approx(0.5, abs=0.05), share_b
+
+
+async def test_a_tenant_arriving_beside_a_flood_is_served_next():
+    s = _scheduler(max_inflight=2000)
+    _, flood = await _priorities(s, "flood", "j", 1000)
+    _, small = await _priorities(s, "small", "j", 3)
+    flood_left = [p for p in flood if p[0] >= 10 * PRIORITY_SCALE]  # the flood's not yet served
+    # The newcomer joins at the virtual time now, not behind the flood's 1000 requests.
+    assert max(p[0] for p in small) < min(p[0] for p in flood_left)
+
+
+async def test_http_over_a_tenant_max_inflight_gets_429_naming_it_and_a_queued_message_waits():
+    s = _scheduler(c={"max_inflight": 4})
+    async with s.admit("c", "j", 4, wait=False):
+        with pytest.raises(AdmissionRefused) as err:
+            async with s.admit("c", "j", 1, wait=False):
+                pass
+        assert err.value.status == 429 and "max_inflight of 4" in err.value.message
+        assert err.value.retry_after
+        async with s.admit("other", "j", 100, wait=False):  # other tenants are not held back
+            pass
+        queued = asyncio.ensure_future(_enter_and_leave(s, "c", 2))
+        await asyncio.sleep(0.05)
+        assert not queued.done()  # waits for its tenant's room
+    await asyncio.wait_for(queued, 1)
+    assert s.inflight == 0 and s.status()["waiting"] == 0
+    with pytest.raises(AdmissionRefused) as err:  # larger than the tenant's whole limit
+        async with s.admit("c", "j", 5, wait=True):
+            pass
+    assert err.value.status == 413
+
+
+async def _enter_and_leave(s, tenant, n, wait=True):
+    async with s.admit(tenant, "j", n, wait=wait):
+        await asyncio.sleep(0)
+
+
+async def test_past_capacity_requests_wait_in_tag_order_and_http_is_refused_when_the_room_is_full():
+    s = _scheduler(max_inflight=2, max_waiting=2, a={"weight": 2.0}, b={"weight": 1.0})
+    order = []
+
+    async def one(tenant):
+        async with s.admit(tenant, "j", 1, wait=True):
+            order.append(tenant)
+            await asyncio.sleep(0.01)
+
+    async with s.admit("x", "j", 2, wait=False):  # capacity full
+        tasks = [asyncio.ensure_future(one(t)) for t in ["b"] * 6 + ["a"] * 6]  # b first
+        await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(_enter_and_leave(s, "http", 2, wait=False))
+        await asyncio.sleep(0.01)
+        with pytest.raises(AdmissionRefused) as err:  # the HTTP waiting room (2) is taken
+            async with s.admit("http2", "j", 1, wait=False):
+                pass
+        assert err.value.code == "overloaded" and "limits.max_waiting" in err.value.message
+    await asyncio.gather(*tasks, waiting)
+    # Weighted: a (weight 2) gets two turns for b's one, though all of b's arrived first.
+    assert order[:6].count("a") == 4, order
+
+
+async def test_a_cancelled_waiter_gives_its_place_back():
+    s = _scheduler(max_inflight=1, max_waiting=10)
+    async with s.admit("a", "j", 1, wait=False):
+        waiter = asyncio.ensure_future(_enter_and_leave(s, "b", 1, wait=False))
+        await asyncio.sleep(0.01)
+        assert s.waiting_cost == 1
+        waiter.cancel()
+        await asyncio.sleep(0)
+        assert s.waiting_cost == 0 and s.status()["waiting"] == 0
+    assert s.inflight == 0
+
+
+async def test_tokens_per_minute_refuses_http_with_retry_after():
+    s = _scheduler(c={"tokens_per_minute": 100})
+    async with s.admit("c", "j", 1, wait=False):
+        pass
+    s.record_tokens("c", 150)
+    with pytest.raises(AdmissionRefused) as err:
+        async with s.admit("c", "j", 1, wait=False):
+            pass
+    assert err.value.status == 429 and "tokens_per_minute" in err.value.message
+    assert 1 <= err.value.retry_after <= 60
+    async with s.admit("d", "j", 1, wait=False):  # another tenant is unaffected
+        pass
+
+
+async def test_tenants_get_their_own_prefix_cache_salt_only_when_isolated():
+    from reward_server.judges import RequestContext
+
+    isolated = FairScheduler(10, 10, isolate_cache=True)
+    async with isolated.admit("team-a", "j", 1, wait=False) as ticket:
+        ctx = RequestContext(ticket=ticket)
+        args = ctx.engine_args()
+        assert args["cache_salt"] == "team-a" and isinstance(args["priority"], int)
+    shared = FairScheduler(10, 10)
+    async with shared.admit("anonymous", "j", 1, wait=False) as ticket:
+        assert "cache_salt" not in RequestContext(ticket=ticket).engine_args()
