@@ -265,6 +265,7 @@ class Req:
     attempts: list = field(default_factory=list)  # HTTP: (status or exception name, has Retry-After)
     deliveries: int = 0  # queue: deliveries the answered message took
     item_errors: list[str] = field(default_factory=list)  # per-item errors inside a 200 answer
+    job: str = ""  # queue: the job it was sent on (its reply key is the job's)
 
     @property
     def ok_answers(self) -> int:
@@ -368,6 +369,8 @@ class Load:
             route = self.ROUTES[i % 3]
             i += 1
             req = Req(uuid.uuid4().hex, transport, route, time.monotonic())
+            if transport == "queue":
+                req.job = self.queue.job_id
             self.reqs.append(req)
             send = self._http if transport == "http" else self._queue
             task = asyncio.create_task(send(req, make_request(route)))
@@ -471,7 +474,7 @@ async def queue_duplicates(redis_url: str, prefix: str, reqs: list[Req]) -> int:
         done = [q for q in reqs if q.transport == "queue" and q.outcome in ("ok", "error")]
         async with r.pipeline(transaction=False) as pipe:
             for q in done:
-                pipe.llen(keys.reply(q.rid))
+                pipe.llen(keys.reply(q.job, q.rid))
             lengths = await pipe.execute()
         return sum(1 for n in lengths if n > 0)
     finally:

@@ -127,6 +127,7 @@ class EchoService:
     def __init__(self, settings=None) -> None:
         self.calls = 0
         self.judges = {}
+        self.asked: list[tuple[str, str, bool]] = []  # (tenant, job, queued) of every question
 
     async def load(self) -> None:
         return None
@@ -137,8 +138,9 @@ class EchoService:
     def describe(self) -> JudgesResponse:
         return JudgesResponse(default="echo", judges=[])
 
-    async def score(self, request, priority: int = 0) -> ScoreResponse:
+    async def score(self, request, *, tenant: str, job: str, queued: bool = False) -> ScoreResponse:
         self.calls += 1
+        self.asked.append((tenant, job, queued))
         results = [ScoreResult(index=i, score=len(it.response)) for i, it in enumerate(request.items)]
         return ScoreResponse(judge="echo", results=results, usage=Usage())
 
@@ -150,7 +152,7 @@ class SlowService(EchoService):
         super().__init__()
         self.seconds, self.cancelled, self.started = seconds, 0, asyncio.Event()
 
-    async def score(self, request, priority: int = 0) -> ScoreResponse:
+    async def score(self, request, **context) -> ScoreResponse:
         self.calls += 1
         self.started.set()
         try:
@@ -158,7 +160,7 @@ class SlowService(EchoService):
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
-        return await super().score(request, priority)
+        return await super().score(request, **context)
 
 
 @contextlib.asynccontextmanager
@@ -310,7 +312,7 @@ async def test_a_resent_message_already_answered_is_not_judged_twice(own_redis):
         async with consuming(service, settings):
             await q.receive("score", rid)
             await wait_for_async(lambda: q._redis.xlen(q.keys.stream("a")), 0)
-            assert await q._redis.llen(q.keys.reply(rid)) == 0  # one answer, popped; no second one
+            assert await q._redis.llen(q.keys.reply(q.job_id, rid)) == 0  # one answer, popped; no second one
     assert service.calls == 1
 
 
@@ -514,7 +516,7 @@ async def test_stop_reading_from_a_signal_handler_stops_reads(prefix):
         async with QueueReferee(REDIS_URL, job_id="s", prefix=prefix, timeout=2) as q:
             rid = await q.send("score", ScoreRequest(items=ITEMS))
             await asyncio.sleep(0.5)
-            assert not await q._redis.exists(q.keys.reply(rid))
+            assert not await q._redis.exists(q.keys.reply(q.job_id, rid))
 
 
 async def test_sigterm_stops_the_consumer_reading_before_the_server_drains(own_redis, monkeypatch):
@@ -541,7 +543,7 @@ async def test_sigterm_stops_the_consumer_reading_before_the_server_drains(own_r
             async with QueueReferee(own_redis.url, job_id="a", prefix="t", timeout=2) as q:
                 rid = await q.send("score", ScoreRequest(items=ITEMS))
                 await asyncio.sleep(0.3)
-                assert not await q._redis.exists(q.keys.reply(rid))  # not read, not answered
+                assert not await q._redis.exists(q.keys.reply(q.job_id, rid))  # not read, not answered
         assert consumer.state == "stopped"
         assert signal.getsignal(signal.SIGTERM) is not None and received == [signal.SIGTERM]
     finally:

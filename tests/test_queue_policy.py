@@ -30,7 +30,8 @@ class BrokenService:
     def describe(self) -> JudgesResponse:
         return JudgesResponse(default="broken", judges=[])
 
-    async def score(self, request, priority: int = 0):
+    async def score(self, request, *, tenant: str, job: str, queued: bool = False):
+        assert queued  # the consumer asks as a queued question: fair admission, no 429
         self.calls += 1
         raise RuntimeError("the engine died")
 

@@ -1,47 +1,117 @@
 """Every Redis key and stream name referee uses, in one place.
 
+Each tenant has a namespace of its own, ``{prefix}:t:{tenant}:``, holding its jobs, their request
+streams, its replies and result markers and its dead letters; a tenant's Redis ACL user may touch
+that namespace and nothing else (``referee.acl``), and read the two shared keys the consumers
+publish (``{prefix}:limits``, ``{prefix}:judges``). A server without tenants serves the open
+tenant, ``anonymous``.
+
 One request stream per training job keeps jobs apart, so consumers can serve them in turn; replies
 go to a per-request list the sender blocks on, with a result key that makes answers idempotent.
 Everything but the request streams and the dead-letter stream expires.
+
+Job and request ids are parts of key names: they are checked (``ID_PATTERN``: no ``:``, no glob
+characters, no spaces) so that none can reach outside its tenant's namespace or its job's keys.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from .auth import OPEN_TENANT, valid_tenant
 
 DEFAULT_PREFIX = "referee"
 CONSUMER_GROUP = "judges"
+# Job and request ids: no ':' (a key separator) and no glob characters ('*?[]\', ACL patterns).
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+# A prefix is the start of every key name and of the ACL patterns: no glob characters or spaces.
+PREFIX_PATTERN = r"^[A-Za-z0-9_.:-]{1,100}$"
+_ID = re.compile(ID_PATTERN)
+_PREFIX = re.compile(PREFIX_PATTERN)
+
+
+def valid_id(value: str) -> bool:
+    return isinstance(value, str) and bool(_ID.match(value))
+
+
+def check_id(value: str, what: str = "id") -> str:
+    if not valid_id(value):
+        raise ValueError(
+            f"{what} {value!r} must match {ID_PATTERN} (letters, digits, '_', '.', '-'; at most 128)"
+        )
+    return value
+
+
+def check_prefix(prefix: str) -> str:
+    if not _PREFIX.match(prefix or ""):
+        raise ValueError(f"Redis prefix {prefix!r} must match {PREFIX_PATTERN} (no glob characters)")
+    return prefix
 
 
 @dataclass(frozen=True)
 class Keys:
+    """The keys of one tenant (``tenant``) under ``prefix``."""
+
     prefix: str = DEFAULT_PREFIX
+    tenant: str = OPEN_TENANT
+
+    def __post_init__(self) -> None:
+        check_prefix(self.prefix)
+        if not valid_tenant(self.tenant):
+            raise ValueError(f"{self.tenant!r} is not a valid tenant name")
+
+    # ------------------------------------------------------------ the tenant's namespace
+
+    @property
+    def namespace(self) -> str:
+        """Every key of this tenant starts with this (``{prefix}:t:{tenant}:``)."""
+        return f"{self.prefix}:t:{self.tenant}:"
+
+    @property
+    def pattern(self) -> str:
+        """The glob pattern of this tenant's keys (its ACL user's ``~pattern``)."""
+        return f"{self.namespace}*"
 
     @property
     def jobs(self) -> str:
         """Sorted set of job ids with a request stream, scored by last send time."""
-        return f"{self.prefix}:jobs"
+        return f"{self.namespace}jobs"
+
+    @property
+    def streams_prefix(self) -> str:
+        """What this tenant's request stream names start with (the job id follows)."""
+        return f"{self.namespace}requests:"
 
     def stream(self, job_id: str) -> str:
         """A job's request stream (consumer group ``CONSUMER_GROUP``)."""
-        return f"{self.prefix}:requests:{job_id}"
+        return self.streams_prefix + check_id(job_id, "job id")
 
-    def reply(self, request_id: str) -> str:
+    def reply(self, job_id: str, request_id: str) -> str:
         """List the sender pops its answer from (expires)."""
-        return f"{self.prefix}:reply:{request_id}"
+        return f"{self.namespace}reply:{check_id(job_id, 'job id')}:{check_id(request_id, 'request id')}"
 
-    def result(self, request_id: str) -> str:
+    def result(self, job_id: str, request_id: str) -> str:
         """Marker that a request was answered: makes a second answer impossible (expires)."""
-        return f"{self.prefix}:result:{request_id}"
+        return f"{self.namespace}result:{check_id(job_id, 'job id')}:{check_id(request_id, 'request id')}"
 
     @property
     def dead_letter(self) -> str:
-        """Stream of messages that could not be judged, with their error."""
-        return f"{self.prefix}:dead-letter"
+        """Stream of this tenant's messages that could not be judged, with their error."""
+        return f"{self.namespace}dead-letter"
+
+    def job_from_stream(self, stream: str) -> str:
+        return stream.removeprefix(self.streams_prefix)
+
+    def for_tenant(self, tenant: str) -> Keys:
+        return Keys(self.prefix, tenant)
+
+    # ------------------------------------------------------------ shared (read-only for tenants)
 
     @property
     def limits(self) -> str:
-        """Hash of limits the consumers publish for senders (``max_backlog``); no expiry."""
+        """Hash of limits the consumers publish for senders (``max_backlog``, ``max_queued:<tenant>``,
+        ``auth``); no expiry."""
         return f"{self.prefix}:limits"
 
     @property
@@ -49,5 +119,7 @@ class Keys:
         """The judges the consumers serve (JSON of ``JudgesResponse``, refreshed, expires)."""
         return f"{self.prefix}:judges"
 
-    def job_from_stream(self, stream: str) -> str:
-        return stream.removeprefix(f"{self.prefix}:requests:")
+    @property
+    def shared_keys(self) -> tuple[str, str]:
+        """The keys every tenant may read and none may write."""
+        return (self.limits, self.judges)

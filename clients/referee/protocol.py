@@ -293,7 +293,11 @@ class QueueMessage(BaseModel):
     type: MessageType
     schema_version: int = SCHEMA_VERSION
     job_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    request_id: str = Field(min_length=1, max_length=128, description="Idempotency key: one answer per id.")
+    request_id: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,128}$",
+        description="Idempotency key: one answer per id (and per tenant and job: it is part of the reply's "
+        "key name, so it may not hold ':' or glob characters).",
+    )
     sent_at: float = Field(description="Sender's wall clock (seconds), for queue latency.")
     deadline: float | None = Field(
         None,

@@ -5,12 +5,26 @@ answer to a per-request list that this client blocks on. Many training jobs can 
 this way: consumers take turns between the jobs' streams, a consumer that dies leaves its messages
 to be reclaimed by another, and every request gets exactly one answer (or an error), never silence.
 
+Tenants: with an API key (``api_key=`` or ``$REFEREE_API_KEY``) the client logs in to Redis as its
+tenant's ACL user (user name: the tenant, password: the key; see ``referee.acl``) and uses that
+tenant's key namespace only, which no other tenant can read or write. Without a key it is the open
+tenant, ``anonymous``; against consumers that require keys it fails at once with a 401. Redis'
+refusals (``WRONGPASS``, ``NOAUTH``, ``NOPERM``) are raised as 401 and 403 ``APIError``s, not
+retried.
+
 Faults: while Redis is unreachable (restarting, loading its append-only file) sends and waits are
 retried with jittered backoff until the request's timeout, then ``QueueUnavailable`` is raised; no
 redis-py exception escapes. A message that Redis lost (a restart that dropped its last writes) is
 noticed while waiting — neither in the stream nor answered — and sent again with the same request
 id, which the consumers answer at most once. Each message carries a deadline (now + ``timeout``):
 a consumer that reaches it later answers ``expired`` without judging it.
+
+Scripts: a message is appended by a Lua script (``referee.scripts.SEND``) run with ``EVALSHA`` and
+the SHA1 computed here. Tenants may not load scripts (``referee.acl``): the consumers load it on
+every connect. Until one has (no consumer has run on this Redis yet, or Redis restarted and none
+has reconnected yet) Redis answers ``NOSCRIPT``: the open tenant tries ``SCRIPT LOAD`` once (its
+user may be allowed to), otherwise it is retried like an unreachable Redis until the request's
+deadline, then ``QueueUnavailable`` says that no judge consumer has loaded the queue's scripts.
 """
 
 from __future__ import annotations
@@ -27,12 +41,19 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .client import BacklogFull, QueueUnavailable, RefereeTimeout, api_error
-from .keys import DEFAULT_PREFIX, Keys
+from .auth import ENV_KEY, OPEN_TENANT, key_from_env, tenant_of
+from .client import APIError, BacklogFull, QueueUnavailable, RefereeTimeout, api_error, redact
+from .keys import DEFAULT_PREFIX, Keys, check_id
 from .protocol import (
     RESPONSE_MODELS,
     JudgeRequest,
@@ -47,6 +68,7 @@ from .protocol import (
     WinRateRequest,
     WinRateResponse,
 )
+from .scripts import SEND, SEND_SHA
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -57,20 +79,6 @@ DEFAULT_MAX_BACKLOG = 10_000  # the server's QueueSettings.max_backlog default
 _POLL_S = 2.0
 _MAX_CONNECTIONS = 10_000  # Redis' own default maxclients
 
-# Append a message unless the job's stream is at its cap (the consumers' published cap, else the
-# sender's), and mark the job active. XLEN counts waiting and in-flight messages: consumers delete
-# what they acknowledge. Returns {1, entry id} or {0, length, cap}.
-_SEND = """
-local cap = tonumber(redis.call('HGET', KEYS[3], 'max_backlog')) or tonumber(ARGV[2])
-local n = redis.call('XLEN', KEYS[1])
-if cap > 0 and n >= cap then
-  return {0, n, cap}
-end
-local id = redis.call('XADD', KEYS[1], '*', 'msg', ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
-return {1, id}
-"""
-
 
 def redis_url() -> str:
     return os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
@@ -78,10 +86,38 @@ def redis_url() -> str:
 
 def _transient(exc: RedisError) -> bool:
     """Errors that end by themselves: no connection, a timeout, a Redis still loading its data
-    (a ``ConnectionError``), or one out of memory until consumers drain it."""
+    (a ``ConnectionError``), or one out of memory until consumers drain it. A refused login is a
+    ``ConnectionError`` too, but permanent."""
+    if _refusal(exc) is not None:
+        return False
     return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) or (
         isinstance(exc, ResponseError) and str(exc).startswith("OOM")
     )
+
+
+def _refusal(exc: BaseException) -> tuple[int, str] | None:
+    """(401, what) for a refused login (wrong key, unknown or disabled user, no login where one is
+    required); (403, what) for a command or key the ACL user may not use; else None."""
+    if isinstance(exc, AuthenticationError):
+        return 401, str(exc)
+    text = str(exc)
+    if isinstance(exc, NoPermissionError) or (
+        isinstance(exc, ResponseError)
+        and ("NOPERM" in text or "can't access" in text or "no permissions" in text)
+    ):
+        return 403, text
+    return None
+
+
+class _Retry(Retry):
+    """redis-py's retry of a broken connection, less refused logins (``AuthenticationError`` is a
+    ``ConnectionError``): a wrong key is not worth four attempts."""
+
+    async def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        def retryable(exc: Exception) -> bool:
+            return not isinstance(exc, AuthenticationError) and (is_retryable is None or is_retryable(exc))
+
+        return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
 def _backoff(failures: int, cap: float = 2.0) -> float:
@@ -96,6 +132,10 @@ class QueueReferee:
     answer; it also sets the message's deadline. ``max_backlog`` caps the job's stream when no
     consumer has published the server's cap (the server's value wins: the operator sizes Redis).
     ``lost_check_s`` is how often a waiting call checks that its message still exists.
+
+    ``api_key`` (default ``$REFEREE_API_KEY``) logs in to Redis as the key's tenant (``tenant``, or
+    the one named in an ``rk.<tenant>.<secret>`` key), on top of ``url``; without one the client
+    is the open tenant (or ``tenant``, when the URL carries that tenant's login).
     """
 
     def __init__(
@@ -108,9 +148,23 @@ class QueueReferee:
         redis: Redis | None = None,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
         lost_check_s: float = 10.0,
+        api_key: str | None = None,
+        tenant: str | None = None,
     ) -> None:
-        self.keys = Keys(prefix)
-        self.job_id = job_id
+        api_key = key_from_env(api_key)
+        if api_key is not None:
+            tenant = tenant or tenant_of(api_key)
+            if tenant is None:
+                raise ValueError(
+                    "cannot tell this API key's tenant: it is not an 'rk.<tenant>.<secret>' key; "
+                    "pass tenant= as well"
+                )
+        self.tenant = tenant or OPEN_TENANT
+        self.open = api_key is None and self.tenant == OPEN_TENANT  # no login: the open tenant
+        self._secret = api_key  # kept out of every message
+        self.keys = Keys(prefix, self.tenant)
+        self.job_id = check_id(job_id, "job_id")
+        self.keys.stream(job_id)
         self.timeout = timeout
         self.max_backlog = max_backlog
         self.lost_check_s = lost_check_s
@@ -119,15 +173,39 @@ class QueueReferee:
             decode_responses=True,
             socket_timeout=_POLL_S + 5,
             socket_connect_timeout=5,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),  # stale connections
+            retry=_Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),  # stale connections
             # Every call waiting for its answer holds a connection (BLPOP): redis-py 8 caps a pool at
             # 100 by default, and the 101st concurrent call failed with "Too many connections".
             max_connections=_MAX_CONNECTIONS,
         )
-        self._send_script = self._redis.register_script(_SEND)
+        if redis is None and api_key is not None:  # the key wins over a login in the URL
+            self._redis.connection_pool.connection_kwargs.update(username=self.tenant, password=api_key)
+        # Only the open tenant's user may be allowed SCRIPT LOAD; a tenant's never is (referee.acl).
+        self._may_load: bool = self.open
         self._sent: dict[str, tuple[str, str]] = {}  # request id -> (entry id, message JSON), unanswered
         self.last_reply: QueueReply | None = None
         self.resent = 0  # messages sent again after Redis lost them
+
+    def _refused(self, exc: RedisError, doing: str) -> APIError | None:
+        """The SDK's 401 or 403 for a Redis refusal, else None."""
+        refusal = _refusal(exc)
+        if refusal is None:
+            return None
+        status, what = refusal[0], redact(refusal[1], self._secret)
+        if status == 401:
+            who = "without a login" if self.open else f"as user {self.tenant!r}"
+            return api_error(
+                401,
+                "unauthorized",
+                f"Redis refused {doing} {who} ({what}): check the API key (api_key= or ${ENV_KEY}) and "
+                "that the tenant's Redis user exists (`referee redis-acl`)",
+            )
+        return api_error(
+            403,
+            "forbidden",
+            f"Redis does not let tenant {self.tenant!r} do this ({doing}): {what}. A tenant may only "
+            f"use its own keys ({self.keys.pattern}); check the prefix and the tenant's Redis user",
+        )
 
     async def send(
         self, type_: str, request: BaseModel, request_id: str | None = None, *, deadline: float | None = None
@@ -135,8 +213,11 @@ class QueueReferee:
         """Append a request to this job's stream; returns its request id (the idempotency key).
 
         ``deadline`` (epoch seconds, default now + ``timeout``) also bounds the retries while Redis
-        is unreachable. Raises ``BacklogFull`` when the job's stream is at its cap."""
+        is unreachable. Raises ``BacklogFull`` when the job's stream, or the tenant's streams
+        together, are at their cap."""
         now = time.time()
+        if request_id is not None:
+            check_id(request_id, "request_id")
         msg = QueueMessage(
             type=type_,
             job_id=self.job_id,
@@ -150,28 +231,96 @@ class QueueReferee:
         self._sent[msg.request_id] = (entry, raw)
         return msg.request_id
 
+    async def _load_scripts(self) -> bool:
+        """Load the send script as this client's user, if it may (the open tenant's user may be
+        allowed to; once refused, never tried again). True when loaded."""
+        if not self._may_load:
+            return False
+        try:
+            loaded = await self._redis.script_load(SEND)
+        except RedisError as exc:
+            if _refusal(exc) is not None:  # NOPERM: not this user's to do; wait for a consumer
+                self._may_load = False
+                logger.info("this Redis user may not load scripts (%s): waiting for a consumer", exc)
+            return False  # a connection error: the send loop retries
+        return (loaded.decode() if isinstance(loaded, bytes) else loaded) == SEND_SHA
+
     async def _append(self, raw: str, request_id: str, deadline: float) -> str:
-        failures = 0
+        failures, loaded = 0, False
+        keys = [self.keys.stream(self.job_id), self.keys.jobs]
         while True:
             try:
-                added = await self._send_script(
-                    keys=[self.keys.stream(self.job_id), self.keys.jobs, self.keys.limits],
-                    args=[raw, self.max_backlog, self.job_id, time.time()],
+                added = await self._redis.evalsha(
+                    SEND_SHA,
+                    len(keys),
+                    *keys,
+                    raw,
+                    self.max_backlog,
+                    self.job_id,
+                    time.time(),
+                    self.tenant,
+                    1 if self.open else 0,
+                    self.keys.streams_prefix,
+                    self.keys.limits,
                 )
                 break
             except RedisError as exc:
+                if (refused := self._refused(exc, f"sending request {request_id}")) is not None:
+                    raise refused from exc
+                no_script = isinstance(exc, NoScriptError)
+                if no_script and not loaded and await self._load_scripts():
+                    loaded = True  # loaded it ourselves: send again at once (once)
+                    continue
                 failures += 1
                 delay = _backoff(failures)
-                if not _transient(exc) or time.time() + delay >= deadline:
-                    raise QueueUnavailable(f"cannot send request {request_id} through Redis: {exc}") from exc
+                if not (no_script or _transient(exc)) or time.time() + delay >= deadline:
+                    if no_script:
+                        raise QueueUnavailable(
+                            f"cannot send request {request_id}: no judge consumer has loaded the "
+                            "queue's scripts on this Redis (NOSCRIPT; is the server running with the "
+                            "queue enabled?)"
+                        ) from exc
+                    raise QueueUnavailable(
+                        redact(f"cannot send request {request_id} through Redis: {exc}", self._secret)
+                    ) from exc
                 logger.warning("sending %s: Redis error (%s), retrying in %.2fs", request_id, exc, delay)
                 await asyncio.sleep(delay)
-        if int(added[0]) == 0:
+        outcome = int(added[0])
+        if outcome == 2:
+            raise api_error(
+                401,
+                "unauthorized",
+                "the judges on this Redis prefix require an API key: pass api_key= to QueueReferee "
+                f"or set {ENV_KEY} (an operator makes one with `referee keys new TENANT`)",
+            )
+        if outcome == 4:
+            raise api_error(
+                401,
+                "unauthorized",
+                f"the judges on this Redis prefix run without tenants and would never read tenant "
+                f"{self.tenant!r}'s streams: drop the API key (api_key=, ${ENV_KEY}) for this server",
+            )
+        if outcome == 0:
             raise BacklogFull(
                 429,
                 "backlog_full",
                 f"job {self.job_id}'s stream holds {added[1]} messages, at its cap of {added[2]} "
                 "(the server's queue.max_backlog): wait for answers before sending more",
+            )
+        if outcome == 5:
+            raise BacklogFull(
+                429,
+                "backlog_full",
+                f"tenant {self.tenant} has {added[1]} active jobs, at the server's cap of {added[2]} "
+                "(queue.max_jobs_per_tenant): reuse a job id, or wait until idle jobs are forgotten "
+                "(queue.jobs_ttl_s)",
+            )
+        if outcome == 3:
+            raise BacklogFull(
+                429,
+                "backlog_full",
+                f"tenant {self.tenant}'s job streams hold {added[1]} messages together, at its cap of "
+                f"{added[2]} (the tenant's max_queued): wait for answers before sending more",
             )
         return added[1]
 
@@ -195,7 +344,7 @@ class QueueReferee:
                 try:
                     # Short blocking pops: one blocking read stays well inside the socket timeout.
                     popped = await self._redis.blpop(
-                        [self.keys.reply(request_id)], timeout=min(remaining, _POLL_S)
+                        [self.keys.reply(self.job_id, request_id)], timeout=min(remaining, _POLL_S)
                     )
                     if popped is not None:
                         break
@@ -204,6 +353,8 @@ class QueueReferee:
                         next_check = time.monotonic() + self.lost_check_s
                     failures, error = 0, None
                 except RedisError as exc:
+                    if (refused := self._refused(exc, f"waiting for request {request_id}")) is not None:
+                        raise refused from exc
                     if not _transient(exc):
                         raise QueueUnavailable(f"waiting for request {request_id}: {exc}") from exc
                     failures, error = failures + 1, exc
@@ -229,7 +380,9 @@ class QueueReferee:
         # gone and no answer means lost (checked the other way round, an answer could slip between).
         if await self._redis.xrange(self.keys.stream(self.job_id), entry, entry, count=1):
             return
-        if await self._redis.exists(self.keys.result(request_id), self.keys.reply(request_id)):
+        if await self._redis.exists(
+            self.keys.result(self.job_id, request_id), self.keys.reply(self.job_id, request_id)
+        ):
             return
         logger.warning("request %s was lost by Redis (no entry, no answer): sending it again", request_id)
         self._sent[request_id] = (await self._append(raw, request_id, deadline), raw)
@@ -259,6 +412,8 @@ class QueueReferee:
         try:
             raw = await self._redis.get(self.keys.judges)
         except RedisError as exc:
+            if (refused := self._refused(exc, "reading the judges")) is not None:
+                raise refused from exc
             raise QueueUnavailable(f"cannot read the judges from Redis: {exc}") from exc
         if raw is None:
             raise api_error(503, "unavailable", "no judge consumer has announced itself on this Redis prefix")

@@ -4,10 +4,15 @@ It reads trainers' requests from the per-job streams through one consumer group 
 the same ``JudgeService`` as the HTTP routes, so queued and HTTP questions meet in the same vLLM
 batches. Its guarantees:
 
-- fair sharing: each read takes at most ``read_count`` messages from every job's stream, a job has
-  at most ``per_job_inflight`` messages in this consumer at once, and its engine requests carry a
-  vLLM priority equal to the job's messages already in flight, so a job that floods the queue
-  cannot starve a small one (a fair-queuing order inside the engine's waiting queue);
+- tenants: it serves the tenants of the server's settings (``tenants``), or the open tenant
+  (``anonymous``) when none is configured, each in its own key namespace; a message's tenant and
+  job are those of the stream it was read from, never what the message says: a message naming
+  another job is answered 403 ``wrong_job`` unjudged, and every answer is written under the
+  stream's tenant and job, so a tenant reusing another's request id only ever answers itself;
+- fair sharing: each read takes at most ``read_count`` messages from every job's stream and a job
+  has at most ``per_job_inflight`` messages in this consumer at once; the service then admits
+  queued questions in fair-share order (tenants by weight, then jobs), waiting instead of refusing,
+  so a job or tenant that floods the queue cannot starve a small one;
 - nothing lost: a message is acknowledged only after its answer is written; the messages of a
   consumer that dies stay pending and are reclaimed (``XAUTOCLAIM``) after ``reclaim_idle_s``,
   while a live consumer refreshes the idle time of the messages it is still judging;
@@ -19,8 +24,14 @@ batches. Its guarantees:
 - faults: ``run()`` reconnects with jittered backoff after any Redis error and recreates the
   consumer groups, and reports its ``state`` (``/readyz``); answers are written through short
   outages rather than judged again;
-- bounded: dead-letter entries are cut and the stream capped; idle jobs and dead group members are
-  removed; the per-job backlog cap (``max_backlog``) is published for senders, which enforce it;
+- senders' scripts: tenants may not load scripts (``referee.acl``), only run cached ones by SHA1,
+  so the consumer loads ``referee.scripts.TENANT_SCRIPTS`` on every (re)connect, before it reports
+  ``consuming``, and checks every second that Redis still has them (a restart that redis-py rode
+  out without an error, a ``SCRIPT FLUSH``), loading them again if not;
+- bounded: dead-letter entries (one stream per tenant: they hold payloads) are cut and the stream
+  capped; idle jobs and dead group members are removed; the per-job backlog cap (``max_backlog``),
+  each tenant's cap on its waiting messages (``max_queued:<tenant>``) and whether keys are required
+  (``auth``) are published for senders, which enforce them;
 - graceful stop: reading stops at once, messages being judged get ``shutdown_grace_s`` and the rest
   are handed back to the group without costing a delivery.
 """
@@ -36,17 +47,20 @@ import re
 import socket
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from referee.keys import CONSUMER_GROUP, Keys
+from referee.auth import OPEN_TENANT
+from referee.keys import CONSUMER_GROUP, Keys, valid_id
 from referee.protocol import REQUEST_MODELS, SCHEMA_VERSION, ErrorResponse, QueueMessage, QueueReply
+from referee.scripts import TENANT_SCRIPTS
 
 from . import metrics
 from .service import ClientError, JudgeService
@@ -76,9 +90,20 @@ return 0
 """
 
 _RETRYABLE = {429, 503}  # overloaded (while stopping) or unavailable: leave it pending, try later
+WRONG_JOB_STATUS = 403  # a message naming another job than its stream's: not judged
 EXPIRED_STATUS = 504  # an expired message's reply: the judge did not get to it before its deadline
 HAND_BACK_IDLE_MS = 10**9  # idle time given to handed-back messages: any consumer reclaims them at once
 _REQUEST_ID = re.compile(r'"request_id"\s*:\s*"([^"]{1,128})"')
+
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """Where a message was read: its tenant's keys, its job and its stream entry."""
+
+    keys: Keys
+    job: str
+    stream: str
+    entry_id: str
 
 
 class QueueConsumer:
@@ -86,12 +111,18 @@ class QueueConsumer:
 
     ``state`` is ``starting`` (judges loading), ``consuming``, ``reconnecting`` (after a Redis error,
     retried with jittered backoff; ``last_error`` says which), ``draining`` (stopping) or ``stopped``.
+    Jobs are identified by their stream's name, which holds the tenant and the job id.
     """
 
     def __init__(self, service: JudgeService, settings: QueueSettings, redis: Redis | None = None) -> None:
         self.service = service
         self.settings = settings
-        self.keys = Keys(settings.prefix)
+        self.keys = Keys(settings.prefix)  # the shared keys (limits, judges); the open tenant's
+        configured = list(getattr(getattr(service, "settings", None), "tenants", None) or [])
+        self.auth = bool(configured)  # keys required: senders without one are refused
+        self.tenant_settings = {t.name: t for t in configured}
+        self.tenants = [t.name for t in configured] or [OPEN_TENANT]
+        self.tenant_keys = {t: Keys(settings.prefix, t) for t in self.tenants}
         self.name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
         self.redis = redis or Redis.from_url(
             settings.url,
@@ -104,9 +135,11 @@ class QueueConsumer:
         )
         self._reply_once = self.redis.register_script(_REPLY_ONCE)
         self._drop_idle_job = self.redis.register_script(_DROP_IDLE_JOB)
-        self._jobs: list[str] = []
-        self._grouped: set[str] = set()
-        self._inflight: dict[str, dict[str, int]] = defaultdict(dict)  # job -> entry id -> deliveries
+        self._may_check_scripts = True  # SCRIPT EXISTS allowed (else SCRIPT LOAD every check)
+        self._streams: dict[str, tuple[str, str]] = {}  # active job stream -> (tenant, job)
+        self._grouped: set[str] = set()  # streams whose consumer group exists
+        self._ignored: set[tuple[str, str]] = set()  # (tenant, job id) refused as key names, logged once
+        self._inflight: dict[str, dict[str, int]] = defaultdict(dict)  # stream -> entry id -> deliveries
         self._tasks: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,8 +212,37 @@ class QueueConsumer:
 
     async def _connect(self) -> None:
         await self.redis.ping()
+        await self._load_scripts()  # Redis may have restarted without them: tenants cannot load them
         self._grouped.clear()  # recreate every group: Redis may have restarted without them
         await self._refresh_jobs()
+
+    async def _load_scripts(self) -> None:
+        """Load the scripts senders run by EVALSHA (``TENANT_SCRIPTS``): tenants' Redis users may
+        not load scripts (a tenant able to would be able to block Redis with a busy loop)."""
+        for sha, source in TENANT_SCRIPTS.items():
+            loaded = await self.redis.script_load(source)
+            if isinstance(loaded, bytes):
+                loaded = loaded.decode()
+            if loaded != sha:  # never: both sides hash the same source
+                raise RuntimeError(f"Redis named a senders' script {loaded}, senders call it {sha}")
+
+    async def _check_scripts(self) -> None:
+        """Load the senders' scripts again if Redis lost them without this consumer noticing a
+        reconnect (a restart redis-py's retry rode out, a ``SCRIPT FLUSH``). A server user of an
+        older ACL file may lack ``SCRIPT EXISTS``: then they are loaded every time (cheap)."""
+        if self._may_check_scripts:
+            try:
+                if all(await self.redis.script_exists(*TENANT_SCRIPTS)):
+                    return
+                logger.warning("Redis lost the senders' scripts (restarted or flushed): loading them again")
+            except NoPermissionError as exc:
+                self._may_check_scripts = False
+                logger.warning(
+                    "the server's Redis user may not run SCRIPT EXISTS (%s): loading the senders' "
+                    "scripts every second instead; regenerate the ACL file (`referee redis-acl`)",
+                    exc,
+                )
+        await self._load_scripts()
 
     async def _consume(self) -> None:
         s = self.settings
@@ -191,6 +253,7 @@ class QueueConsumer:
                 await self._announce()
                 last_announce = now
             if now - last_jobs > 1.0:
+                await self._check_scripts()
                 await self._refresh_jobs()
                 last_jobs = now
             if now - last_reclaim > s.reclaim_every_s:
@@ -226,14 +289,14 @@ class QueueConsumer:
             await asyncio.wait({self._runner}, timeout=self.settings.socket_timeout_s)  # ends its read
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, grace - (time.monotonic() - started)))
-        unfinished = {job: dict(ids) for job, ids in self._inflight.items() if ids}
+        unfinished = {stream: dict(ids) for stream, ids in self._inflight.items() if ids}
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5)
         try:
-            for job, entries in unfinished.items():
-                await self._hand_back(self.keys.stream(job), entries)
+            for stream, entries in unfinished.items():
+                await self._hand_back(stream, entries)
         except RedisError as exc:  # they stay pending and are reclaimed after reclaim_idle_s
             logger.warning("could not hand back %s: %s", unfinished, exc)
         self._set_state("stopped")
@@ -263,7 +326,21 @@ class QueueConsumer:
 
     async def _read(self) -> None:
         s = self.settings
-        eligible = [j for j in self._jobs if len(self._inflight[j]) < s.per_job_inflight]
+        # Each stream read may give read_count messages: read only as many streams as the per-tenant
+        # and total caps leave room for, so a tenant with many jobs cannot take the whole consumer.
+        room = {tenant: s.per_tenant_inflight for tenant, _ in self._streams.values()}
+        for stream, ids in self._inflight.items():
+            if ids and stream in self._streams:
+                room[self._streams[stream][0]] -= len(ids)
+        total_room = s.max_inflight - self._total_inflight()
+        eligible = []
+        order = list(self._streams.items())
+        self._turn = (getattr(self, "_turn", 0) + 1) % max(1, len(order))
+        for stream, (tenant, _) in order[self._turn :] + order[: self._turn]:  # take turns first
+            if len(self._inflight[stream]) < s.per_job_inflight and room[tenant] > 0 and total_room > 0:
+                eligible.append(stream)
+                room[tenant] -= s.read_count
+                total_room -= s.read_count
         if not eligible or self._total_inflight() >= s.max_inflight:
             if self._tasks:
                 await asyncio.wait(
@@ -272,7 +349,7 @@ class QueueConsumer:
             else:
                 await asyncio.sleep(s.block_ms / 1000)
             return
-        streams = {self.keys.stream(j): ">" for j in eligible}
+        streams = dict.fromkeys(eligible, ">")
         try:
             batches = await self.redis.xreadgroup(
                 CONSUMER_GROUP, self.name, streams, count=s.read_count, block=s.block_ms
@@ -284,30 +361,36 @@ class QueueConsumer:
             await self._refresh_jobs()
             return
         for stream, entries in batches or []:
-            job = self.keys.job_from_stream(stream)
-            if self._stopping.is_set():  # read while stop() began: not ours to judge any more
+            if self._stopping.is_set() or stream not in self._streams:
+                # read while stop() began (or a job forgotten meanwhile): not ours to judge
                 await self._hand_back(stream, {entry_id: 1 for entry_id, _ in entries})
                 continue
+            tenant, job = self._streams[stream]
             for entry_id, fields in entries:
-                self._start(job, stream, entry_id, fields, deliveries=1)
+                self._start(tenant, job, stream, entry_id, fields, deliveries=1)
 
-    def _start(self, job: str, stream: str, entry_id: str, fields: dict | None, deliveries: int) -> None:
-        if entry_id in self._inflight[job]:
+    def _start(
+        self, tenant: str, job: str, stream: str, entry_id: str, fields: dict | None, deliveries: int
+    ) -> None:
+        if entry_id in self._inflight[stream]:
             return
-        # The job's messages already in flight here: vLLM serves lower numbers first.
-        priority = len(self._inflight[job])
-        self._inflight[job][entry_id] = deliveries
+        self._inflight[stream][entry_id] = deliveries
         metrics.QUEUE_INFLIGHT.set(self._total_inflight())
-        task = asyncio.create_task(self._handle(job, stream, entry_id, fields, deliveries, priority))
+        task = asyncio.create_task(self._handle(tenant, job, stream, entry_id, fields, deliveries))
         self._tasks.add(task)
 
         def done(t: asyncio.Task) -> None:
             self._tasks.discard(t)
-            self._inflight[job].pop(entry_id, None)
+            self._inflight[stream].pop(entry_id, None)
             metrics.QUEUE_INFLIGHT.set(self._total_inflight())
             if not t.cancelled() and t.exception() is not None:
                 logger.error(
-                    "queue message %s of job %s: %s", entry_id, job, t.exception(), exc_info=t.exception()
+                    "queue message %s of %s/%s: %s",
+                    entry_id,
+                    tenant,
+                    job,
+                    t.exception(),
+                    exc_info=t.exception(),
                 )
 
         task.add_done_callback(done)
@@ -315,42 +398,54 @@ class QueueConsumer:
     # ------------------------------------------------------------ one message
 
     async def _handle(
-        self, job: str, stream: str, entry_id: str, fields: dict | None, deliveries: int, priority: int
+        self, tenant: str, job: str, stream: str, entry_id: str, fields: dict | None, deliveries: int
     ) -> None:
+        """Judge one message of ``tenant``'s job ``job`` (both from its stream, never from it)."""
+        keys = self.tenant_keys[tenant]
         raw = (fields or {}).get("msg", "")
+        at = _Where(keys, job, stream, entry_id)
         try:
             msg = QueueMessage.model_validate_json(raw)
         except ValidationError as exc:
-            await self._dead_letter(job, stream, entry_id, raw, f"unreadable message: {exc}", deliveries)
+            await self._dead_letter(at, raw, f"unreadable message: {exc}", deliveries)
             return
-        if await self.redis.exists(self.keys.result(msg.request_id)):
+        if await self.redis.exists(keys.result(job, msg.request_id)):
             await self._ack(stream, entry_id)  # answered before (a reclaimed or repeated message)
             return
+        if msg.job_id != job:
+            err = ErrorResponse(
+                error="wrong_job",
+                message=f"this message names job {msg.job_id!r} but was sent on job {job!r}'s stream; "
+                "it was not judged. Send each job's messages on its own stream (QueueReferee does).",
+            )
+            logger.warning("message %s on %s/%s names job %r: refused", entry_id, tenant, job, msg.job_id)
+            await self._answer(at, msg, WRONG_JOB_STATUS, None, err, deliveries, time.time())
+            return
         if msg.deadline is not None and time.time() >= msg.deadline:
-            await self._expired(stream, entry_id, msg, deliveries, time.time())
+            await self._expired(at, msg, deliveries, time.time())
             return
         if deliveries > self.settings.max_deliveries:  # consumers died judging it: a poison message
             error = f"delivered {deliveries} times without an answer (its consumers stopped while judging it)"
-            await self._dead_letter(job, stream, entry_id, raw, error, deliveries, msg=msg, status=500)
+            await self._dead_letter(at, raw, error, deliveries, msg=msg, status=500)
             return
         if msg.schema_version != SCHEMA_VERSION:
             error = (
                 f"schema_version {msg.schema_version} is not supported; this server speaks {SCHEMA_VERSION}"
             )
-            await self._dead_letter(job, stream, entry_id, raw, error, deliveries, msg=msg, status=400)
+            await self._dead_letter(at, raw, error, deliveries, msg=msg, status=400)
             return
         picked = time.time()
         try:
             request = REQUEST_MODELS[msg.type].model_validate(msg.body)
             # Past the deadline the judging is cancelled (and with it its engine requests).
             left = None if msg.deadline is None else msg.deadline - time.time()
-            response = await asyncio.wait_for(self._judge(msg.type, request, priority), left)
+            response = await asyncio.wait_for(self._judge(msg.type, request, tenant, job), left)
         except asyncio.TimeoutError:
-            await self._expired(stream, entry_id, msg, deliveries, picked)
+            await self._expired(at, msg, deliveries, picked)
             return
         except ValidationError as exc:
             err = ErrorResponse(error="invalid_request", message=f"invalid {msg.type} request: {exc}")
-            await self._answer(stream, entry_id, msg, 422, None, err, deliveries, picked)
+            await self._answer(at, msg, 422, None, err, deliveries, picked)
             return
         except ClientError as exc:
             if exc.status in _RETRYABLE and deliveries < self.settings.max_deliveries:
@@ -358,27 +453,17 @@ class QueueConsumer:
                     await self._hand_back(stream, {entry_id: deliveries})
                 return  # stays pending; reclaimed and retried later
             err = ErrorResponse(error=exc.code, message=exc.message)
-            await self._answer(stream, entry_id, msg, exc.status, None, err, deliveries, picked)
+            await self._answer(at, msg, exc.status, None, err, deliveries, picked)
             return
         except Exception as exc:
             logger.exception("judging %s %s failed (delivery %d)", msg.type, msg.request_id, deliveries)
             if deliveries >= self.settings.max_deliveries:
-                await self._dead_letter(
-                    job,
-                    stream,
-                    entry_id,
-                    raw,
-                    f"{type(exc).__name__}: {exc}",
-                    deliveries,
-                    msg=msg,
-                    status=500,
-                )
+                error = f"{type(exc).__name__}: {exc}"
+                await self._dead_letter(at, raw, error, deliveries, msg=msg, status=500)
             return  # otherwise stays pending for another delivery
-        await self._answer(
-            stream, entry_id, msg, 200, response.model_dump(mode="json"), None, deliveries, picked
-        )
+        await self._answer(at, msg, 200, response.model_dump(mode="json"), None, deliveries, picked)
 
-    async def _expired(self, stream, entry_id, msg: QueueMessage, deliveries, picked) -> None:
+    async def _expired(self, at: _Where, msg: QueueMessage, deliveries, picked) -> None:
         late = time.time() - (msg.deadline or 0.0)
         err = ErrorResponse(
             error="expired",
@@ -386,24 +471,15 @@ class QueueConsumer:
             "not judged (or its judging was stopped). Send it again with a longer timeout if still needed.",
         )
         metrics.QUEUE_EXPIRED.inc()
-        await self._answer(stream, entry_id, msg, EXPIRED_STATUS, None, err, deliveries, picked)
+        await self._answer(at, msg, EXPIRED_STATUS, None, err, deliveries, picked)
 
-    async def _judge(self, type_: str, request, priority: int):
-        """Ask the service; while it is at its in-flight bound (429), wait here rather than fail:
-        the message is ours (heartbeats keep it) and waiting costs no delivery."""
-        delay = 0.02
-        while True:
-            try:
-                return await getattr(self.service, type_)(request, priority=priority)
-            except ClientError as exc:
-                if exc.status != 429 or self._stopping.is_set():
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+    async def _judge(self, type_: str, request, tenant: str, job: str):
+        """Ask the service as a queued question: it waits for fair admission (by tenant weight,
+        then job) rather than answering 429; the message is ours meanwhile (heartbeats keep it)."""
+        return await getattr(self.service, type_)(request, tenant=tenant, job=job, queued=True)
 
-    async def _answer(
-        self, stream, entry_id, msg: QueueMessage, status, body, error, deliveries, picked
-    ) -> None:
+    async def _answer(self, at: _Where, msg: QueueMessage, status, body, error, deliveries, picked) -> None:
+        """Write the answer under the stream's tenant and job (whatever the message says), once."""
         now = time.time()
         reply = QueueReply(
             request_id=msg.request_id,
@@ -418,7 +494,7 @@ class QueueConsumer:
 
         async def write() -> int:
             return await self._reply_once(
-                keys=[self.keys.result(msg.request_id), self.keys.reply(msg.request_id)],
+                keys=[at.keys.result(at.job, msg.request_id), at.keys.reply(at.job, msg.request_id)],
                 args=[reply.model_dump_json(), self.settings.reply_ttl_s],
             )
 
@@ -426,7 +502,7 @@ class QueueConsumer:
         written = await self._retrying(write)
         metrics.QUEUE_MESSAGES.labels(msg.type, str(status), "answered" if written else "duplicate").inc()
         metrics.QUEUE_WAIT.observe(reply.queued_s)
-        await self._retrying(lambda: self._ack(stream, entry_id))
+        await self._retrying(lambda: self._ack(at.stream, at.entry_id))
 
     async def _retrying(self, command):
         """Run a Redis command, retrying connection errors for up to ``reclaim_idle_s`` (after which
@@ -449,17 +525,28 @@ class QueueConsumer:
             pipe.xdel(stream, entry_id)  # the answer is the record; keep the stream short
             await pipe.execute()
 
-    async def _dead_letter(self, job, stream, entry_id, raw, error, deliveries, msg=None, status=500) -> None:
-        """Record a message that cannot be judged, bounded: its error, ids and the start of its payload
-        (``dead_letter_msg_chars``) in a stream of about ``dead_letter_maxlen`` entries."""
-        logger.error("dead-lettering %s of job %s after %d deliveries: %s", entry_id, job, deliveries, error)
+    async def _dead_letter(
+        self, at: _Where, raw: str, error: str, deliveries: int, msg=None, status: int = 500
+    ) -> None:
+        """Record a message that cannot be judged in its tenant's dead-letter stream, bounded: its
+        error, ids and the start of its payload (``dead_letter_msg_chars``) in a stream of about
+        ``dead_letter_maxlen`` entries."""
+        logger.error(
+            "dead-lettering %s of %s/%s after %d deliveries: %s",
+            at.entry_id,
+            at.keys.tenant,
+            at.job,
+            deliveries,
+            error,
+        )
         limit = self.settings.dead_letter_msg_chars
         request_id = (
             msg.request_id if msg is not None else (m.group(1) if (m := _REQUEST_ID.search(raw)) else "")
         )
         entry = {
-            "job_id": job,
-            "entry_id": entry_id,
+            "tenant": at.keys.tenant,
+            "job_id": at.job,
+            "entry_id": at.entry_id,
             "request_id": request_id,
             "type": msg.type if msg is not None else "",
             "error": error[:limit],
@@ -467,48 +554,86 @@ class QueueConsumer:
             "msg": raw if len(raw) <= limit else f"{raw[:limit]}... [{len(raw) - limit} more characters cut]",
         }
         await self.redis.xadd(
-            self.keys.dead_letter, entry, maxlen=self.settings.dead_letter_maxlen, approximate=True
+            at.keys.dead_letter, entry, maxlen=self.settings.dead_letter_maxlen, approximate=True
         )
         metrics.QUEUE_DEAD_LETTERS.inc()
         if msg is not None:
             err = ErrorResponse(
                 error="dead_letter", message=f"the request could not be judged: {error[:limit]}"
             )
-            await self._answer(stream, entry_id, msg, status, None, err, deliveries, time.time())
+            await self._answer(at, msg, status, None, err, deliveries, time.time())
         else:
-            await self._ack(stream, entry_id)
+            await self._ack(at.stream, at.entry_id)
 
     # ------------------------------------------------------------ housekeeping
 
     async def _announce(self) -> None:
+        """Publish the judges and the senders' limits: ``max_backlog`` (per job), ``auth`` (1: keys
+        required) and ``max_queued:<tenant>`` for tenants that have one."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.judges, self.service.describe().model_dump_json(), ex=60)
-            pipe.hset(self.keys.limits, "max_backlog", self.settings.max_backlog)
+            pipe.hset(
+                self.keys.limits,
+                mapping={
+                    "max_backlog": self.settings.max_backlog,
+                    "max_jobs": self.settings.max_jobs_per_tenant,
+                    "auth": 1 if self.auth else 0,
+                },
+            )
+            capped = {
+                f"max_queued:{n}": t.max_queued for n, t in self.tenant_settings.items() if t.max_queued
+            }
+            if capped:
+                pipe.hset(self.keys.limits, mapping=capped)
+            uncapped = [f"max_queued:{n}" for n, t in self.tenant_settings.items() if not t.max_queued]
+            if uncapped:  # a cap removed from the settings
+                pipe.hdel(self.keys.limits, *uncapped)
             await pipe.execute()
 
     async def _refresh_jobs(self) -> None:
+        """Find every served tenant's active jobs (sent to within ``jobs_ttl_s``) and make sure
+        their streams have the consumer group."""
         cutoff = time.time() - self.settings.jobs_ttl_s
-        jobs = await self.redis.zrangebyscore(self.keys.jobs, cutoff, "+inf")
-        for job in jobs:
-            if job in self._grouped:
-                continue
-            try:
-                await self.redis.xgroup_create(self.keys.stream(job), CONSUMER_GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-            self._grouped.add(job)
-        self._jobs = jobs
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant in self.tenants:
+                # Its most recent jobs only: a tenant that lists millions cannot slow others' reads.
+                pipe.zrevrangebyscore(
+                    self.tenant_keys[tenant].jobs,
+                    "+inf",
+                    cutoff,
+                    start=0,
+                    num=self.settings.max_jobs_per_tenant,
+                )
+            listed = await pipe.execute()
+        streams: dict[str, tuple[str, str]] = {}
+        for tenant, jobs in zip(self.tenants, listed, strict=True):
+            keys = self.tenant_keys[tenant]
+            for job in jobs:
+                if not valid_id(job):  # written by hand: a name that could leave its namespace
+                    if (tenant, job) not in self._ignored:
+                        self._ignored.add((tenant, job))
+                        logger.warning(
+                            "tenant %s lists a job named %r: not a valid job id, ignored", tenant, job
+                        )
+                    continue
+                stream = keys.stream(job)
+                if stream not in self._grouped:
+                    try:
+                        await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+                    except ResponseError as exc:
+                        if "BUSYGROUP" not in str(exc):
+                            raise
+                    self._grouped.add(stream)
+                streams[stream] = (tenant, job)
+        self._streams = streams
 
     async def _heartbeat(self) -> None:
         """Reset the idle time of messages this consumer is still judging, so none reclaims them."""
-        for job, ids in list(self._inflight.items()):
+        for stream, ids in list(self._inflight.items()):
             if not ids:
                 continue
             try:
-                await self.redis.xclaim(
-                    self.keys.stream(job), CONSUMER_GROUP, self.name, 0, list(ids), justid=True
-                )
+                await self.redis.xclaim(stream, CONSUMER_GROUP, self.name, 0, list(ids), justid=True)
             except ResponseError as exc:  # the group is gone (Redis lost it): nothing to keep alive
                 if "NOGROUP" not in str(exc):
                     raise
@@ -516,8 +641,7 @@ class QueueConsumer:
     async def _reclaim(self) -> None:
         """Take over messages left pending by consumers that stopped answering."""
         idle_ms = int(self.settings.reclaim_idle_s * 1000)
-        for job in self._jobs:
-            stream = self.keys.stream(job)
+        for stream, (tenant, job) in list(self._streams.items()):
             try:
                 _, entries, _ = await self.redis.xautoclaim(
                     stream, CONSUMER_GROUP, self.name, idle_ms, start_id="0-0", count=64
@@ -527,7 +651,7 @@ class QueueConsumer:
                     continue
                 raise
             for entry_id, fields in entries:
-                if entry_id in self._inflight[job]:
+                if entry_id in self._inflight[stream]:
                     continue
                 pending = await self.redis.xpending_range(stream, CONSUMER_GROUP, entry_id, entry_id, 1)
                 deliveries = pending[0]["times_delivered"] if pending else 1
@@ -535,21 +659,23 @@ class QueueConsumer:
                     await self._ack(stream, entry_id)
                     continue
                 metrics.QUEUE_RECLAIMED.inc()
-                logger.warning("reclaimed %s of job %s (delivery %d)", entry_id, job, deliveries)
-                self._start(job, stream, entry_id, fields, deliveries)
+                logger.warning("reclaimed %s of %s/%s (delivery %d)", entry_id, tenant, job, deliveries)
+                self._start(tenant, job, stream, entry_id, fields, deliveries)
 
     async def _measure_backlog(self) -> None:
-        """Messages not yet delivered to any consumer, all job streams together (the autoscaler's
-        metric): a stream's length less its group's pending entries, since answered entries are
-        deleted. Every replica publishes the same figure; scale on its maximum, not its sum."""
-        if not self._jobs:
+        """Messages not yet delivered to any consumer, all tenants' job streams together (the
+        autoscaler's metric): a stream's length less its group's pending entries, since answered
+        entries are deleted. Every replica publishes the same figure; scale on its maximum, not its
+        sum."""
+        streams = list(self._streams)
+        if not streams:
             self.backlog = 0
             metrics.QUEUE_BACKLOG.set(0)
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            for job in self._jobs:
-                pipe.xlen(self.keys.stream(job))
-                pipe.xpending(self.keys.stream(job), CONSUMER_GROUP)
+            for stream in streams:
+                pipe.xlen(stream)
+                pipe.xpending(stream, CONSUMER_GROUP)
             replies = await pipe.execute(raise_on_error=False)
         total = 0
         for length, pending in zip(replies[::2], replies[1::2], strict=True):
@@ -562,17 +688,23 @@ class QueueConsumer:
 
     async def _cleanup(self) -> None:
         """Bound what Redis keeps: forget jobs silent for ``jobs_ttl_s`` whose stream is empty (and
-        delete the stream), and remove group members idle for ``dead_consumer_idle_s`` that hold
-        nothing (consumers of stopped replicas; a live one re-joins by reading)."""
+        delete the stream), drop job names that are not valid ids, and remove group members idle for
+        ``dead_consumer_idle_s`` that hold nothing (consumers of stopped replicas; a live one
+        re-joins by reading)."""
         cutoff = time.time() - self.settings.jobs_ttl_s
-        idle = await self.redis.zrangebyscore(self.keys.jobs, "-inf", f"({cutoff}", start=0, num=1000)
-        for job in idle:
-            if await self._drop_idle_job(keys=[self.keys.jobs, self.keys.stream(job)], args=[job, cutoff]):
-                self._grouped.discard(job)
-                logger.info("forgot idle job %s", job)
+        for tenant in self.tenants:
+            keys = self.tenant_keys[tenant]
+            idle = await self.redis.zrangebyscore(keys.jobs, "-inf", f"({cutoff}", start=0, num=1000)
+            for job in idle:
+                if not valid_id(job):
+                    await self.redis.zrem(keys.jobs, job)
+                    continue
+                stream = keys.stream(job)
+                if await self._drop_idle_job(keys=[keys.jobs, stream], args=[job, cutoff]):
+                    self._grouped.discard(stream)
+                    logger.info("forgot idle job %s/%s", tenant, job)
         dead_ms = self.settings.dead_consumer_idle_s * 1000
-        for job in self._jobs:
-            stream = self.keys.stream(job)
+        for stream in list(self._streams):
             try:
                 members = await self.redis.xinfo_consumers(stream, CONSUMER_GROUP)
             except ResponseError as exc:
