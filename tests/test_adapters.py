@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from referee import AsyncReferee, Overloaded, Referee, RetryPolicy
+from referee.auth import new_key
 from referee.trl import preference_reward, score_reward, winrate_reward
 from referee.verl import compute_score
 
@@ -60,6 +61,35 @@ def test_openrlhf_errors_are_clear(client):
     assert no_prompts.status_code == 422 and "prompts" in no_prompts.json()["message"]
     too_long = client.post("/get_reward?judge=tiny-rm", json={"query": ["word " * 3000]})
     assert too_long.status_code == 502 and "context length" in too_long.json()["message"]
+
+
+def test_openrlhf_remote_rm_url_with_the_key_in_the_path(tenant_server):
+    """OpenRLHF posts plain JSON to ``remote_rm_url`` and cannot add headers, so a server with
+    tenants takes the key in the path: ``--remote_rm_url http://host:8000/k/<api_key>/get_reward``
+    (any route under ``/k/<key>/`` is that route, authenticated with the key; the server logs the
+    path without it). Sent here exactly as OpenRLHF sends it: a POST with a JSON body, no header."""
+    body = _openrlhf_batch()
+    key = tenant_server.keys["team-a"]
+    url = f"{tenant_server.url}/k/{key}/get_reward?judge=tiny-rm"
+    out = httpx.post(url, json=body, timeout=300)
+    assert out.status_code == 200, out.text
+    rewards = out.json()["rewards"]
+    assert len(rewards) == len(body["query"]) and all(isinstance(r, float) for r in rewards)
+    # The same answer as with the key in a header.
+    with_header = httpx.post(
+        f"{tenant_server.url}/get_reward?judge=tiny-rm",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=300,
+    )
+    assert with_header.status_code == 200 and with_header.json()["rewards"] == pytest.approx(rewards)
+    other = new_key("team-a")  # well formed, but not a key the server knows
+    wrong = httpx.post(f"{tenant_server.url}/k/{other}/get_reward?judge=tiny-rm", json=body, timeout=300)
+    assert wrong.status_code == 401 and wrong.json()["error"] == "unauthorized"
+    assert other not in wrong.text
+    plain = httpx.post(f"{tenant_server.url}/get_reward?judge=tiny-rm", json=body, timeout=300)
+    assert plain.status_code == 401 and plain.headers["WWW-Authenticate"].startswith("Bearer")
+    assert key not in tenant_server.log.read_text()  # the path token is not logged
 
 
 # ---------------------------------------------------------------- verl

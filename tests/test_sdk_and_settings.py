@@ -97,3 +97,72 @@ def test_trainer_seed_flag_reaches_the_training_settings(monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["--seed", "7", "--job-id", "seeded"])
     assert result.exit_code == 0, result.output
     assert seen == {"seed": 7}
+
+
+def test_allow_open_flag_becomes_the_allow_open_setting(monkeypatch):
+    """``referee serve --allow-open`` and ``referee-server --allow-open`` reach
+    ``ServerSettings.allow_open`` (the server refuses an open non-loopback bind without it)."""
+    from typer.testing import CliRunner
+
+    import reward_server.cli
+    import reward_server.settings
+    from referee.cli import app
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_load_settings(config=None, **overrides):
+        seen.append(overrides)
+        raise Stop
+
+    monkeypatch.setattr(reward_server.settings, "load_settings", fake_load_settings)
+    with pytest.raises(Stop):
+        reward_server.cli.serve(None, "0.0.0.0", None, None, allow_open=True)
+    with pytest.raises(Stop):
+        reward_server.cli.serve(None, None, None, None)
+    assert seen == [{"host": "0.0.0.0", "allow_open": True}, {}]
+
+    calls = []
+    monkeypatch.setattr(reward_server.cli, "serve", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr(sys, "argv", ["referee-server", "--allow-open"])
+    reward_server.cli.main()
+    monkeypatch.setattr(sys, "argv", ["referee-server"])
+    reward_server.cli.main()
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--allow-open"])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"allow_open": True}, {"allow_open": None}, {"allow_open": True}]
+
+
+def test_tenant_settings_from_the_environment(tmp_path, monkeypatch):
+    from referee.auth import hash_key, new_key
+    from reward_server.settings import ServerSettings
+
+    key = new_key("team-e")
+    path = tmp_path / "tenants.yaml"
+    path.write_text(f"tenants:\n  - name: team-e\n    keys: ['{hash_key(key)}']\n")
+    monkeypatch.setenv("REFEREE_TENANTS_FILE", str(path))
+    monkeypatch.setenv("REFEREE_ALLOW_OPEN", "1")
+    s = ServerSettings()
+    assert [t.name for t in s.tenants] == ["team-e"] and s.auth and s.allow_open
+    assert key not in path.read_text()
+
+
+def test_trainer_api_key_flag_and_environment_reach_the_settings(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import trainer.worker
+    from trainer.cli import app
+
+    seen = []
+    monkeypatch.setattr(trainer.worker, "run", lambda s: seen.append(s) or tmp_path)
+    monkeypatch.delenv("REFEREE_API_KEY", raising=False)
+    for args, env in (
+        (["--api-key", "rk.team-f.flag-key"], {}),
+        ([], {"REFEREE_API_KEY": "rk.team-f.env-key"}),
+    ):
+        result = CliRunner().invoke(app, args, env=env)
+        assert result.exit_code == 0, result.output
+        assert "flag-key" not in result.output and "env-key" not in result.output
+    assert [s.api_key.get_secret_value() for s in seen] == ["rk.team-f.flag-key", "rk.team-f.env-key"]

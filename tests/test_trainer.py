@@ -8,6 +8,7 @@ import sys
 import pytest
 import yaml
 
+from referee.keys import Keys
 from tests.conftest import REDIS_URL, REPO
 
 
@@ -71,7 +72,8 @@ def test_grpo_with_winrate_rewards_through_redis(tiny_policy_dir, tmp_path, redi
             assert row["reward"] == pytest.approx(0.5, abs=1e-6)
         assert row["judge/latency_s"] > 0
     r = redis.Redis.from_url(REDIS_URL)
-    assert r.zscore(f"{redis_prefix}:jobs", job) is not None  # the rewards travelled through Redis
+    # The rewards travelled through Redis (the open tenant's namespace: this server has no keys).
+    assert r.zscore(Keys(redis_prefix).jobs, job) is not None
     r.close()
 
 
@@ -143,3 +145,59 @@ def test_two_trainer_jobs_share_one_judge(tiny_policy_dir, tmp_path, redis_prefi
         assert "done: metrics" in out
     for job in ("shared-a", "shared-b"):
         _check_run(tmp_path / "runs" / job, 2)
+
+
+def test_grpo_job_with_a_tenant_key_through_the_redis_acl(
+    tiny_policy_dir, tmp_path, tenant_server, monkeypatch
+):
+    """A job of tenant team-b on a server with keys: its key (REFEREE_API_KEY) logs it in to Redis as
+    its tenant's ACL user, and appears in none of the job's files."""
+    import redis
+
+    from trainer.settings import TrainSettings
+    from trainer.worker import run
+
+    key = tenant_server.keys["team-b"]
+    monkeypatch.setenv("REFEREE_API_KEY", key)
+    settings = TrainSettings(
+        **_settings(
+            tiny_policy_dir,
+            tmp_path,
+            tenant_server.prefix,
+            tenant_server.url,
+            job_id="keyed-job",
+            transport="queue",
+            max_steps=1,
+            rewards=[{"kind": "score", "judge": "tiny-rm", "on_failure": "raise"}],
+        )
+    )
+    assert settings.api_key.get_secret_value() == key
+    out = run(settings)
+    _check_run(out, 1)
+    r = redis.Redis.from_url(tenant_server.redis_url)
+    assert r.zscore(Keys(tenant_server.prefix, "team-b").jobs, "keyed-job") is not None  # as team-b
+    r.close()
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+
+
+async def test_worker_http_rewards_carry_the_key(tenant_server, monkeypatch):
+    from trainer.settings import TrainSettings
+    from trainer.worker import build_rewards
+
+    prompts = [[{"role": "user", "content": "Name a colour."}]] * 2
+    completions = [[{"role": "assistant", "content": c}] for c in ("Blue.", "Seven.")]
+    rewards = [{"kind": "score", "judge": "tiny-rm", "on_failure": "raise"}]
+    monkeypatch.setenv("REFEREE_API_KEY", tenant_server.keys["team-a"])
+    settings = TrainSettings(
+        job_id="keyed-http", transport="http", server_url=tenant_server.url, rewards=rewards
+    )
+    [reward], _ = build_rewards(settings)
+    assert all(isinstance(v, float) for v in await reward(prompts=prompts, completions=completions))
+    monkeypatch.delenv("REFEREE_API_KEY")
+    [unkeyed], _ = build_rewards(settings.model_copy(update={"api_key": None}))
+    from referee.trl import RewardUnavailable
+
+    with pytest.raises(RewardUnavailable):  # refused (401), so no reward: never a made-up one
+        await unkeyed(prompts=prompts, completions=completions)

@@ -6,9 +6,11 @@ Importing it pulls in neither torch nor vllm.
 from .client import (
     APIError,
     AsyncReferee,
+    AuthenticationError,
     BacklogFull,
     BadRequest,
     Overloaded,
+    PermissionDenied,
     QueueUnavailable,
     Referee,
     RefereeError,
@@ -41,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "APIError",
     "AsyncReferee",
+    "AuthenticationError",
     "BacklogFull",
     "BadRequest",
     "JudgeItem",
@@ -52,6 +55,7 @@ __all__ = [
     "PairwiseItem",
     "PairwiseRequest",
     "PairwiseResponse",
+    "PermissionDenied",
     "QueueReferee",
     "QueueUnavailable",
     "Referee",

@@ -17,6 +17,15 @@ app = typer.Typer(help="referee: reward models and LLM judges for RL post-traini
 console = Console()
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="REFEREE_URL", help="The server's base URL.")]
+KeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="REFEREE_API_KEY",
+        show_default=False,
+        help="API key for a server with tenants (prefer $REFEREE_API_KEY: a flag shows in `ps`).",
+    ),
+]
 
 
 @app.command()
@@ -28,6 +37,14 @@ def serve(
         bool | None,
         typer.Option("--queue/--no-queue", help="Also judge requests from the Redis queue (REDIS_URL)."),
     ] = None,
+    allow_open: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-open",
+            help="Without tenants, bind a non-loopback --host anyway: anyone who reaches it can use it "
+            "(REFEREE_ALLOW_OPEN=1).",
+        ),
+    ] = None,
 ) -> None:
     """Start the reward server (installed with the cpu or gpu extra)."""
     try:
@@ -35,15 +52,16 @@ def serve(
     except ImportError as exc:
         console.print(f"[red]the server is not installed ({exc}); install referee[cpu] or referee[gpu][/red]")
         raise typer.Exit(1) from exc
-    run_server(config, host, port, queue)
+    run_server(config, host, port, queue, allow_open=allow_open)
 
 
 @app.command()
-def judges(url: UrlOption = DEFAULT_URL) -> None:
+def judges(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
     """List the judges the server has loaded."""
-    with Referee(url) as ref:
-        info = ref.judges()
-    table = Table("name", "kind", "model", "routes", "pairwise modes", title=f"judges at {url}")
+    with Referee(url, api_key=api_key) as ref:
+        info = _ask(ref.judges)
+        shown = ref.url
+    table = Table("name", "kind", "model", "routes", "pairwise modes", title=f"judges at {shown}")
     for j in info.judges:
         table.add_row(
             j.name + (" (default)" if j.default else ""),
@@ -78,13 +96,14 @@ def score(
     file: FileOption = None,
     judge: JudgeOption = None,
     url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
 ) -> None:
     """Score responses (arguments, or a JSONL file of {prompt, response})."""
     items = [ScoreItem(prompt=r["prompt"], response=r["response"]) for r in _rows(file)]
     items += [ScoreItem(prompt=prompt or "", response=r) for r in response or []]
     if not items:
         raise typer.BadParameter("give --prompt and --response, or --file")
-    with Referee(url) as ref:
+    with Referee(url, api_key=api_key) as ref:
         out = _ask(lambda: ref.score(judge=judge, items=items))
     table = Table("#", "response", "score", "error", title=f"POST /score ({out.judge})")
     for it, r in zip(items, out.results, strict=True):
@@ -102,6 +121,7 @@ def pairwise(
     mode: Annotated[str, typer.Option(help="logprob or cot.")] = "logprob",
     order: Annotated[str, typer.Option(help="single, random or both.")] = "both",
     url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
 ) -> None:
     """Compare two responses (arguments, or a JSONL file of {prompt, response_a, response_b})."""
     items = [
@@ -112,7 +132,7 @@ def pairwise(
         items.append(PairwiseItem(prompt=prompt or "", response_a=a, response_b=b))
     if not items:
         raise typer.BadParameter("give --prompt, --a and --b, or --file")
-    with Referee(url) as ref:
+    with Referee(url, api_key=api_key) as ref:
         out = _ask(lambda: ref.pairwise(judge=judge, items=items, mode=mode, order=order))
     table = Table(
         "#",
@@ -148,6 +168,7 @@ def winrate(
     mode: Annotated[str, typer.Option(help="logprob or cot.")] = "logprob",
     order: Annotated[str, typer.Option(help="single, random or both.")] = "both",
     url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
 ) -> None:
     """Pref-GRPO win rates of a group of responses to one prompt."""
     if file is not None:
@@ -155,7 +176,7 @@ def winrate(
         prompt, response = data["prompt"], data["responses"]
     if prompt is None or not response or len(response) < 2:
         raise typer.BadParameter("give --prompt and at least two --response, or --file")
-    with Referee(url) as ref:
+    with Referee(url, api_key=api_key) as ref:
         out = _ask(
             lambda: ref.winrate(judge=judge, prompt=prompt, responses=response, mode=mode, order=order)
         )
@@ -190,6 +211,7 @@ def eval_pairs(
         Path, typer.Argument(help="JSONL of preference pairs: prompt, chosen, rejected.", exists=True)
     ],
     url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
     judge: Annotated[str | None, typer.Option(help="Judge name (default: the server's default).")] = None,
     mode: Annotated[str, typer.Option(help="logprob or cot.")] = "logprob",
     order: Annotated[str, typer.Option(help="single, random or both.")] = "both",
@@ -215,7 +237,7 @@ def eval_pairs(
         import httpx
 
         wait = httpx.Timeout(connect=5.0, read=timeout, write=30.0, pool=timeout)
-        async with AsyncReferee(url, timeout=wait) as client:
+        async with AsyncReferee(url, timeout=wait, api_key=api_key) as client:
             with Progress(console=console) as progress:
                 task = progress.add_task(f"judging {len(pairs)} pairs", total=len(pairs))
                 return await evaluate(
@@ -231,7 +253,7 @@ def eval_pairs(
                     on_progress=lambda n: progress.advance(task, n),
                 )
 
-    report = asyncio.run(run())
+    report = _ask(lambda: asyncio.run(run()))
     table = Table("metric", "value", title=f"{report.judge}: {file.name} (mode={mode}, order={order})")
     rows = [
         ("pairs", report.pairs),
@@ -262,6 +284,194 @@ def eval_pairs(
     if output:
         output.write_text(report.to_json())
         console.print(f"report written to {output}")
+
+
+# ---------------------------------------------------------------- keys and Redis ACLs
+
+keys_app = typer.Typer(help="API keys for tenants (teams sharing a judge).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    tenant: Annotated[str, typer.Argument(help="The tenant (team) the key is for, e.g. team-a.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print {tenant, key, hash} as JSON.")] = False,
+) -> None:
+    """Make a new API key: prints the key (once: only its hash is kept), its hash and a tenants entry."""
+    from .auth import hash_key, new_key
+
+    try:
+        key = new_key(tenant)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="TENANT") from exc
+    digest = hash_key(key)
+    if as_json:
+        typer.echo(json.dumps({"tenant": tenant, "key": key, "hash": digest}))
+        return
+    typer.echo(f"key:  {key}")
+    typer.echo(f"hash: {digest}")
+    typer.echo(
+        "\n# Give the key to the team (REFEREE_API_KEY); it is shown only now. The server keeps the hash:"
+    )
+    typer.echo("# add this to the tenants file (REFEREE_TENANTS_FILE), or the hash to the tenant's keys.")
+    typer.echo(f'tenants:\n  - name: {tenant}\n    keys:\n      - "{digest}"\n    weight: 1.0')
+
+
+@keys_app.command("hash")
+def keys_hash(
+    key: Annotated[
+        str | None,
+        typer.Argument(
+            help="The key; '-' or nothing reads it from standard input (kept out of history).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Print the hash (sha256:<hex>) of an existing key, for the tenants file."""
+    import sys
+
+    from .auth import hash_key
+
+    if key in (None, "-"):
+        key = sys.stdin.readline().strip()
+    if not key:
+        raise typer.BadParameter("no key given", param_hint="KEY")
+    typer.echo(hash_key(key))
+
+
+def _read_tenants(path: Path) -> list[dict]:
+    """The tenants file, validated by the server's own model when it is installed, else here."""
+    try:
+        from reward_server.settings import read_tenants_file
+    except ImportError:
+        read_tenants_file = None
+    if read_tenants_file is not None:
+        return [t.model_dump() for t in read_tenants_file(path)]
+    from .auth import TENANT_PATTERN, valid_hash, valid_tenant
+
+    text = path.read_text()
+    try:
+        import yaml
+
+        data = yaml.safe_load(text)
+    except ImportError:  # the bare client package: JSON (which is YAML too)
+        data = json.loads(text)
+    if not isinstance(data, dict) or not isinstance(data.get("tenants"), list):
+        raise ValueError(f"tenants file {path} must hold a mapping with a list under 'tenants'")
+    tenants = []
+    for k, t in enumerate(data["tenants"]):
+        if not isinstance(t, dict) or not valid_tenant(str(t.get("name", ""))):
+            raise ValueError(
+                f"tenants[{k}]: a name matching {TENANT_PATTERN} (not a reserved one) is required"
+            )
+        keys = t.get("keys")
+        if (
+            not isinstance(keys, list)
+            or not keys
+            or not all(isinstance(h, str) and valid_hash(h) for h in keys)
+        ):
+            raise ValueError(
+                f"tenants[{k}] ({t['name']}): keys must be a list of 'sha256:<64 hex digits>' hashes "
+                "(`referee keys hash KEY`), never the keys themselves"
+            )
+        tenants.append(t)
+    names = [t["name"] for t in tenants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"tenant names must be unique, got {names}")
+    return tenants
+
+
+@app.command("redis-acl")
+def redis_acl(
+    tenants: Annotated[
+        Path,
+        typer.Option("--tenants", help="Tenants file (YAML `tenants: [...]`, keys hashed).", exists=True),
+    ],
+    prefix: Annotated[str, typer.Option(help="The queue's Redis key prefix (queue.prefix).")] = "referee",
+    server_password_env: Annotated[
+        str,
+        typer.Option(
+            help="Environment variable holding the password of the server's own Redis user "
+            "(referee-server); unset: no server user."
+        ),
+    ] = "REFEREE_REDIS_PASSWORD",
+    apply: Annotated[
+        str | None,
+        typer.Option(
+            "--apply",
+            metavar="REDIS_URL",
+            show_default=False,
+            help="Apply the users to this Redis (ACL SETUSER) instead of printing the file.",
+        ),
+    ] = None,
+    keep_default_user: Annotated[
+        bool,
+        typer.Option(
+            "--keep-default-user",
+            help="Leave Redis' passwordless `default` user as it is (by default it is switched off).",
+        ),
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the ACL file here (mode 0600) instead of standard output.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """The Redis ACL file for the queue: one user per tenant (password: its API key), and the server's.
+
+    Redis loads it with `--aclfile FILE`; --apply sets the users on a running Redis instead.
+    """
+    import os
+
+    try:
+        from .acl import acl_rules, apply_acl
+    except ImportError as exc:  # pragma: no cover - the ACL module ships with the SDK
+        console.print(f"[red]referee.acl is missing: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    try:
+        found = _read_tenants(tenants)
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    password = os.environ.get(server_password_env) or None
+    if password is None:
+        typer.echo(
+            f"note: ${server_password_env} is not set: no Redis user for the server is written", err=True
+        )
+    rules = acl_rules(found, prefix=prefix, server_password=password, disable_default=not keep_default_user)
+    if apply is not None:
+        import redis
+
+        from .client import redact
+
+        client = redis.Redis.from_url(apply)
+        default = [r for r in rules if r.split()[:2] == ["user", "default"]]
+        try:
+            users = apply_acl(client, [r for r in rules if r not in default])
+            # Last: connections already logged in as `default` (this one) keep working.
+            users += apply_acl(client, default, include_default=True)
+        except redis.RedisError as exc:
+            console.print(f"[red]cannot apply the ACL: {redact(str(exc), password)}[/red]")
+            raise typer.Exit(1) from exc
+        finally:
+            client.close()
+        typer.echo(f"applied users: {', '.join(users)}")
+        if default:
+            typer.echo(
+                "Redis' `default` user is now off: log in as another user from now on "
+                "(--keep-default-user leaves it on)",
+                err=True,
+            )
+        return
+    text = "\n".join(rules) + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    typer.echo(f"wrote {len(rules)} ACL rules to {output}", err=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Exceptions, all under ``RefereeError``::
     │   ├── RefereeTimeout
     │   └── QueueUnavailable  (queue) Redis unreachable or refusing commands, past the retries
     └── APIError              the server answered with an error status (``.status``, ``.code``)
+        ├── AuthenticationError  401: no API key, or one the server does not know (never retried)
+        ├── PermissionDenied  403: the key is valid but may not do this (never retried)
         ├── BadRequest        400/413/422: change the request (``.message`` says how)
         │   └── UnknownJudge  404: no judge of that name is loaded
         ├── Overloaded        429: too much in flight; retried with backoff before it is raised
@@ -15,12 +17,18 @@ Exceptions, all under ``RefereeError``::
 
 Retries (connection errors, 429, 503) use jittered exponential backoff and honour ``Retry-After``.
 Each request carries an ``Idempotency-Key`` that stays the same across its retries.
+
+Keys: a server with tenants wants ``Authorization: Bearer <key>`` on every call. ``api_key``
+defaults to ``$REFEREE_API_KEY``; ``job_id`` (header ``X-Referee-Job``) names the training job
+within the tenant, so the server shares the tenant's capacity fairly between its jobs. The key never
+appears in a client's repr nor in the SDK's exception messages and logs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,6 +37,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
+from .auth import key_from_env, tenant_of
 from .protocol import (
     JudgeRequest,
     JudgeResponse,
@@ -69,6 +78,14 @@ class APIError(RefereeError):
         self.status, self.code, self.message = status, code, message
 
 
+class AuthenticationError(APIError):
+    """401: the request had no API key, or a key the server does not know (or no longer knows)."""
+
+
+class PermissionDenied(APIError):
+    """403: the key is valid, but its tenant may not do this."""
+
+
 class BadRequest(APIError):
     pass
 
@@ -89,17 +106,21 @@ class Unavailable(APIError):
     pass
 
 
-def _api_error(response: httpx.Response) -> APIError:
+def _api_error(response: httpx.Response, secret: str | None = None) -> APIError:
     try:
         body = response.json()
         code, message = body.get("error", "error"), body.get("message", response.text)
     except ValueError:
         code, message = "error", response.text
-    return api_error(response.status_code, code, message)
+    return api_error(response.status_code, str(code), redact(str(message), secret))
 
 
 def api_error(status: int, code: str, message: str) -> APIError:
     """The exception for an error answer, whether it came over HTTP or through the queue."""
+    if status == 401:
+        return AuthenticationError(status, code, message)
+    if status == 403:
+        return PermissionDenied(status, code, message)
     if status == 404:
         return UnknownJudge(status, code, message)
     if status == 429:
@@ -128,6 +149,33 @@ def _retryable(response: httpx.Response) -> bool:
     return response.status_code in (429, 502, 503, 504)
 
 
+_PATH_TOKEN = re.compile(r"/k/[^/?#]+")
+
+
+def redact(text: str, secret: str | None = None) -> str:
+    """``text`` without ``secret`` and without the key of a ``/k/<key>/`` URL path."""
+    if secret:
+        text = text.replace(secret, "***")
+    return _PATH_TOKEN.sub("/k/***", text)
+
+
+def mask_key(key: str | None) -> str | None:
+    """What may be shown of a key: its tenant (``rk.team-a.***``), never the secret part."""
+    if not key:
+        return None
+    tenant = tenant_of(key)
+    return f"rk.{tenant}.***" if tenant else "***"
+
+
+def auth_headers(api_key: str | None, job_id: str | None) -> dict[str, str]:
+    headers = {}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    if job_id:
+        headers["X-Referee-Job"] = job_id
+    return headers
+
+
 def _request_args(body: BaseModel | None, timeout: float | None = None) -> dict[str, Any]:
     headers = {"Idempotency-Key": uuid.uuid4().hex}
     if timeout:  # the server stops working on the request when this client would stop waiting
@@ -144,9 +192,32 @@ def _build(model: type[T], request: T | None, fields: dict) -> T:
 
 
 class _Base:
-    def __init__(self, base_url: str, retry: RetryPolicy | None) -> None:
+    def __init__(
+        self, base_url: str, retry: RetryPolicy | None, api_key: str | None, job_id: str | None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
+        self._api_key = key_from_env(api_key)
+        self.job_id = job_id
+        # A key given in the URL's path (``/k/<key>``) is a secret as well.
+        self._secret = self._api_key
+        if self._secret is None and (m := _PATH_TOKEN.search(self.base_url)):
+            self._secret = m.group(0)[3:]
+
+    @property
+    def _headers(self) -> dict[str, str]:
+        return auth_headers(self._api_key, self.job_id)
+
+    @property
+    def url(self) -> str:
+        """The base URL as it may be shown (a ``/k/<key>`` path token masked)."""
+        return redact(self.base_url, self._secret)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.url!r}, api_key={mask_key(self._api_key)!r}, "
+            f"job_id={self.job_id!r})"
+        )
 
     def _settle(
         self, what: str, attempt: int, response: httpx.Response | None, exc: Exception | None, out: type[T]
@@ -154,21 +225,27 @@ class _Base:
         """One attempt's outcome: the parsed answer, or the delay before the next attempt (or raise)."""
         last = attempt + 1 == self.retry.attempts
         if isinstance(exc, httpx.TimeoutException):
-            raise RefereeTimeout(f"{what} timed out: {exc}") from exc
+            raise RefereeTimeout(redact(f"{what} timed out: {exc}", self._secret)) from exc
         if exc is not None:
             if last:
-                raise TransportError(f"{what}: cannot reach {self.base_url}: {exc}") from exc
+                raise TransportError(
+                    redact(f"{what}: cannot reach {self.base_url}: {exc}", self._secret)
+                ) from exc
             return self.retry.delay(attempt, None)
         assert response is not None
         if response.is_success:
             return out.model_validate(response.json())
         if not _retryable(response) or last:
-            raise _api_error(response)
+            raise _api_error(response, self._secret)
         return self.retry.delay(attempt, response)
 
 
 class Referee(_Base):
-    """Synchronous client. ``with Referee(url) as ref: ref.winrate(prompt=..., responses=[...])``."""
+    """Synchronous client. ``with Referee(url) as ref: ref.winrate(prompt=..., responses=[...])``.
+
+    ``api_key`` (default ``$REFEREE_API_KEY``) and ``job_id`` go with every request as
+    ``Authorization: Bearer`` and ``X-Referee-Job``.
+    """
 
     def __init__(
         self,
@@ -177,9 +254,13 @@ class Referee(_Base):
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
+        job_id: str | None = None,
     ) -> None:
-        super().__init__(base_url, retry)
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        super().__init__(base_url, retry, api_key, job_id)
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, transport=transport, headers=self._headers
+        )
 
     def _call(self, method: str, path: str, body: BaseModel | None, out: type[T]) -> T:
         args = _request_args(body, self._http.timeout.read)
@@ -238,11 +319,13 @@ class AsyncReferee(_Base):
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 256,
+        api_key: str | None = None,
+        job_id: str | None = None,
     ) -> None:
-        super().__init__(base_url, retry)
+        super().__init__(base_url, retry, api_key, job_id)
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=timeout, transport=transport, limits=limits
+            base_url=self.base_url, timeout=timeout, transport=transport, limits=limits, headers=self._headers
         )
 
     async def _call(self, method: str, path: str, body: BaseModel | None, out: type[T]) -> T:

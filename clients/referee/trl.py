@@ -42,6 +42,11 @@ and ``judge/<name>/masked`` (returned as ``None``).
 A failed judge call leaves the completions it concerned unscored, and ``on_failure`` decides.
 Judge statistics (ties, invalid verdicts, win-rate spread, latency) are logged through TRL's
 ``log_metric`` keyword when TRL passes it, under ``judge/...``.
+
+A server with tenants needs a key: ``api_key=`` (default ``$REFEREE_API_KEY``; prefer the
+environment to a key in a training script) and optionally ``job_id=`` (the server shares the
+tenant's capacity fairly between its jobs). Through Redis, give the key to the client instead:
+``client_factory=lambda: QueueReferee(job_id="run-1", api_key=key)``.
 """
 
 from __future__ import annotations
@@ -114,8 +119,21 @@ def _group_by_prompt(prompts: Sequence[Any]) -> dict[str, list[int]]:
 class _Judged:
     """Creates the client lazily inside the event loop that calls it (TRL runs its own loop)."""
 
-    def __init__(self, factory: ClientFactory | None, url: str | None) -> None:
-        self._factory = factory or (lambda: AsyncReferee(url or "http://127.0.0.1:8000"))
+    def __init__(
+        self,
+        factory: ClientFactory | None,
+        url: str | None,
+        api_key: str | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        if factory is not None and (api_key is not None or job_id is not None):
+            raise ValueError(
+                "give api_key/job_id to the client your client_factory makes "
+                "(AsyncReferee(..., api_key=...) or QueueReferee(..., api_key=...)), not to the reward"
+            )
+        self._factory = factory or (
+            lambda: AsyncReferee(url or "http://127.0.0.1:8000", api_key=api_key, job_id=job_id)
+        )
         self._clients: dict[int, JudgeClient] = {}
 
     def client(self) -> JudgeClient:
@@ -204,6 +222,8 @@ def winrate_reward(
     *,
     url: str | None = None,
     client_factory: ClientFactory | None = None,
+    api_key: str | None = None,
+    job_id: str | None = None,
     judge: str | None = None,
     mode: str = "logprob",
     order: str = "both",
@@ -216,7 +236,7 @@ def winrate_reward(
     sync: bool = False,
 ) -> Callable[..., Any]:
     """Pref-GRPO's reward: each completion's win rate within the group of its prompt's completions."""
-    judged = _Judged(client_factory, url)
+    judged = _Judged(client_factory, url, api_key, job_id)
     on_failure = _check_policy(on_failure)
 
     async def reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> list[float | None]:
@@ -279,6 +299,8 @@ def score_reward(
     *,
     url: str | None = None,
     client_factory: ClientFactory | None = None,
+    api_key: str | None = None,
+    job_id: str | None = None,
     judge: str | None = None,
     rubric: str | None = None,
     on_failure: OnFailure = "group_mean",
@@ -286,7 +308,7 @@ def score_reward(
     sync: bool = False,
 ) -> Callable[..., Any]:
     """The judge's pointwise score of each completion (a reward model's logit, or a judge's rating)."""
-    judged = _Judged(client_factory, url)
+    judged = _Judged(client_factory, url, api_key, job_id)
     on_failure = _check_policy(on_failure)
 
     async def reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> list[float | None]:
@@ -315,6 +337,8 @@ def preference_reward(
     *,
     url: str | None = None,
     client_factory: ClientFactory | None = None,
+    api_key: str | None = None,
+    job_id: str | None = None,
     reference_column: str = "reference",
     judge: str | None = None,
     mode: str = "logprob",
@@ -326,7 +350,7 @@ def preference_reward(
     sync: bool = False,
 ) -> Callable[..., Any]:
     """P(completion is better than the dataset's reference response), from ``/pairwise``."""
-    judged = _Judged(client_factory, url)
+    judged = _Judged(client_factory, url, api_key, job_id)
     on_failure = _check_policy(on_failure)
 
     async def reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> list[float | None]:

@@ -13,6 +13,11 @@ verl passes the decoded responses (``solution_strs``), the dataset's ground trut
 question: ``score`` (pointwise), ``preference`` (P(response better than the ground truth)) or
 ``winrate`` (Pref-GRPO: responses grouped by prompt, each rewarded with its win rate).
 
+A server with tenants needs a key: set ``REFEREE_API_KEY`` in the environment of verl's reward
+workers (the default of ``api_key``), rather than ``reward_kwargs.api_key``, which verl would print
+with the rest of its configuration. ``job_id`` (``+custom_reward_function.reward_kwargs.job_id=...``)
+names the job within the tenant for the server's fair sharing.
+
 verl needs a number for every response, so a response the judge could not score raises an error
 naming it (``on_error="raise"``, the default) or becomes NaN (``on_error="nan"``); it never
 becomes a neutral score.
@@ -44,6 +49,8 @@ def compute_score(
     mode: str = "logprob",
     order: str = "both",
     on_error: Literal["raise", "nan"] = "raise",
+    api_key: str | None = None,
+    job_id: str | None = None,
     **_: Any,
 ) -> list[float]:
     prompts = []
@@ -56,7 +63,16 @@ def compute_score(
             )
         prompts.append(prompt)
     values, errors = asyncio.run(
-        _judge(url, judge, reward, prompts, list(solution_strs), list(ground_truths), mode, order)
+        _judge(
+            AsyncReferee(url, api_key=api_key, job_id=job_id),
+            judge,
+            reward,
+            prompts,
+            list(solution_strs),
+            list(ground_truths),
+            mode,
+            order,
+        )
     )
     failed = [f"{k} ({data_sources[k]}): {e}" for k, e in enumerate(errors) if e is not None]
     if failed and on_error == "raise":
@@ -64,11 +80,11 @@ def compute_score(
     return [math.nan if v is None else v for v in values]
 
 
-async def _judge(url, judge, reward, prompts, responses, references, mode, order):
+async def _judge(client, judge, reward, prompts, responses, references, mode, order):
     n = len(responses)
     values: list[float | None] = [None] * n
     errors: list[str | None] = [None] * n
-    async with AsyncReferee(url) as client:
+    async with client:
         if reward == "score":
             out = await client.score(
                 ScoreRequest(

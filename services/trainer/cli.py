@@ -21,6 +21,14 @@ def main(
     transport: Annotated[str | None, typer.Option(help="queue (Redis) or http.")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="Where runs/<job-id>/ goes.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling and initialisation seed.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="REFEREE_API_KEY",
+            show_default=False,
+            help="The tenant's API key (prefer $REFEREE_API_KEY: a flag shows in `ps`).",
+        ),
+    ] = None,
 ) -> None:
     """Train a policy with GRPO, with rewards from the referee judge (win rates by default)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,7 +38,12 @@ def main(
     overrides = {
         k: v
         for k, v in dict(
-            job_id=job_id, max_steps=max_steps, transport=transport, output_dir=output_dir, seed=seed
+            job_id=job_id,
+            max_steps=max_steps,
+            transport=transport,
+            output_dir=output_dir,
+            seed=seed,
+            api_key=api_key,
         ).items()
         if v is not None
     }

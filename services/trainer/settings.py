@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources import YamlConfigSettingsSource
 
@@ -38,7 +38,9 @@ class RewardSettings(BaseModel):
 
 
 class TrainSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REFEREE_TRAIN_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="REFEREE_TRAIN_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
+    )
 
     job_id: str = Field("job-1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     policy: str = Field(
@@ -52,6 +54,16 @@ class TrainSettings(BaseSettings):
     redis_url: str | None = Field(None, description="Default: $REDIS_URL or redis://127.0.0.1:6379/0.")
     redis_prefix: str = "referee"
     server_url: str = "http://127.0.0.1:8000"
+    api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("REFEREE_API_KEY", "REFEREE_TRAIN_API_KEY"),
+        description="The tenant's API key ($REFEREE_API_KEY; keep it out of YAML files): sent to the "
+        "server (http) or used as the tenant's Redis password (queue). Never logged or written out.",
+    )
+    tenant: str | None = Field(
+        None,
+        description="The tenant's Redis user (queue). Default: read from an rk.<tenant>.<secret> key.",
+    )
     judge_timeout_s: float = 600.0
     rewards: list[RewardSettings] = Field(default_factory=lambda: [RewardSettings()])
     output_dir: Path = Path("runs")

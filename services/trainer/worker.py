@@ -50,6 +50,9 @@ def load_prompts(settings: TrainSettings) -> list[dict[str, Any]]:
 
 
 def build_rewards(settings: TrainSettings) -> tuple[list, list[float]]:
+    # The key goes only to the client (as a header, or as the tenant's Redis password); it is never
+    # logged nor written to the job's files.
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
     if settings.transport == "queue":
 
         def factory():
@@ -58,11 +61,13 @@ def build_rewards(settings: TrainSettings) -> tuple[list, list[float]]:
                 job_id=settings.job_id,
                 prefix=settings.redis_prefix,
                 timeout=settings.judge_timeout_s,
+                api_key=api_key,
+                tenant=settings.tenant,
             )
     else:
 
         def factory():
-            return AsyncReferee(settings.server_url)
+            return AsyncReferee(settings.server_url, api_key=api_key, job_id=settings.job_id)
 
     funcs = []
     for k, r in enumerate(settings.rewards):
