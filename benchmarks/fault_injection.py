@@ -83,6 +83,7 @@ LIMITS = {
     "max_group_size": 8,
     "max_text_chars": 2000,
     "max_inflight": 32,
+    "max_waiting": 64,  # a 10x burst: 32 engine requests run, 64 wait their turn, the rest get 429
     "max_retries": 2,
     "max_new_tokens": 256,
     "max_messages": 8,
