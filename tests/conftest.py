@@ -38,6 +38,7 @@ TEST_LIMITS = {
     "max_text_chars": 20_000,
     "max_inflight": 160,
     "max_waiting": 80,
+    "max_queue_wait_s": 300,
     "max_retries": 2,
     "max_new_tokens": 256,
     "max_body_bytes": 1 << 20,

@@ -141,3 +141,37 @@ async def test_tenants_get_their_own_prefix_cache_salt_only_when_isolated():
     shared = FairScheduler(10, 10)
     async with shared.admit("anonymous", "j", 1, wait=False) as ticket:
         assert "cache_salt" not in RequestContext(ticket=ticket).engine_args()
+
+
+async def test_refused_attempts_do_not_build_up_a_debt_for_their_flow():
+    s = _scheduler(max_inflight=2, max_waiting=0)
+    async with s.admit("x", "j", 1, wait=False):  # keeps the scheduler busy (no idle reset)
+        async with s.admit("y", "j", 1, wait=False):
+            for _ in range(50):  # a client retrying while the judge is full: refused every time
+                with pytest.raises(AdmissionRefused):
+                    async with s.admit("h", "j", 1, wait=False):
+                        pass
+        async with s.admit("h", "j", 1, wait=False) as ticket:
+            assert ticket.start < 2  # not 50 requests behind
+
+
+async def test_waiting_is_bounded_by_max_wait_and_by_part_of_the_deadline():
+    import time
+
+    from reward_server.fairness import DEADLINE
+
+    s = FairScheduler(1, 10, max_wait_s=0.2)
+    async with s.admit("a", "j", 1, wait=False):
+        t = time.monotonic()
+        with pytest.raises(AdmissionRefused) as err:  # HTTP: 429 after max_wait_s
+            async with s.admit("b", "j", 1, wait=False):
+                pass
+        assert err.value.status == 429 and "waited 0.2s" in err.value.message
+        assert 0.15 < time.monotonic() - t < 1.0
+        DEADLINE.set(time.monotonic() + 0.4)  # a queued message with 0.4 s left waits 0.2 s at most
+        t = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            async with s.admit("c", "j", 1, wait=True):
+                pass
+        assert 0.1 < time.monotonic() - t < 0.35
+        assert s.status()["waiting"] == 0 and s.waiting_cost == 0

@@ -37,6 +37,7 @@ from referee.protocol import (
 
 from . import compat, metrics
 from .engine import EngineDead
+from .fairness import DEADLINE
 from .idempotency import IdempotencyCache
 from .lifecycle import Supervisor
 from .service import ClientError, JudgeService
@@ -402,7 +403,11 @@ class ObservedApp:
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        app = asyncio.ensure_future(self.app(scope, app_receive, send))
+        token = DEADLINE.set(time.monotonic() + timeout)  # copied into the app's task
+        try:
+            app = asyncio.ensure_future(self.app(scope, app_receive, send))
+        finally:
+            DEADLINE.reset(token)
         watcher = asyncio.ensure_future(watch_disconnect())
         try:
             done, _ = await asyncio.wait({app, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

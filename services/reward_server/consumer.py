@@ -63,6 +63,7 @@ from referee.protocol import REQUEST_MODELS, SCHEMA_VERSION, ErrorResponse, Queu
 from referee.scripts import TENANT_SCRIPTS
 
 from . import metrics
+from .fairness import DEADLINE
 from .service import ClientError, JudgeService
 from .settings import QueueSettings
 
@@ -439,7 +440,13 @@ class QueueConsumer:
             request = REQUEST_MODELS[msg.type].model_validate(msg.body)
             # Past the deadline the judging is cancelled (and with it its engine requests).
             left = None if msg.deadline is None else msg.deadline - time.time()
-            response = await asyncio.wait_for(self._judge(msg.type, request, tenant, job), left)
+            # Admission waits for at most part of what is left (fairness.DEADLINE): a message that
+            # cannot start in time is answered `expired` rather than cancelled part-way through.
+            token = DEADLINE.set(None if left is None else time.monotonic() + left)
+            try:
+                response = await asyncio.wait_for(self._judge(msg.type, request, tenant, job), left)
+            finally:
+                DEADLINE.reset(token)
         except asyncio.TimeoutError:
             await self._expired(at, msg, deliveries, picked)
             return

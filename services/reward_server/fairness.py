@@ -24,6 +24,7 @@ engines between its jobs.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import math
 import time
@@ -34,6 +35,13 @@ from dataclasses import dataclass, field
 
 from . import metrics
 
+# The request's deadline (time.monotonic()), set by whoever received it: the HTTP edge from
+# X-Request-Timeout, the queue consumer from the message's deadline.
+DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("referee_deadline", default=None)
+# Of the time left to its deadline, the part a request may spend waiting for admission: the rest is
+# kept for judging it. A request admitted with almost no time left would be cancelled part-way
+# through at its deadline, its engine work wasted, and under overload that waste feeds on itself.
+WAIT_FRACTION = 0.5
 PRIORITY_SCALE = 1000  # vLLM priorities are integers: tags in thousandths of an engine request
 TOKEN_WINDOW_S = 60.0
 
@@ -61,6 +69,7 @@ class Ticket:
     admitted: asyncio.Future | None = field(default=None, repr=False)
     seq: int = 0
     wait_counted: bool = False  # counted in waiting_cost (an HTTP request waiting)
+    previous_finish: float | None = None  # its flow's finish tag before it was tagged
 
     def next_priority(self) -> int:
         """The vLLM priority of this request's next engine request (lower is served first)."""
@@ -89,8 +98,10 @@ class FairScheduler:
         policies: dict[str, TenantPolicy] | None = None,
         *,
         isolate_cache: bool = False,
+        max_wait_s: float | None = None,
     ) -> None:
         self.max_inflight = max_inflight
+        self.max_wait_s = max_wait_s
         self.max_waiting = max_waiting
         self.policies = policies or {}
         self.isolate_cache = isolate_cache
@@ -123,11 +134,23 @@ class FairScheduler:
         jobs[job] = jobs.get(job, 0) + 1
         weight = self.policy(tenant).weight / len(jobs)
         flow = (tenant, job)
-        start = max(self._vtime(), self._finish.get(flow, 0.0))
+        previous = self._finish.get(flow)
+        start = max(self._vtime(), previous or 0.0)
         step = 1.0 / weight
         self._finish[flow] = start + cost * step
         salt = tenant if self.isolate_cache else None
-        return Ticket(tenant, job, cost, start, step, salt, seq=next(self._seq))
+        return Ticket(tenant, job, cost, start, step, salt, seq=next(self._seq), previous_finish=previous)
+
+    def _untag(self, ticket: Ticket) -> None:
+        """A request refused or given up before it ran used none of its flow's share: unless a later
+        request of the flow was tagged after it, its flow's finish tag goes back to what it was (a
+        client retrying refused requests must not build up a debt that later starves it)."""
+        flow = (ticket.tenant, ticket.job)
+        if self._finish.get(flow) == ticket.start + ticket.cost * ticket.step:
+            if ticket.previous_finish is None:
+                self._finish.pop(flow, None)
+            else:
+                self._finish[flow] = ticket.previous_finish
 
     def _forget(self, ticket: Ticket) -> None:
         jobs = self._busy_jobs.get(ticket.tenant, {})
@@ -211,6 +234,8 @@ class FairScheduler:
         try:
             await self._acquire(ticket, wait)
         except BaseException:
+            if ticket not in self._running:  # refused, or cancelled while waiting: it used nothing
+                self._untag(ticket)
             self._forget(ticket)
             self._dispatch()
             raise
@@ -251,14 +276,39 @@ class FairScheduler:
             self.waiting_cost += ticket.cost
         ticket.wait_counted = not wait
         metrics.ADMISSION_WAITING.set(len(self._waiters))
+        budget = self._wait_budget(wait)
         try:
-            await ticket.admitted
+            await asyncio.wait_for(asyncio.shield(ticket.admitted), budget)
+        except asyncio.TimeoutError:
+            if ticket.admitted.done():  # admitted at the last moment: keep it
+                return
+            self._unwait(ticket)
+            metrics.TENANT_REFUSED.labels(ticket.tenant, "deadline").inc()
+            if wait:  # a queued message: answered `expired` by the consumer, unjudged
+                raise
+            raise AdmissionRefused(
+                429,
+                "overloaded",
+                f"waited {budget:.1f}s for the engines (limits.max_queue_wait_s, or half the request's "
+                f"deadline) with {self.inflight} engine requests in flight and {len(self._waiters)} "
+                "requests waiting; retry after the delay in Retry-After",
+                1.0,
+            ) from None
         except BaseException:
             if ticket in self._waiters:
                 self._unwait(ticket)
             elif ticket in self._running:  # admitted just as it was cancelled
                 self._release(ticket, forget=False)
             raise
+
+    def _wait_budget(self, wait: bool) -> float | None:
+        """How long a request may wait for admission: a part of the time left to its deadline, and
+        for HTTP requests at most ``max_wait_s``."""
+        deadline = DEADLINE.get()
+        budget = None if deadline is None else max(0.0, (deadline - time.monotonic()) * WAIT_FRACTION)
+        if not wait and self.max_wait_s is not None:
+            budget = self.max_wait_s if budget is None else min(budget, self.max_wait_s)
+        return budget
 
     def _unwait(self, ticket: Ticket) -> None:
         self._waiters.remove(ticket)

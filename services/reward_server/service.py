@@ -79,7 +79,11 @@ class JudgeService:
         # Tenants do not share prefix-cache blocks (vLLM's cache_salt): a shared cache would let one
         # tenant time another's prompts. With no tenants there is one tenant and nothing to isolate.
         self.scheduler = FairScheduler(
-            self.limits.max_inflight, self.limits.max_waiting, policies, isolate_cache=settings.auth
+            self.limits.max_inflight,
+            self.limits.max_waiting,
+            policies,
+            isolate_cache=settings.auth,
+            max_wait_s=self.limits.max_queue_wait_s,
         )
 
     # ------------------------------------------------------------ lifecycle

@@ -125,6 +125,11 @@ class Limits(BaseModel):
     max_body_bytes: int = Field(
         32 << 20, ge=1024, description="Request body size; larger bodies get 413 before any parsing."
     )
+    max_queue_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest an HTTP request waits for the engines (at most half its deadline); then 429.",
+    )
     request_timeout_s: float = Field(
         900.0,
         gt=0,
