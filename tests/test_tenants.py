@@ -93,19 +93,30 @@ def test_tenant_limits_answer_429_or_413_naming_the_limit(tenant_server):
     # team-c: max_inflight 4 engine requests
     too_big = _score(ts, "team-c", items=[ITEM] * 5)
     assert too_big.status_code == 413 and "max_inflight of 4" in too_big.json()["message"]
-    long_item = {"prompt": QUESTION * 20, "response": "Paris is the capital of France. " * 60}
-    start = threading.Barrier(16)
+    long_item = {"prompt": QUESTION * 20, "response": "Paris is the capital of France. " * 100}
 
-    def send(_):
-        start.wait()
-        return _score(ts, "team-c", items=[long_item] * 4)
+    def burst(n: int) -> list[httpx.Response]:
+        start = threading.Barrier(n)
 
-    with cf.ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(send, range(16)))
-    codes = sorted(r.status_code for r in responses)
-    assert set(codes) <= {200, 429} and 200 in codes, codes
-    limited = [r for r in responses if r.status_code == 429]
-    assert limited, "16 simultaneous requests of 4 engine requests never exceeded a limit of 4"
+        def send(_):
+            start.wait()
+            return _score(ts, "team-c", items=[long_item] * 4)
+
+        with cf.ThreadPoolExecutor(n) as pool:
+            return list(pool.map(send, range(n)))
+
+    # Whether simultaneous requests overlap in the engine depends on timing: send rounds of them
+    # until one overlaps (the first round nearly always does); the rule itself is timing-free in
+    # test_fairness.py.
+    limited = []
+    for _ in range(10):
+        responses = burst(24)
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) <= {200, 429} and 200 in codes, codes
+        limited = [r for r in responses if r.status_code == 429]
+        if limited:
+            break
+    assert limited, "ten rounds of 24 simultaneous requests of 4 engine requests never exceeded a limit of 4"
     assert "max_inflight" in limited[0].json()["message"] and limited[0].headers["Retry-After"]
     # team-b, sharing the judge at the same time, was never limited by team-c's limit
     assert _score(ts, "team-b").status_code == 200
