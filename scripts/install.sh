@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv and install referee with the CPU build of vLLM, the test tools and the embedded judge.
-# Usage: scripts/install.sh [extras]   (default extras: cpu,trainer,dev; use gpu,... on a CUDA machine)
+# Usage: scripts/install.sh [extras]   (default extras: cpu,trainer,images,dev; use gpu,... on a CUDA machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${1:-cpu,trainer,dev}"
+EXTRAS="${1:-cpu,trainer,images,dev}"
 PYTHON="${PYTHON:-python3}"
 
 if [ ! -x .venv/bin/python ]; then

@@ -46,6 +46,10 @@ TEST_LIMITS = {
 }
 
 
+# Image limits small enough to reach with small files.
+TEST_MEDIA = {"max_image_bytes": 200_000, "max_image_pixels": 1_000_000, "max_images": 12, "blob_ttl_s": 600}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,6 +68,21 @@ def tiny_classifier_dir(tmp_path_factory, embedded_dir) -> Path:
     from tests.model_factory import make_tiny_classifier
 
     return make_tiny_classifier(tmp_path_factory.mktemp("models") / "tiny-rm", embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory, embedded_dir) -> Path:
+    from tests.model_factory import make_tiny_vlm
+
+    return make_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny-vlm", embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    from tests.model_factory import make_tiny_clip
+
+    corpus = REPO / "tests" / "data" / "hh_harmless_subset.jsonl"
+    return make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip", corpus)
 
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -233,10 +252,13 @@ class TenantServer:
 
 
 @pytest.fixture(scope="session")
-def tenant_server(tmp_path_factory, tiny_classifier_dir) -> TenantServer:
+def tenant_server(tmp_path_factory, tiny_classifier_dir, tiny_vlm_dir, tiny_clip_dir) -> TenantServer:
     """A second real server, with keys: four tenants (weights 2:1:1:1, limits on team-c and team-d), the tiny
-    reward model only (quick to start), the queue on its own prefix, and a Redis ACL user per
-    tenant made by ``referee.acl`` (removed at the end; the shared Redis keeps its default user)."""
+    reward model (the default judge), the tiny vision-language judge (``tiny-vlm``, float32, so
+    that small differences between images are not lost to rounding) and a tiny CLIP image scorer
+    (``tiny-clip``), the queue on its own prefix,
+    and a Redis ACL user per tenant made by ``referee.acl`` (removed at the end; the shared Redis
+    keeps its default user)."""
     import redis
 
     from referee.acl import acl_rules, apply_acl, remove_users
@@ -255,8 +277,23 @@ def tenant_server(tmp_path_factory, tiny_classifier_dir) -> TenantServer:
                 "kind": "classifier",
                 "model": str(tiny_classifier_dir),
                 "engine": {"dtype": "float32", "max_model_len": 1024, "kv_cache_memory_gib": 0.125},
-            }
+            },
+            {
+                "name": "tiny-vlm",
+                "kind": "generative",
+                "model": str(tiny_vlm_dir),
+                # an untrained model's label mass varies a lot between inputs (see make_tiny_vlm)
+                "min_label_mass": 0.001,
+                "engine": {"dtype": "float32", "max_model_len": 2048, "kv_cache_memory_gib": 0.25},
+            },
+            {
+                "name": "tiny-clip",
+                "kind": "clip",
+                "model": str(tiny_clip_dir),
+                "engine": {"dtype": "float32", "max_model_len": 77, "kv_cache_memory_gib": 0.0625},
+            },
         ],
+        "media": TEST_MEDIA,
     }
     folder = tmp_path_factory.mktemp("tenants")
     path = folder / "judges.yaml"

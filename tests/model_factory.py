@@ -93,3 +93,166 @@ def make_tiny_policy(target: Path, tokenizer_dir: Path, *, seed: int = 0) -> Pat
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def make_tiny_vlm(target: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """A randomly initialised vision-language judge vLLM serves with image inputs.
+
+    The architecture is Idefics3 (SmolVLM's: a SigLIP-style vision tower, pixel shuffle, a Llama text
+    model) with the SmolLM2 tokenizer and its chat template. Qwen2-VL, the family of UnifiedReward,
+    needs torchvision for its image and video processors, which has no build for this CPU torch;
+    Idefics3's processor runs on PIL alone. Images are 128x128 (16 patches of 16, 16 image tokens).
+
+    An untrained model spreads its next-token probability over the whole vocabulary, so no verdict
+    label would reach the top log-probabilities. The output rows of the verdict and rating labels are
+    therefore aligned with the final hidden state the chat template's generation prompt leads to:
+    the labels take most of the probability, and which label wins still depends on the input (text
+    and pixels) through a random component of each row.
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+    )
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    if (target / "config.json").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    extra = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+    extra += [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tokenizer.add_special_tokens({"additional_special_tokens": extra})
+    torch.manual_seed(seed)
+    text = dict(
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = Idefics3Config(
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            image_size=128,
+            patch_size=16,
+        ),
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = Idefics3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # Pixels must matter: a larger connector projection than the default initialisation.
+        model.model.connector.modality_projection.proj.weight.normal_(0.0, 0.2)
+        messages = [{"role": "user", "content": "Which is better? Answer A or B."}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        hidden = model.model.text_model(input_ids=ids).last_hidden_state[0, -1]
+        direction = hidden / hidden.norm()
+        head = model.lm_head.weight
+        labels = ["A", "B", " A", " B", *[str(v) for v in range(1, 10)], *[f" {v}" for v in range(1, 10)]]
+        for label in labels:
+            ids = tokenizer(label, add_special_tokens=False).input_ids
+            if len(ids) != 1:  # not a token of its own: the judge reads the other spelling
+                continue
+            # a shared logit of about 12 on the reference input, and input-dependent differences
+            # between the labels of about one (the final hidden state's norm is about sqrt(128))
+            shared = 13.0 if label.strip() in "AB" else 11.5  # verdict labels above rating labels
+            head[ids[0]] = shared * direction / hidden.norm() + torch.randn(head.shape[1]) * 0.08
+    model.save_pretrained(target)
+    images = Idefics3ImageProcessorPil(
+        size={"longest_edge": 128}, max_image_size={"longest_edge": 128}, do_image_splitting=False
+    )
+    Idefics3Processor(
+        image_processor=images, tokenizer=tokenizer, image_seq_len=16, chat_template=tokenizer.chat_template
+    ).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def _caption_tokenizer(corpus: Path):
+    """A small byte-level BPE tokenizer (1024 tokens) trained on a text corpus, with CLIP's start and
+    end tokens appended (not at id 0, which vLLM's CLIP processor uses as its image placeholder)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    texts = [json.loads(line)["prompt"] for line in corpus.read_text().splitlines() if line.strip()]
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tk.train_from_iterator(texts, trainer)
+    tk.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    bos, eos = tk.token_to_id("<|startoftext|>"), tk.token_to_id("<|endoftext|>")
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+
+
+def make_tiny_clip(target: Path, corpus: Path, *, seed: int = 0) -> Path:
+    """A randomly initialised CLIP dual encoder (``CLIPModel``: the PickScore / HPS architecture) with
+    64-dimensional towers and projections, 32x32 images in 8x8 patches, and a BPE tokenizer trained
+    on ``corpus`` (a JSONL file with a ``prompt`` field)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    if (target / "config.json").exists():
+        return target
+    tokenizer = _caption_tokenizer(corpus)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            max_position_embeddings=77,
+            projection_dim=64,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            image_size=32,
+            patch_size=8,
+            projection_dim=64,
+        ),
+        projection_dim=64,
+    )
+    CLIPModel(config).save_pretrained(target)
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target

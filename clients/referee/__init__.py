@@ -20,7 +20,9 @@ from .client import (
     Unavailable,
     UnknownJudge,
 )
+from .images import blob, image
 from .protocol import (
+    ImagePart,
     JudgeItem,
     JudgeRequest,
     JudgeResponse,
@@ -46,6 +48,7 @@ __all__ = [
     "AuthenticationError",
     "BacklogFull",
     "BadRequest",
+    "ImagePart",
     "JudgeItem",
     "JudgeRequest",
     "JudgeResponse",
@@ -71,7 +74,9 @@ __all__ = [
     "WinRateRequest",
     "WinRateResponse",
     "__version__",
+    "blob",
     "bradley_terry",
     "group_advantages",
+    "image",
     "win_rates",
 ]

@@ -24,7 +24,9 @@ but they can only touch what its own user may. Only trusted code may log in as a
 
 What ACLs do not bound: a tenant may ``XADD`` to its own request streams directly, not through the
 send script, and so skip the per-job cap (``max_backlog``) and its own cap on waiting messages
-(``max_queued``). That stays within its own namespace: it cannot touch another tenant's streams,
+(``max_queued``); likewise it may ``SET`` keys of its own namespace directly and so skip the upload
+limits of the ``BLOB`` script (``media.max_image_bytes``, ``media.tenant_blob_bytes``). That stays
+within its own namespace: it cannot touch another tenant's streams,
 and the consumers still serve it at its fair share only (fair-share admission by tenant weight),
 so others are not starved of the judge. But memory is shared, and what bounds it is Redis itself:
 run it with ``maxmemory`` and ``maxmemory-policy noeviction``, so that a flood ends in ``OOM``
@@ -71,6 +73,10 @@ TENANT_COMMANDS = (
     "blpop",
     "exists",
     "get",
+    # uploads (the BLOB script): the image, the tenant's byte counter, their expiry
+    "set",
+    "incrby",
+    "pexpire",
 )
 
 # What the consumers send (reward_server.consumer), scripts' own commands included; SCRIPT LOAD
@@ -88,6 +94,8 @@ SERVER_COMMANDS = (
     "del",
     "exists",
     "expire",
+    "pexpire",
+    "incrby",
     "rpush",
     "hset",
     "hdel",
@@ -155,7 +163,7 @@ def server_rule(password: str, prefix: str = DEFAULT_PREFIX, user: str = SERVER_
 def acl_rules(
     tenants: list,
     *,
-    prefix: str = "referee",
+    prefix: str = DEFAULT_PREFIX,
     server_password: str | None = None,
     server_user: str = SERVER_USER,
     disable_default: bool = True,

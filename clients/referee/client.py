@@ -38,7 +38,11 @@ import httpx
 from pydantic import BaseModel
 
 from .auth import key_from_env, tenant_of
+from .defaults import DEFAULT_URL
+from .images import as_content, image_bytes
 from .protocol import (
+    BlobInfo,
+    ImagePart,
     JudgeRequest,
     JudgeResponse,
     JudgesResponse,
@@ -52,7 +56,6 @@ from .protocol import (
 
 T = TypeVar("T", bound=BaseModel)
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=30.0)
 
 
@@ -185,10 +188,33 @@ def _request_args(body: BaseModel | None, timeout: float | None = None) -> dict[
     return {"headers": headers, "json": body.model_dump(mode="json", exclude_none=True)}
 
 
+_CONTENT_FIELDS = ("prompt", "response", "response_a", "response_b")
+
+
+def _media(fields: dict) -> dict:
+    """Image sources (PIL images, arrays, bytes, paths) where content goes become image parts."""
+    out = dict(fields)
+    for name in _CONTENT_FIELDS:
+        if name in out:
+            out[name] = as_content(out[name])
+    if isinstance(out.get("responses"), list):
+        out["responses"] = [as_content(r) for r in out["responses"]]
+    if isinstance(out.get("items"), list):
+        out["items"] = [_media(it) if isinstance(it, dict) else it for it in out["items"]]
+    return out
+
+
 def _build(model: type[T], request: T | None, fields: dict) -> T:
     if request is not None:
         return request
-    return model(**{k: v for k, v in fields.items() if v is not None})
+    return model(**_media({k: v for k, v in fields.items() if v is not None}))
+
+
+def _upload_args(source: Any, timeout: float | None) -> dict[str, Any]:
+    args = _request_args(None, timeout)
+    args["content"] = image_bytes(source)
+    args["headers"]["Content-Type"] = "application/octet-stream"
+    return args
 
 
 class _Base:
@@ -262,8 +288,8 @@ class Referee(_Base):
             base_url=self.base_url, timeout=timeout, transport=transport, headers=self._headers
         )
 
-    def _call(self, method: str, path: str, body: BaseModel | None, out: type[T]) -> T:
-        args = _request_args(body, self._http.timeout.read)
+    def _call(self, method: str, path: str, body: BaseModel | None, out: type[T], args=None) -> T:
+        args = args or _request_args(body, self._http.timeout.read)
         for attempt in range(self.retry.attempts):
             response = error = None
             try:
@@ -278,6 +304,11 @@ class Referee(_Base):
 
     def score(self, request: ScoreRequest | None = None, **fields) -> ScoreResponse:
         return self._call("POST", "/score", _build(ScoreRequest, request, fields), ScoreResponse)
+
+    def upload(self, source: Any) -> ImagePart:
+        """Send an image once (``POST /blobs``); the returned part references it in later requests."""
+        info = self._call("POST", "/blobs", None, BlobInfo, _upload_args(source, self._http.timeout.read))
+        return ImagePart(blob=info.id)
 
     def pairwise(self, request: PairwiseRequest | None = None, **fields) -> PairwiseResponse:
         return self._call("POST", "/pairwise", _build(PairwiseRequest, request, fields), PairwiseResponse)
@@ -328,8 +359,8 @@ class AsyncReferee(_Base):
             base_url=self.base_url, timeout=timeout, transport=transport, limits=limits, headers=self._headers
         )
 
-    async def _call(self, method: str, path: str, body: BaseModel | None, out: type[T]) -> T:
-        args = _request_args(body, self._http.timeout.read)
+    async def _call(self, method: str, path: str, body: BaseModel | None, out: type[T], args=None) -> T:
+        args = args or _request_args(body, self._http.timeout.read)
         for attempt in range(self.retry.attempts):
             response = error = None
             try:
@@ -344,6 +375,12 @@ class AsyncReferee(_Base):
 
     async def score(self, request: ScoreRequest | None = None, **fields) -> ScoreResponse:
         return await self._call("POST", "/score", _build(ScoreRequest, request, fields), ScoreResponse)
+
+    async def upload(self, source: Any) -> ImagePart:
+        """Send an image once (``POST /blobs``); the returned part references it in later requests."""
+        args = _upload_args(source, self._http.timeout.read)
+        info = await self._call("POST", "/blobs", None, BlobInfo, args)
+        return ImagePart(blob=info.id)
 
     async def pairwise(self, request: PairwiseRequest | None = None, **fields) -> PairwiseResponse:
         return await self._call(

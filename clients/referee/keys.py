@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass
 
 from .auth import OPEN_TENANT, valid_tenant
+from .defaults import DEFAULT_PREFIX
 
-DEFAULT_PREFIX = "referee"
 CONSUMER_GROUP = "judges"
 # Job and request ids: no ':' (a key separator) and no glob characters ('*?[]\', ACL patterns).
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
@@ -99,6 +99,17 @@ class Keys:
     def dead_letter(self) -> str:
         """Stream of this tenant's messages that could not be judged, with their error."""
         return f"{self.namespace}dead-letter"
+
+    def blob(self, digest: str) -> str:
+        """An uploaded image's bytes, by the hex SHA-256 of its file (expires)."""
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"{digest!r} is not a hex SHA-256 digest")
+        return f"{self.namespace}blob:{digest}"
+
+    @property
+    def blob_bytes(self) -> str:
+        """Bytes this tenant uploaded within the blob TTL (a counter that expires with the newest)."""
+        return f"{self.namespace}blob-bytes"
 
     def job_from_stream(self, stream: str) -> str:
         return stream.removeprefix(self.streams_prefix)

@@ -7,9 +7,9 @@ server's default judge answers. Results come back in the order of the items, eac
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -18,7 +18,7 @@ PairwiseMode = Literal["logprob", "cot"]
 Order = Literal["single", "random", "both"]
 Verdict = Literal["A", "B", "tie", "invalid"]
 InconsistentRule = Literal["tie", "average", "drop"]
-JudgeKind = Literal["classifier", "generative"]
+JudgeKind = Literal["classifier", "generative", "clip"]
 
 
 class _Model(BaseModel):
@@ -27,9 +27,73 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# ---------------------------------------------------------------- media
+
+
+class TextPart(_Model):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImagePart(_Model):
+    """An image: inline (``data``, base64 of a PNG, JPEG or WebP file) or uploaded before (``blob``,
+    the id ``POST /blobs`` or ``QueueReferee.upload`` returned). Nothing is fetched from URLs."""
+
+    type: Literal["image"] = "image"
+    data: str | None = Field(None, description="Base64 of the image file (PNG, JPEG or WebP).")
+    blob: str | None = Field(
+        None, pattern=r"^sha256:[0-9a-f]{64}$", description="An uploaded image's id, sha256:<hex>."
+    )
+    _image: Any = PrivateAttr(None)  # the decoded image, once the server has resolved it
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImagePart:
+        if (self.data is None) == (self.blob is None):
+            raise ValueError("an image part takes exactly one of `data` (base64) or `blob` (an uploaded id)")
+        return self
+
+
+class ImageURL(_Model):
+    url: str = Field(description="A data: URL (data:image/png;base64,...). Remote URLs are not fetched.")
+    detail: str | None = None
+
+
+class ImageURLPart(_Model):
+    """The OpenAI chat shape of an image; only ``data:`` URLs are accepted."""
+
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageURL
+    _image: Any = PrivateAttr(None)
+
+
+Part = Annotated[TextPart | ImagePart | ImageURLPart, Field(discriminator="type")]
+Content = Annotated[
+    str | list[Part],
+    Field(
+        description="Text, or a list of parts: text ({type: text, text}) and images ({type: image, "
+        "data: <base64>} or {type: image, blob: <id from POST /blobs>}, or OpenAI's {type: image_url, "
+        "image_url: {url: data:...}}). Images need a judge whose model sees them (/judges: media)."
+    ),
+]
+
+
+def content_text(content: str | list) -> str:
+    """The text of a content value, its images left out."""
+    if isinstance(content, str):
+        return content
+    return "".join(p.text for p in content if isinstance(p, TextPart))
+
+
+def image_parts(content: str | list) -> list:
+    """The image parts of a content value, in order."""
+    if isinstance(content, str):
+        return []
+    return [p for p in content if not isinstance(p, TextPart)]
+
+
 class Message(_Model):
     role: Role
-    content: str
+    content: Content
 
 
 Prompt = Annotated[
@@ -62,7 +126,7 @@ class _JudgeOptions(_Model):
 
 class ScoreItem(_Model):
     prompt: Prompt
-    response: str
+    response: Content
 
 
 class ScoreRequest(_JudgeOptions):
@@ -95,8 +159,8 @@ class ScoreResponse(BaseModel):
 
 class PairwiseItem(_Model):
     prompt: Prompt
-    response_a: str
-    response_b: str
+    response_a: Content
+    response_b: Content
 
 
 class _PairwiseOptions(_JudgeOptions):
@@ -159,9 +223,9 @@ class PairwiseResponse(BaseModel):
 
 class JudgeItem(_Model):
     prompt: Prompt
-    response: str | None = Field(None, description="One response: the judge rates it.")
-    response_a: str | None = Field(None, description="Two responses: the judge compares them.")
-    response_b: str | None = None
+    response: Content | None = Field(None, description="One response: the judge rates it.")
+    response_a: Content | None = Field(None, description="Two responses: the judge compares them.")
+    response_b: Content | None = None
 
     @model_validator(mode="after")
     def _one_or_two(self) -> JudgeItem:
@@ -200,7 +264,9 @@ class JudgeResponse(BaseModel):
 
 class WinRateRequest(_PairwiseOptions):
     prompt: Prompt
-    responses: list[str] = Field(min_length=2, description="The group: N >= 2 responses to one prompt.")
+    responses: list[Content] = Field(
+        min_length=2, description="The group: N >= 2 responses (texts or images) to one prompt."
+    )
     opponents: int | None = Field(
         None,
         ge=1,
@@ -255,12 +321,24 @@ class JudgeInfo(BaseModel):
     default: bool
     routes: list[str]
     pairwise_modes: list[PairwiseMode]
+    media: list[Literal["image"]] = Field(
+        default_factory=list, description="What the judge's model sees besides text (empty: text only)."
+    )
     dtype: str | None = Field(None, description="The dtype the engine runs in (None while loading).")
 
 
 class JudgesResponse(BaseModel):
     default: str
     judges: list[JudgeInfo]
+
+
+class BlobInfo(BaseModel):
+    id: str = Field(description="sha256:<hex> of the bytes: reference it as {type: image, blob: id}.")
+    bytes: int
+    media_type: str = Field(description="image/png, image/jpeg or image/webp, as decoded.")
+    width: int
+    height: int
+    expires_in: float = Field(description="Seconds until the server forgets it (each upload renews it).")
 
 
 class ErrorResponse(BaseModel):

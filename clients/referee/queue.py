@@ -30,12 +30,15 @@ deadline, then ``QueueUnavailable`` says that no judge consumer has loaded the q
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import hashlib
 import logging
 import os
 import random
 import time
 import uuid
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
@@ -52,10 +55,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .auth import ENV_KEY, OPEN_TENANT, key_from_env, tenant_of
-from .client import APIError, BacklogFull, QueueUnavailable, RefereeTimeout, api_error, redact
+from .client import APIError, BacklogFull, QueueUnavailable, RefereeTimeout, _build, api_error, redact
+from .defaults import DEFAULT_REDIS_URL
+from .images import image_bytes
 from .keys import DEFAULT_PREFIX, Keys, check_id
 from .protocol import (
     RESPONSE_MODELS,
+    ImagePart,
     JudgeRequest,
     JudgeResponse,
     JudgesResponse,
@@ -68,13 +74,12 @@ from .protocol import (
     WinRateRequest,
     WinRateResponse,
 )
-from .scripts import SEND, SEND_SHA
+from .scripts import BLOB, BLOB_SHA, SEND, SEND_SHA
 
 T = TypeVar("T", bound=BaseModel)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_BACKLOG = 10_000  # the server's QueueSettings.max_backlog default
 _POLL_S = 2.0
 _MAX_CONNECTIONS = 10_000  # Redis' own default maxclients
@@ -218,18 +223,77 @@ class QueueReferee:
         now = time.time()
         if request_id is not None:
             check_id(request_id, "request_id")
+        body = request.model_dump(mode="json", exclude_none=True)
+        body = await self._blobs_for_inline(body)  # stream entries carry references, not pixels
         msg = QueueMessage(
             type=type_,
             job_id=self.job_id,
             request_id=request_id or uuid.uuid4().hex,
             sent_at=now,
             deadline=now + self.timeout if deadline is None else deadline,
-            body=request.model_dump(mode="json", exclude_none=True),
+            body=body,
         )
         raw = msg.model_dump_json()
         entry = await self._append(raw, msg.request_id, msg.deadline)
         self._sent[msg.request_id] = (entry, raw)
         return msg.request_id
+
+    async def upload(self, source: Any) -> ImagePart:
+        """Keep an image in Redis for this tenant (its namespace, the consumers' TTL and limits);
+        the returned part references it in any request of this tenant, queued or over HTTP to a
+        server on the same queue."""
+        raw = image_bytes(source)
+        digest = hashlib.sha256(raw).hexdigest()
+        keys = [self.keys.blob(digest), self.keys.blob_bytes]
+        deadline, failures, loaded = time.time() + self.timeout, 0, False
+        while True:
+            try:
+                code, *rest = await self._redis.evalsha(BLOB_SHA, len(keys), *keys, raw, self.keys.limits)
+                break
+            except RedisError as exc:
+                if (refused := self._refused(exc, "uploading an image")) is not None:
+                    raise refused from exc
+                no_script = isinstance(exc, NoScriptError)
+                if no_script and not loaded and self._may_load:
+                    with contextlib.suppress(RedisError):
+                        loaded = await self._redis.script_load(BLOB) is not None
+                    continue
+                failures += 1
+                delay = _backoff(failures)
+                if not (no_script or _transient(exc)) or time.time() + delay >= deadline:
+                    raise QueueUnavailable(
+                        redact(f"cannot upload an image through Redis: {exc}", self._secret)
+                    ) from exc
+                await asyncio.sleep(delay)
+        code = int(code)
+        if code == 4:
+            raise QueueUnavailable("no judge consumer has published the upload limits on this Redis prefix")
+        if code in (2, 3):
+            what = "max_image_bytes" if code == 2 else "tenant_blob_bytes"
+            raise api_error(
+                413,
+                "too_large",
+                f"the upload would need {rest[0]} bytes, over the consumers' limit of {rest[1]} "
+                f"(media.{what}); send smaller images or reference those already uploaded",
+            )
+        return ImagePart(blob="sha256:" + digest)
+
+    async def _blobs_for_inline(self, value: Any) -> Any:
+        """The body with every inline image uploaded once and replaced by its reference."""
+        if isinstance(value, list):
+            return [await self._blobs_for_inline(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        if value.get("type") == "image" and value.get("data") is not None:
+            part = await self.upload(base64.b64decode(value["data"]))
+            return part.model_dump(exclude_none=True)
+        if value.get("type") == "image_url" and str(value.get("image_url", {}).get("url", "")).startswith(
+            "data:"
+        ):
+            payload = value["image_url"]["url"].partition(",")[2]
+            part = await self.upload(base64.b64decode(payload))
+            return part.model_dump(exclude_none=True)
+        return {k: await self._blobs_for_inline(v) for k, v in value.items()}
 
     async def _load_scripts(self) -> bool:
         """Load the send script as this client's user, if it may (the open tenant's user may be
@@ -396,16 +460,16 @@ class QueueReferee:
         return result
 
     async def score(self, request: ScoreRequest | None = None, **fields) -> ScoreResponse:
-        return await self._call("score", request or ScoreRequest(**fields), ScoreResponse)
+        return await self._call("score", _build(ScoreRequest, request, fields), ScoreResponse)
 
     async def pairwise(self, request: PairwiseRequest | None = None, **fields) -> PairwiseResponse:
-        return await self._call("pairwise", request or PairwiseRequest(**fields), PairwiseResponse)
+        return await self._call("pairwise", _build(PairwiseRequest, request, fields), PairwiseResponse)
 
     async def judge(self, request: JudgeRequest | None = None, **fields) -> JudgeResponse:
-        return await self._call("judge", request or JudgeRequest(**fields), JudgeResponse)
+        return await self._call("judge", _build(JudgeRequest, request, fields), JudgeResponse)
 
     async def winrate(self, request: WinRateRequest | None = None, **fields) -> WinRateResponse:
-        return await self._call("winrate", request or WinRateRequest(**fields), WinRateResponse)
+        return await self._call("winrate", _build(WinRateRequest, request, fields), WinRateResponse)
 
     async def judges(self) -> JudgesResponse:
         """The judges the consumers announce (raises ``Unavailable`` if no consumer is running)."""

@@ -64,12 +64,46 @@ return {1, id}
 """
 
 
+# Keep an uploaded image for its TTL, within the limits the consumers publish (never the sender's
+# word for them). Refused: no consumer has published the limits ({4}); a file over the size cap
+# ({2, size, cap}); the tenant's uploads within the TTL over its byte budget ({3, total, cap}).
+# Re-uploading a kept blob renews its TTL and costs nothing. The counter of a tenant's bytes expires
+# with its newest upload, so it over-counts (never under-counts) what is kept.
+# KEYS: blob, the tenant's byte counter. ARGV: the bytes, the limits hash (read-only to tenants, so
+# an argument rather than a declared key, as in SEND).
+BLOB = """
+local ttl = tonumber(redis.call('HGET', ARGV[2], 'blob_ttl_ms'))
+local cap = tonumber(redis.call('HGET', ARGV[2], 'max_image_bytes'))
+local budget = tonumber(redis.call('HGET', ARGV[2], 'tenant_blob_bytes'))
+if not (ttl and cap and budget) then
+  return {4}
+end
+local size = string.len(ARGV[1])
+if size > cap then
+  return {2, size, cap}
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  return {1, 0, ttl}
+end
+local used = tonumber(redis.call('GET', KEYS[2])) or 0
+if used + size > budget then
+  return {3, used + size, budget}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('INCRBY', KEYS[2], size)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return {1, size, ttl}
+"""
+
+
 def sha1(source: str) -> str:
     """The name Redis gives a script in its cache (``SCRIPT LOAD`` returns the same)."""
     return hashlib.sha1(source.encode()).hexdigest()
 
 
 SEND_SHA = sha1(SEND)
+BLOB_SHA = sha1(BLOB)
 
 # Every script a sender runs by EVALSHA, by SHA1: what the consumers load for them.
-TENANT_SCRIPTS: dict[str, str] = {SEND_SHA: SEND}
+TENANT_SCRIPTS: dict[str, str] = {SEND_SHA: SEND, BLOB_SHA: BLOB}

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from referee.protocol import (
+    BlobInfo,
     ErrorResponse,
     JudgeRequest,
     JudgeResponse,
@@ -40,6 +41,7 @@ from .engine import EngineDead
 from .fairness import DEADLINE
 from .idempotency import IdempotencyCache
 from .lifecycle import Supervisor
+from .media import RedisBlobStore, blob_redis
 from .service import ClientError, JudgeService
 from .settings import Limits, ServerSettings, get_settings
 from .tenancy import Authenticator, Caller, authenticate, check_exposure, path_token
@@ -55,6 +57,7 @@ async def get_service(request: Request) -> JudgeService:  # async: no thread hop
 
 
 Service = Annotated[JudgeService, Depends(get_service)]
+_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
 Who = Annotated[Caller, Depends(authenticate)]
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
 
@@ -122,6 +125,35 @@ async def winrate(
     return await cache.run(
         _scoped(caller, idempotency_key), "winrate", req, lambda: service.winrate(req, **caller.who())
     )
+
+
+@judging.post(
+    "/blobs",
+    response_model=BlobInfo,
+    summary="Upload an image once, reference it many times",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in _IMAGE_TYPES},
+        }
+    },
+)
+async def upload_blob(request: Request, service: Service, caller: Who) -> BlobInfo:
+    """The body is the image file itself (PNG, JPEG or WebP). The answer's ``id`` is the file's
+    SHA-256; send ``{"type": "image", "blob": id}`` wherever an image goes, in any later request of
+    the same tenant, until it expires (``expires_in``; uploading it again renews it)."""
+    raw = await request.body()
+    if not raw:
+        raise ClientError(
+            400, "bad_request", "the body is empty; send the image file's bytes (PNG, JPEG or WebP)"
+        )
+    try:
+        info = await service.upload(raw, caller.tenant)
+    except ClientError:
+        metrics.BLOB_UPLOADS.labels("refused").inc()
+        raise
+    metrics.BLOB_UPLOADS.labels("kept").inc()
+    return info
 
 
 def _scoped(caller: Caller, key: str | None) -> str | None:
@@ -239,6 +271,8 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
 
             consumer = QueueConsumer(service, settings.queue)
             consuming = asyncio.create_task(consumer.run())
+            # Uploads live in Redis: every replica and every queued job sees the same blobs.
+            service.blobs = RedisBlobStore(blob_redis(settings.queue), settings.queue.prefix, settings.media)
 
             def ended(task: asyncio.Task) -> None:  # run() only returns when stopped: say why loudly
                 if task.cancelled() or consumer.state in ("draining", "stopped"):
@@ -256,6 +290,7 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
             if consumer is not None:
                 await consumer.stop()  # stop reading, finish or hand back within shutdown_grace_s
                 consuming.cancel()
+                await service.blobs.redis.aclose()
             loading.cancel()
             watching.cancel()
             service.shutdown()

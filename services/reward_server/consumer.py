@@ -64,6 +64,7 @@ from referee.scripts import TENANT_SCRIPTS
 
 from . import metrics
 from .fairness import DEADLINE
+from .media import blob_limits
 from .service import ClientError, JudgeService
 from .settings import QueueSettings
 
@@ -585,6 +586,7 @@ class QueueConsumer:
                     "max_backlog": self.settings.max_backlog,
                     "max_jobs": self.settings.max_jobs_per_tenant,
                     "auth": 1 if self.auth else 0,
+                    **blob_limits(self.service),
                 },
             )
             capped = {

@@ -47,15 +47,34 @@ class EngineDead(RuntimeError):
     (compose, Kubernetes) starts a fresh one."""
 
 
-def _prompt(token_ids: list[int], cache_salt: str | None):
+def _prompt(token_ids: list[int], cache_salt: str | None, images: list | None = None):
     """vLLM's token prompt; with a salt its prefix-cache blocks are shared only with prompts of the
-    same salt (one tenant's), so another tenant cannot time its way to them."""
+    same salt (one tenant's), so another tenant cannot time its way to them. ``images`` fill the
+    prompt's image placeholders in order (vLLM's multimodal processor expands each into the
+    model's image tokens, and caches processed images by content)."""
     from vllm.inputs import TokensPrompt
 
     prompt = TokensPrompt(prompt_token_ids=token_ids)
     if cache_salt is not None:
         prompt["cache_salt"] = cache_salt
+    if images:
+        prompt["multi_modal_data"] = {"image": list(images)}
     return prompt
+
+
+def _image_placeholder(llm) -> Callable[[int], str] | None:
+    """The text vLLM's implementation of a multimodal model expects where the n-th image of a
+    prompt goes (``<image>``, Qwen2-VL's ``<|vision_start|><|image_pad|><|vision_end|>``, ...);
+    None for a model that sees text only."""
+    config = llm.model_config
+    if not config.is_multimodal_model:
+        return None
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    cls, _ = ModelRegistry.resolve_model_cls(config.architectures, config)
+    if cls.get_placeholder_str("image", 1) is None:
+        return None
+    return lambda n: cls.get_placeholder_str("image", n)
 
 
 async def _last(stream):
@@ -76,6 +95,9 @@ async def _last(stream):
 class Engine:
     """An async vLLM engine for one model, with the model's own tokenizer for prompt building."""
 
+    image_placeholder: Callable[[int], str] | None = None  # set for vision-language models
+    media: tuple[str, ...] | list[str] = ()
+
     def __init__(self, llm, tokenizer, model_path: str, runner: str, dtype_reason: str = "") -> None:
         self._llm = llm
         self._priorities = llm.vllm_config.scheduler_config.policy == "priority"
@@ -85,6 +107,8 @@ class Engine:
         self.max_model_len: int = llm.model_config.max_model_len
         self.dtype: str = str(llm.model_config.dtype).removeprefix("torch.")
         self.dtype_reason = dtype_reason
+        self.image_placeholder = _image_placeholder(llm) if runner == "generate" else None
+        self.media: list[str] = ["image"] if self.image_placeholder else []
 
     @classmethod
     def start(
@@ -157,10 +181,15 @@ class Engine:
             pool = self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{self.runner}")
         return await asyncio.get_running_loop().run_in_executor(pool, build)
 
-    def chat_ids(self, messages: list[dict], *, generation_prompt: bool) -> list[int]:
+    def chat_ids(
+        self, messages: list[dict], *, generation_prompt: bool, images: list | None = None
+    ) -> list[int]:
         """Token ids of a conversation in the model's chat template: the template's special tokens
-        as it writes them, every message content as ordinary tokens (user data, never control)."""
-        return self.prompts.chat_ids(messages, generation_prompt=generation_prompt)
+        as it writes them, every message content as ordinary tokens (user data, never control).
+        Images the messages carry are appended to ``images`` in prompt order."""
+        return self.prompts.chat_ids(
+            messages, generation_prompt=generation_prompt, placeholder=self.image_placeholder, images=images
+        )
 
     def text_ids(self, text: str, add_special_tokens: bool = True, *, data: str = "") -> list[int]:
         """Text the client already formatted for the model (special tokens parsed, the tokenizer's
@@ -185,6 +214,7 @@ class Engine:
         seed: int | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        images: list | None = None,
     ) -> Completion:
         from vllm import SamplingParams
 
@@ -193,7 +223,7 @@ class Engine:
         )
         final = await _last(
             self._llm.generate(
-                _prompt(token_ids, cache_salt),
+                _prompt(token_ids, cache_salt, images),
                 params,
                 request_id=uuid.uuid4().hex,
                 priority=priority if self._priorities else 0,
@@ -236,6 +266,27 @@ class Engine:
         if data.numel() != 1:
             raise ValueError(f"the classifier returned {data.numel()} outputs; a reward model has one label")
         return float(data.reshape(-1)[0])
+
+    async def embed(
+        self,
+        token_ids: list[int],
+        *,
+        images: list | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> list[float]:
+        """An embedding model's vector for a text (token ids) or an image (no ids, one image)."""
+        from vllm import PoolingParams
+
+        final = await _last(
+            self._llm.encode(
+                _prompt(token_ids, cache_salt, images),
+                PoolingParams(task="embed"),
+                request_id=uuid.uuid4().hex,
+                priority=priority if self._priorities else 0,
+            )
+        )
+        return [float(x) for x in final.outputs.data.reshape(-1)]
 
     @property
     def dead(self) -> bool:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from referee.protocol import Prompt
+from referee.protocol import Prompt, content_text, image_parts
 from referee.rewards import bradley_terry, verdict_credit
 
 from . import templates
@@ -29,6 +29,7 @@ class RequestContext:
     """What the engine calls of one request share: its place in the fair order and its usage counts."""
 
     ticket: Any = None  # fairness.Ticket once admitted: hands out the engine priorities
+    shared: dict = field(default_factory=dict)  # results several items of the request reuse
     prompt_tokens: int = 0
     completion_tokens: int = 0
     engine_requests: int = 0
@@ -101,8 +102,16 @@ class Judge:
     def kind(self) -> str:
         return self.settings.kind
 
+    @property
+    def media(self) -> list[str]:
+        """What the judge's model sees besides text: ``["image"]`` for a vision-language model."""
+        return list(self.engine.media)
+
     def __post_init__(self) -> None:
         """Subclasses check at start-up that the model can serve them."""
+
+    def validate(self, where: str, prompt: Prompt, response) -> None:
+        """Raise ValueError (a 422 naming ``where``) for an item this kind cannot judge."""
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -192,6 +201,104 @@ class ClassifierJudge(Judge):
         return Comparison(p, "A" if ra.logit > rb.logit else "B")
 
 
+def checkpoint_logit_scale(path: str) -> float | None:
+    """exp(logit_scale) as stored in a CLIP checkpoint (vLLM does not load it), else None."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            if "logit_scale" in f.keys():  # noqa: SIM118 -- a safetensors handle, not a dict
+                return math.exp(float(f.get_tensor("logit_scale").reshape(-1)[0]))
+    return None
+
+
+class ClipJudge(ClassifierJudge):
+    """A CLIP-style dual encoder scoring an image against the prompt's text, as PickScore (Kirstain
+    et al. 2023, Pick-a-Pic) and HPS v2 do: score = logit_scale x cos(text embedding, image
+    embedding), and a pair's preference is the softmax of the two scores, which is Bradley-Terry on
+    them, so a group's win rates need N image embeddings and one text embedding. vLLM's pooling
+    runner serves ``CLIPModel`` (both towers and their projections); the trained ``logit_scale``,
+    which vLLM does not load, is read from the checkpoint."""
+
+    routes = ("score", "pairwise", "winrate")
+    pairwise_modes = ("logprob",)
+
+    def __post_init__(self) -> None:
+        self.engine.prompts  # noqa: B018 -- fails at start-up where user text cannot be kept out of control
+        scale = self.settings.logit_scale or checkpoint_logit_scale(self.engine.model_path)
+        if scale is None:
+            raise JudgeConfigError(
+                f"judge {self.name!r}: the checkpoint {self.settings.model} stores no logit_scale; "
+                "set logit_scale in the judge's settings (100 for PickScore-like models)"
+            )
+        self.logit_scale = scale
+
+    @property
+    def media(self) -> list[str]:
+        return ["image"]
+
+    def validate(self, where: str, prompt: Prompt, response) -> None:
+        """A clip judge scores exactly one image per response against the prompt's text."""
+        if not isinstance(prompt, str) and any(image_parts(m.content) for m in prompt):
+            raise ValueError(
+                f"{where}: a clip judge scores images against the prompt's text; the prompt holds an image"
+            )
+        if len(image_parts(response)) != 1 or content_text(response).strip():
+            raise ValueError(
+                f"{where}: a clip judge scores one image per response; send exactly one image part "
+                "and no text"
+            )
+
+    def _caption(self, prompt: Prompt) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        users = [m for m in prompt if m.role == "user"]
+        return content_text((users or prompt)[-1].content)
+
+    def _text_ids(self, caption: str) -> list[int]:
+        ids = self.engine.plain_ids([caption])
+        limit = self.engine.max_model_len
+        # CLIP's text tower reads the end-of-text token: truncate the caption, keep the last token
+        return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
+
+    async def _shared(self, ctx: RequestContext, key, make):
+        """One engine request per distinct text or image of a request, whatever uses it."""
+        task = ctx.shared.get(key)
+        if task is None:
+            task = ctx.shared[key] = asyncio.ensure_future(make())
+        return await asyncio.shield(task)
+
+    async def _embedding(self, ctx: RequestContext, ids: list[int], images: list | None) -> list[float]:
+        ctx.engine_requests += 1
+        ctx.prompt_tokens += len(ids)
+        try:
+            vector = await self.engine.embed(ids, images=images, **ctx.engine_args())
+        finally:
+            ctx.engine_done()
+        norm = math.sqrt(sum(x * x for x in vector))
+        if not norm or not math.isfinite(norm):
+            raise ValueError(f"the embedding has norm {norm}")
+        return [x / norm for x in vector]
+
+    async def rate(self, prompt: Prompt, response, ctx: RequestContext) -> Rating:
+        try:
+            caption = self._caption(prompt)
+            ids = await self.engine.tokenize(lambda: self._text_ids(caption))
+            text = await self._shared(ctx, ("text", caption), lambda: self._embedding(ctx, ids, None))
+            picture = image_parts(response)[0]._image
+            pixels = await self._shared(
+                ctx, ("image", id(picture)), lambda: self._embedding(ctx, [], [picture])
+            )
+        except EngineDead:
+            raise
+        except Exception as exc:
+            return Rating(None, error=_describe(exc))
+        score = self.logit_scale * sum(a * b for a, b in zip(text, pixels, strict=True))
+        return Rating(score, logit=score)
+
+
 class GenerativeJudge(Judge):
     """An instruction-tuned LLM judging through prompt templates (see ``templates``)."""
 
@@ -220,9 +327,14 @@ class GenerativeJudge(Judge):
         return sum(math.exp(logprobs[t]) for t in self.label_ids[label] if t in logprobs)
 
     async def _generate(self, messages: list[dict], ctx: RequestContext, **kwargs):
-        ids = await self.engine.tokenize(lambda: self.engine.chat_ids(messages, generation_prompt=True))
+        images: list = []
+        ids = await self.engine.tokenize(
+            lambda: self.engine.chat_ids(messages, generation_prompt=True, images=images)
+        )
         ctx.engine_requests += 1
         try:
+            if images:
+                kwargs["images"] = images
             out = await self.engine.complete(ids, **ctx.engine_args(), **kwargs)
         finally:
             ctx.engine_done()
@@ -304,9 +416,14 @@ class GenerativeJudge(Judge):
         return None, text, max_retries + 1, why
 
     async def _compare_cot(self, prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed):
-        messages = templates.pairwise_cot(prompt, first, second, rubric)
+        if self.settings.verdict_format == "answer_tag":
+            messages = templates.pairwise_answer_tag(prompt, first, second, rubric)
+            parse = templates.parse_answer_tag
+        else:
+            messages = templates.pairwise_cot(prompt, first, second, rubric)
+            parse = templates.parse_verdict
         verdict, text, attempts, why = await self._attempts(
-            messages, ctx, max_new_tokens, max_retries, seed, templates.parse_verdict
+            messages, ctx, max_new_tokens, max_retries, seed, parse
         )
         if verdict is None:
             return Comparison(None, "invalid", rationale=text, attempts=attempts, error=why)
@@ -365,14 +482,20 @@ class GenerativeJudge(Judge):
         return Rating(score, rationale=text, attempts=attempts, error=why)
 
 
+KINDS: dict[str, type[Judge]] = {
+    "classifier": ClassifierJudge,
+    "generative": GenerativeJudge,
+    "clip": ClipJudge,
+}
+RUNNERS = {"classifier": "pooling", "generative": "generate", "clip": "pooling"}
+
+
 def load_judge(settings: JudgeSettings, cpu_bind: str | None = None) -> Judge:
     """Start the engine for a configured judge (blocking: tens of seconds on a CPU)."""
-    runner = "pooling" if settings.kind == "classifier" else "generate"
     bind = settings.engine.cpu_cores or cpu_bind
-    engine = Engine.start(settings.model, settings.engine, runner, cpu_bind=bind)
+    engine = Engine.start(settings.model, settings.engine, RUNNERS[settings.kind], cpu_bind=bind)
     try:
-        cls = ClassifierJudge if settings.kind == "classifier" else GenerativeJudge
-        return cls(settings, engine)
+        return KINDS[settings.kind](settings, engine)
     except Exception:
         engine.shutdown()
         raise

@@ -22,6 +22,10 @@ ITEM_ERRORS = Counter(
 TOKENS = Counter("referee_tokens_total", "Tokens through the engines.", ["judge", "kind"])
 ENGINE_REQUESTS = Counter("referee_engine_requests_total", "Requests submitted to vLLM.", ["judge"])
 INFLIGHT = Gauge("referee_inflight_engine_requests", "Engine requests in flight.")
+IMAGES = Counter("referee_images_total", "Distinct images decoded for judging, by judge.", ["judge"])
+BLOB_UPLOADS = Counter(
+    "referee_blob_uploads_total", "Images uploaded (POST /blobs), by outcome.", ["outcome"]
+)
 VERDICTS = Counter("referee_verdicts_total", "Pairwise verdicts by outcome.", ["judge", "outcome"])
 
 

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 from referee.auth import OPEN_TENANT
 from referee.protocol import (
+    BlobInfo,
     JudgeInfo,
     JudgeRequest,
     JudgeResponse,
@@ -29,13 +30,15 @@ from referee.protocol import (
     Usage,
     WinRateRequest,
     WinRateResponse,
+    content_text,
 )
 from referee.rewards import circular_pairs, group_advantages, verdict_credit, win_rates
 
-from . import metrics
+from . import media, metrics
 from .fairness import AdmissionRefused, FairScheduler, TenantPolicy, retry_after
 from .hardware import cpu_bind_for, cpu_info
 from .judges import (
+    KINDS,
     ClassifierJudge,
     Comparison,
     GenerativeJudge,
@@ -85,6 +88,9 @@ class JudgeService:
             isolate_cache=settings.auth,
             max_wait_s=self.limits.max_queue_wait_s,
         )
+        # Uploaded images (POST /blobs): in this process, or in Redis when the queue is on (the app
+        # swaps in a RedisBlobStore so that every replica and queued job sees the same uploads).
+        self.blobs: media.BlobStore = media.MemoryBlobStore(settings.media)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -180,6 +186,48 @@ class JudgeService:
                 f"max_retries={max_retries} is over the limit of {self.limits.max_retries}",
             )
 
+    async def upload(self, raw: bytes, tenant: str = OPEN_TENANT) -> BlobInfo:
+        """Keep an image for later requests of the tenant to reference (``POST /blobs``)."""
+        try:
+            return await media.upload(self.blobs, tenant, raw, self.settings.media)
+        except media.MediaError as exc:
+            raise ClientError(exc.status, exc.code, exc.message) from None
+
+    async def prepare_media(self, judge: Judge, named: Iterable[tuple[str, object]], tenant: str) -> int:
+        """Check that the judge sees the request's images, then decode each distinct one once
+        (inline, or an upload of this tenant's). Returns the number of distinct images."""
+        parts = media.request_parts(named)
+        if not parts:
+            return 0
+        if "image" not in judge.media:
+            raise ClientError(
+                422,
+                "unsupported_media",
+                f"{parts[0][0]} is an image, but judge {judge.name!r} ({judge.settings.model}) sees text "
+                "only; send text, or name a judge whose /judges entry lists media: [image]",
+            )
+        try:
+            n = await media.resolve(parts, self.blobs, tenant, self.settings.media)
+        except media.MediaError as exc:
+            raise ClientError(exc.status, exc.code, exc.message) from None
+        metrics.IMAGES.labels(judge.name).inc(n)
+        return n
+
+    @staticmethod
+    def _validate(judge: Judge, checks: Iterable[tuple[str, object, object]]) -> None:
+        """The judge kind's own checks of (where, prompt, response): 422 naming the item."""
+        try:
+            for where, prompt, response in checks:
+                judge.validate(where, prompt, response)
+        except ValueError as exc:
+            raise ClientError(422, "unsupported_input", str(exc)) from None
+
+    @staticmethod
+    def _contents(where: str, item) -> list[tuple[str, object]]:
+        """(where, content) of an item's prompt and responses, for ``prepare_media``."""
+        fields = ("prompt", "response", "response_a", "response_b")
+        return [(f"{where}.{f}", getattr(item, f)) for f in fields if getattr(item, f, None) is not None]
+
     def _prompt_texts(self, where: str, prompt) -> list[tuple[str, str]]:
         if isinstance(prompt, str):
             return [(where, prompt)]
@@ -190,7 +238,7 @@ class JudgeService:
                 f"{where} has {len(prompt)} chat messages, over the limit of {self.limits.max_messages} "
                 "(limits.max_messages); shorten the conversation",
             )
-        return [(f"{where}[{k}].content", m.content) for k, m in enumerate(prompt)]
+        return [(f"{where}[{k}].content", content_text(m.content)) for k, m in enumerate(prompt)]
 
     def _cost(self, units: int, per_unit: int, mode: str, max_retries: int) -> int:
         """Worst-case engine requests: every unit's requests, each retried as often as allowed."""
@@ -251,8 +299,16 @@ class JudgeService:
             for k, it in enumerate(req.items)
             for t in [
                 *self._prompt_texts(f"items[{k}].prompt", it.prompt),
-                (f"items[{k}].response", it.response),
+                (f"items[{k}].response", content_text(it.response)),
             ]
+        )
+        self._validate(
+            judge, ((f"items[{k}].response", it.prompt, it.response) for k, it in enumerate(req.items))
+        )
+        await self.prepare_media(
+            judge,
+            (x for k, it in enumerate(req.items) for x in self._contents(f"items[{k}]", it)),
+            tenant,
         )
         ctx = RequestContext()
         who = dict(tenant=tenant, job=job, queued=queued)
@@ -390,9 +446,22 @@ class JudgeService:
             for k, it in enumerate(req.items)
             for t in [
                 *self._prompt_texts(f"items[{k}].prompt", it.prompt),
-                (f"items[{k}].response_a", it.response_a),
-                (f"items[{k}].response_b", it.response_b),
+                (f"items[{k}].response_a", content_text(it.response_a)),
+                (f"items[{k}].response_b", content_text(it.response_b)),
             ]
+        )
+        self._validate(
+            judge,
+            (
+                (f"items[{k}].{side}", it.prompt, getattr(it, side))
+                for k, it in enumerate(req.items)
+                for side in ("response_a", "response_b")
+            ),
+        )
+        await self.prepare_media(
+            judge,
+            (x for k, it in enumerate(req.items) for x in self._contents(f"items[{k}]", it)),
+            tenant,
         )
         rng = random.Random(req.seed)
         swaps = [req.order == "random" and rng.random() < 0.5 for _ in req.items]
@@ -430,13 +499,18 @@ class JudgeService:
         for k, it in enumerate(req.items):
             texts += self._prompt_texts(f"items[{k}].prompt", it.prompt)
             texts += [
-                (f"items[{k}].{f}", getattr(it, f))
+                (f"items[{k}].{f}", content_text(getattr(it, f)))
                 for f in ("response", "response_a", "response_b")
                 if getattr(it, f) is not None
             ]
         if req.rubric is not None:
             texts.append(("rubric", req.rubric))
         self.check_texts(texts)
+        await self.prepare_media(
+            judge,
+            (x for k, it in enumerate(req.items) for x in self._contents(f"items[{k}]", it)),
+            tenant,
+        )
         gen = dict(max_new_tokens=req.max_new_tokens, max_retries=req.max_retries, seed=req.seed)
         ctx = RequestContext()
         who = dict(tenant=tenant, job=job, queued=queued)
@@ -489,8 +563,14 @@ class JudgeService:
         self.check_texts(
             [
                 *self._prompt_texts("prompt", req.prompt),
-                *((f"responses[{k}]", r) for k, r in enumerate(req.responses)),
+                *((f"responses[{k}]", content_text(r)) for k, r in enumerate(req.responses)),
             ]
+        )
+        self._validate(judge, ((f"responses[{k}]", req.prompt, r) for k, r in enumerate(req.responses)))
+        await self.prepare_media(
+            judge,
+            [("prompt", req.prompt), *((f"responses[{k}]", r) for k, r in enumerate(req.responses))],
+            tenant,
         )
         ctx = RequestContext()
         who = dict(tenant=tenant, job=job, queued=queued)
@@ -570,7 +650,7 @@ class JudgeService:
     def describe(self) -> JudgesResponse:
         infos = []
         for cfg in self.settings.judges:
-            cls = ClassifierJudge if cfg.kind == "classifier" else GenerativeJudge
+            cls = KINDS[cfg.kind]
             infos.append(
                 JudgeInfo(
                     name=cfg.name,
@@ -579,6 +659,7 @@ class JudgeService:
                     default=cfg.name == self.settings.default_judge,
                     routes=list(cls.routes),
                     pairwise_modes=list(cls.pairwise_modes),
+                    media=judge.media if (judge := self.judges.get(cfg.name)) else [],
                     dtype=judge.engine.dtype if (judge := self.judges.get(cfg.name)) else None,
                 )
             )

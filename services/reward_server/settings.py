@@ -59,14 +59,31 @@ class JudgeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["classifier", "generative"]
+    kind: Literal["classifier", "generative", "clip"] = Field(
+        description="classifier: a sequence-classification reward model (one logit). generative: an "
+        "instruction-tuned (vision-)language model judging through prompts. clip: a CLIP-style dual "
+        "encoder scoring an image against the prompt's text (PickScore, HPS): logit_scale x cosine."
+    )
     model: str = Field(description="A local folder, a hub id (where a network exists), or embedded:smollm2.")
     engine: EngineSettings = Field(default_factory=EngineSettings)
     # classifier options
     activation: Literal["none", "sigmoid"] = Field(
         "none", description="Classifier scores are raw logits unless this asks for a sigmoid."
     )
+    # clip options
+    logit_scale: float | None = Field(
+        None,
+        gt=0,
+        description="clip: the factor on the cosine similarity (default: the checkpoint's trained "
+        "logit_scale, exp of its stored value, e.g. 100 for PickScore).",
+    )
     # generative options
+    verdict_format: Literal["brackets", "answer_tag"] = Field(
+        "brackets",
+        description="Chain-of-thought pairwise verdicts: brackets: a last line [[A]], [[B]] or [[TIE]] "
+        "(MT-Bench); answer_tag: reasoning in <think>, then <answer>Image 1 is better</answer> (or 2; "
+        "'Response' for text), the format UnifiedReward-Think is trained on. Both are parsed strictly.",
+    )
     scale_low: int = 1
     scale_high: int = 9
     top_logprobs: int = Field(20, ge=2, le=20, description="Top log-probabilities read for label tokens.")
@@ -259,6 +276,34 @@ DEFAULT_JUDGE = JudgeSettings(
 )
 
 
+class MediaSettings(BaseModel):
+    """Images in requests: limits, formats and the upload store (``POST /blobs``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_image_bytes: int = Field(16 << 20, ge=1024, description="One image file's size (413 above).")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=64, description="One image's width x height (413 above; decompression bombs)."
+    )
+    max_images: int = Field(64, ge=1, description="Distinct images in one request (413 above).")
+    formats: list[Literal["PNG", "JPEG", "WEBP"]] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "WEBP"], description="Accepted image formats (422 else)."
+    )
+    blob_ttl_s: float = Field(
+        3600.0, gt=0, description="How long an uploaded image is kept after its last upload."
+    )
+    blob_store_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="In-process store (no queue): total bytes kept; the least recently used go first.",
+    )
+    tenant_blob_bytes: int = Field(
+        256 << 20,
+        ge=1 << 20,
+        description="One tenant's uploads (bytes) within blob_ttl_s; 413 above.",
+    )
+
+
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REFEREE_", env_nested_delimiter="__", extra="forbid")
 
@@ -267,6 +312,7 @@ class ServerSettings(BaseSettings):
     default_judge: str | None = Field(None, description="Default: the first judge listed.")
     limits: Limits = Field(default_factory=Limits)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
     cpu_binding: Literal["vllm", "all", "spread"] = Field(
         "spread",
         description="CPU build only: which cores each engine's worker is bound to. vllm: vLLM's "

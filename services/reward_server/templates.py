@@ -18,7 +18,9 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from referee.protocol import Message
+from referee.protocol import Message, TextPart
+
+from .tokens import image_marker
 
 SYSTEM = (
     "You are an impartial judge of AI assistant responses. Judge helpfulness, correctness, "
@@ -95,19 +97,48 @@ def defuse(text: str) -> str:
     return "".join(out)
 
 
-def _block(name: str, text: str) -> str:
-    return f"<<<{name}>>>\n{defuse(text)}\n<<</{name}>>>"
+def _text(content, images: list) -> str:
+    """A content value as text: text parts defused, each image as its marker (its picture appended
+    to ``images``: the server attached the decoded image to the part, see ``media.resolve``)."""
+    if isinstance(content, str):
+        return defuse(content)
+    out = []
+    for part in content:
+        if isinstance(part, TextPart):
+            out.append(defuse(part.text))
+        else:
+            if part._image is None:
+                raise ValueError("an image part reached the template undecoded")
+            out.append(image_marker(len(images)))
+            images.append(part._image)
+    return "".join(out)
 
 
-def render_conversation(prompt: str | Sequence[Message]) -> str:
+def _block(name: str, content, images: list) -> str:
+    return f"<<<{name}>>>\n{_text(content, images)}\n<<</{name}>>>"
+
+
+def render_conversation(prompt: str | Sequence[Message], images: list | None = None) -> str:
     """The question as text: a plain prompt as it is, chat messages as a labelled transcript."""
+    images = [] if images is None else images
     if isinstance(prompt, str):
-        return prompt
-    return "\n\n".join(f"[{m.role.upper()}]\n{m.content}" for m in prompt)
+        return defuse(prompt)
+    return "\n\n".join(f"[{m.role.upper()}]\n{_text(m.content, images)}" for m in prompt)
+
+
+def _conversation(prompt, images: list) -> str:
+    return f"<<<CONVERSATION>>>\n{render_conversation(prompt, images)}\n<<</CONVERSATION>>>"
 
 
 def _rubric(rubric: str | None) -> str:
-    return "" if not rubric else _block("RUBRIC", rubric) + "\nApply these criteria.\n\n"
+    return "" if not rubric else _block("RUBRIC", rubric, []) + "\nApply these criteria.\n\n"
+
+
+def _messages(user: str, images: list) -> list[dict]:
+    turn = {"role": "user", "content": user}
+    if images:
+        turn["images"] = images
+    return [{"role": "system", "content": SYSTEM}, turn]
 
 
 @dataclass(frozen=True)
@@ -124,45 +155,94 @@ class Scale:
 
 def pairwise_logprob(prompt, response_a: str, response_b: str, rubric: str | None) -> list[dict]:
     """Ask for a one-token verdict: the next token's probabilities over A and B give P(A)."""
+    images: list = []
     user = (
-        f"{_rubric(rubric)}{_block('CONVERSATION', render_conversation(prompt))}\n\n"
-        f"{_block('RESPONSE A', response_a)}\n\n{_block('RESPONSE B', response_b)}\n\n"
+        f"{_rubric(rubric)}{_conversation(prompt, images)}\n\n"
+        f"{_block('RESPONSE A', response_a, images)}\n\n{_block('RESPONSE B', response_b, images)}\n\n"
         "Which response is better? Answer with the single letter A or B."
     )
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return _messages(user, images)
 
 
 def pairwise_cot(prompt, response_a: str, response_b: str, rubric: str | None) -> list[dict]:
     """Ask the judge to reason, then end with exactly one verdict line."""
+    images: list = []
     user = (
-        f"{_rubric(rubric)}{_block('CONVERSATION', render_conversation(prompt))}\n\n"
-        f"{_block('RESPONSE A', response_a)}\n\n{_block('RESPONSE B', response_b)}\n\n"
+        f"{_rubric(rubric)}{_conversation(prompt, images)}\n\n"
+        f"{_block('RESPONSE A', response_a, images)}\n\n{_block('RESPONSE B', response_b, images)}\n\n"
         "Compare the two responses step by step in a few sentences. Then, on the last line, write "
         "your verdict in exactly this form: [[A]] if A is better, [[B]] if B is better, [[TIE]] if "
         "they are equally good."
     )
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return _messages(user, images)
+
+
+def _has_images(*contents) -> bool:
+    return any(not isinstance(c, str) and any(not isinstance(p, TextPart) for p in c) for c in contents)
+
+
+def pairwise_answer_tag(prompt, response_a, response_b, rubric: str | None) -> list[dict]:
+    """Reason in ``<think>``, then answer in ``<answer>``: the output format of reason-then-answer
+    reward models such as UnifiedReward-Think (Wang et al. 2025), which name the candidates
+    "Image 1" and "Image 2" (or "Response 1" and "Response 2" for text)."""
+    images: list = []
+    noun = "Image" if _has_images(response_a, response_b) else "Response"
+    user = (
+        f"{_rubric(rubric)}{_conversation(prompt, images)}\n\n"
+        f"{noun} 1:\n{_block('RESPONSE A', response_a, images)}\n\n"
+        f"{noun} 2:\n{_block('RESPONSE B', response_b, images)}\n\n"
+        f"Compare {noun.lower()} 1 and {noun.lower()} 2 for the request above, dimension by dimension "
+        "(faithfulness to the request, quality, and anything else that matters). Put all of your "
+        "reasoning inside <think> and </think>. Then write exactly one of these inside <answer> and "
+        f"</answer>, and nothing else: '{noun} 1 is better' or '{noun} 2 is better'."
+    )
+    return _messages(user, images)
+
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_ANSWER_VERDICT = re.compile(r"^(?:image|response)\s*([12])\s+is\s+better\.?$", re.IGNORECASE)
+
+
+def parse_answer_tag(output: str) -> tuple[str | None, str]:
+    """``("A" | "B", "")`` from exactly one ``<answer>`` block that ends the judge's output and holds
+    exactly "Image 1 is better" / "Image 2 is better" (or Response), else ``(None, reason)``."""
+    answers = _ANSWER.findall(output)
+    if not answers:
+        return None, "the judge wrote no <answer>...</answer> block"
+    if len(answers) > 1 or len(re.findall(r"<answer>", output, re.IGNORECASE)) > 1:
+        return None, f"the judge wrote {len(answers)} <answer> blocks; exactly one is required"
+    if output.strip()[-len("</answer>") :].lower() != "</answer>":
+        return None, "the <answer> block is not the end of the judge's output"
+    match = _ANSWER_VERDICT.match(answers[0].strip())
+    if match is None:
+        return (
+            None,
+            f"the answer {answers[0].strip()[:60]!r} is not 'Image 1 is better' or 'Image 2 is better'",
+        )
+    return ("A" if match.group(1) == "1" else "B"), ""
 
 
 def pointwise_logprob(prompt, response: str, rubric: str | None, scale: Scale) -> list[dict]:
     """Ask for a one-token rating: the expected value under the label probabilities is the score."""
+    images: list = []
     user = (
-        f"{_rubric(rubric)}{_block('CONVERSATION', render_conversation(prompt))}\n\n"
-        f"{_block('RESPONSE', response)}\n\n"
+        f"{_rubric(rubric)}{_conversation(prompt, images)}\n\n"
+        f"{_block('RESPONSE', response, images)}\n\n"
         f"Rate the response from {scale.low} (worst) to {scale.high} (best). "
         "Answer with the number only."
     )
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return _messages(user, images)
 
 
 def pointwise_cot(prompt, response: str, rubric: str | None, scale: Scale) -> list[dict]:
+    images: list = []
     user = (
-        f"{_rubric(rubric)}{_block('CONVERSATION', render_conversation(prompt))}\n\n"
-        f"{_block('RESPONSE', response)}\n\n"
+        f"{_rubric(rubric)}{_conversation(prompt, images)}\n\n"
+        f"{_block('RESPONSE', response, images)}\n\n"
         "Evaluate the response step by step in a few sentences. Then, on the last line, write your "
         f"rating from {scale.low} to {scale.high} in exactly this form: [[N]], for example [[{scale.high}]]."
     )
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return _messages(user, images)
 
 
 def _final_marker(output: str, pattern: re.Pattern[str]) -> tuple[str | None, str]:

@@ -23,9 +23,20 @@ from __future__ import annotations
 import copy
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 Segment = tuple[str, bool]  # (text, is_user_data)
+
+
+# Where an image sits in a message's text: the templates write ``image_marker(k)`` for the k-th
+# image of a message's ``images`` list, and ``chat_ids`` puts the model's image placeholder there
+# (trusted text: its special tokens parsed). The nonce keeps user text from forging one.
+_IMAGE_NONCE = uuid.uuid4().hex[:12]
+_IMAGE_RE = re.compile("\ue002" + _IMAGE_NONCE + r"(\d+)\ue003")
+
+
+def image_marker(k: int) -> str:
+    return f"\ue002{_IMAGE_NONCE}{k}\ue003"
 
 
 class UnsafeTokenization(ValueError):
@@ -148,21 +159,34 @@ class PromptTokenizer:
 
     # ---------------------------------------------------------------- inputs
 
-    def chat_ids(self, messages: Sequence[dict], *, generation_prompt: bool) -> list[int]:
+    def chat_ids(
+        self,
+        messages: Sequence[dict],
+        *,
+        generation_prompt: bool,
+        placeholder: Callable[[int], str] | None = None,
+        images: list | None = None,
+    ) -> list[int]:
         """A conversation in the model's chat template; every message content is user data.
 
         Contents enter the template as sentinels wrapped in their own leading and trailing
-        whitespace, so a template that trims contents (Llama-3's does) trims exactly that."""
-        cores: list[str] = []
+        whitespace, so a template that trims contents (Llama-3's does) trims exactly that.
+
+        A message may carry ``images``, marked in its content by ``image_marker(k)``: each marker
+        becomes ``placeholder(n)`` (the model's image placeholder for the n-th image, 1-based) and
+        its image is appended to ``images``, in the order of the prompt."""
+        cores: list[tuple[str, list]] = []
         masked = []
         for m in messages:
             content = m.get("content")
+            pictures = m.get("images") or []
+            m = {k: v for k, v in m.items() if k != "images"}
             if isinstance(content, str):
                 core = content.strip()
                 lead = content[: len(content) - len(content.lstrip())]
                 trail = content[len(lead) + len(core) :]
                 m = {**m, "content": lead + self._sentinel.format(len(cores)) + trail}
-                cores.append(core)
+                cores.append((core, pictures))
             masked.append(m)
         rendered = self.tokenizer.apply_chat_template(
             masked, tokenize=False, add_generation_prompt=generation_prompt
@@ -170,7 +194,19 @@ class PromptTokenizer:
         parts = self._sentinel_re.split(rendered)
         segments: list[Segment] = []
         for k, part in enumerate(parts):
-            segments.append((cores[int(part)], True) if k % 2 else (part, False))
+            if not k % 2:
+                segments.append((part, False))
+                continue
+            core, pictures = cores[int(part)]
+            pieces = _IMAGE_RE.split(core)
+            for j, piece in enumerate(pieces):
+                if not j % 2:
+                    segments.append((piece, True))
+                    continue
+                if placeholder is None or images is None:
+                    raise ValueError("this model sees text only: a prompt with images cannot be built for it")
+                images.append(pictures[int(piece)])
+                segments.append((placeholder(len(images)), False))
         return self.segments_ids(segments)
 
     def plain_ids(self, texts: Sequence[str], separator: str = "\n\n") -> list[int]:
