@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .client import DEFAULT_URL, Referee, RefereeError
+from .client import Referee, RefereeError
+from .defaults import DEFAULT_PREFIX, DEFAULT_URL
 from .protocol import PairwiseItem, ScoreItem
 
 app = typer.Typer(help="referee: reward models and LLM judges for RL post-training.", no_args_is_help=True)
@@ -387,7 +388,9 @@ def redis_acl(
         Path,
         typer.Option("--tenants", help="Tenants file (YAML `tenants: [...]`, keys hashed).", exists=True),
     ],
-    prefix: Annotated[str, typer.Option(help="The queue's Redis key prefix (queue.prefix).")] = "referee",
+    prefix: Annotated[
+        str, typer.Option(help="The queue's Redis key prefix (queue.prefix).")
+    ] = DEFAULT_PREFIX,
     server_password_env: Annotated[
         str,
         typer.Option(

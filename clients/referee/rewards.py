@@ -4,20 +4,30 @@ Win rates follow Pref-GRPO (Wang et al. 2025, "Pref-GRPO: Pairwise Preference Re
 for Stable Text-to-Image Reinforcement Learning", arXiv:2508.20751): each response of a prompt's
 group is compared with the others and its reward is the fraction of comparisons it wins, which is
 harder to hack than a pointwise score. Advantages are GRPO's group z-score (Shao et al. 2024).
+A group is the responses to one prompt, found by ``group_by_prompt`` wherever a batch arrives
+flat (the TRL and verl adapters, OpenRLHF's ``/get_reward``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
+    "SINGLE_RESPONSE",
     "bradley_terry",
     "circular_pairs",
     "group_advantages",
+    "group_by_prompt",
+    "prompt_key",
     "verdict_credit",
     "win_rates",
 ]
+
+# Why a response that is the only one to its prompt has no win rate (see group_by_prompt).
+SINGLE_RESPONSE = "the only response to its prompt: there is nothing to compare it with"
 
 
 def bradley_terry(r_a: float, r_b: float) -> float:
@@ -27,6 +37,36 @@ def bradley_terry(r_a: float, r_b: float) -> float:
         return 1.0 / (1.0 + math.exp(-d))
     e = math.exp(d)
     return e / (1.0 + e)
+
+
+def prompt_key(prompt: Any) -> str:
+    """What makes two prompts the same prompt: their JSON with keys sorted.
+
+    Text is compared character for character, chat messages by role and content whatever the order
+    of their fields, and a string never equals a number or a list (``"1"`` is not ``1``). Values
+    that JSON cannot hold are compared by ``str()``.
+    """
+    return json.dumps(prompt, sort_keys=True, default=str)
+
+
+def group_by_prompt(prompts: Sequence[Any]) -> list[list[int]]:
+    """The positions of each prompt's responses in a flat batch, grouped by ``prompt_key``.
+
+    Groups come in the order their prompts first appear, each with its positions ascending, so a
+    batch whose completions of several prompts are interleaved is grouped by prompt, never by
+    position.
+
+    The one rule for a prompt with a single response: it is a group of one, and a group of one has
+    no win rate (``SINGLE_RESPONSE``). It is never merged into another group and never given a
+    made-up value (1/2, 0); each caller reports it as unscored in its own framework's terms:
+    ``referee.trl`` returns ``None`` for it (then ``on_failure`` decides), ``referee.verl`` counts it
+    as a response the judge could not score (``on_error``), and ``/get_reward?reward=winrate``
+    answers 422 naming it. A pointwise reward (``score``, ``preference``) needs no group and scores it.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt_key(prompt), []).append(i)
+    return list(groups.values())
 
 
 def verdict_credit(verdict: str) -> float | None:

@@ -11,7 +11,8 @@ Point verl's custom reward function at this module, with the batch reward manage
 verl passes the decoded responses (``solution_strs``), the dataset's ground truths and its
 ``extra_info`` dicts; the prompt is read from ``extra_info[prompt_key]``. ``reward`` chooses the
 question: ``score`` (pointwise), ``preference`` (P(response better than the ground truth)) or
-``winrate`` (Pref-GRPO: responses grouped by prompt, each rewarded with its win rate).
+``winrate`` (Pref-GRPO: responses grouped by prompt with ``referee.rewards.group_by_prompt``, each
+rewarded with its win rate; the only response to its prompt has none, and counts as unscored).
 
 A server with tenants needs a key: set ``REFEREE_API_KEY`` in the environment of verl's reward
 workers (the default of ``api_key``), rather than ``reward_kwargs.api_key``, which verl would print
@@ -31,7 +32,9 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from .client import AsyncReferee
+from .defaults import DEFAULT_URL
 from .protocol import PairwiseItem, PairwiseRequest, ScoreItem, ScoreRequest, WinRateRequest
+from .rewards import SINGLE_RESPONSE, group_by_prompt
 
 __all__ = ["compute_score"]
 
@@ -42,7 +45,7 @@ def compute_score(
     ground_truths: Sequence[Any],
     extra_infos: Sequence[dict | None],
     *,
-    url: str = "http://127.0.0.1:8000",
+    url: str = DEFAULT_URL,
     judge: str | None = None,
     reward: Literal["score", "preference", "winrate"] = "score",
     prompt_key: str = "question",
@@ -109,13 +112,11 @@ async def _judge(client, judge, reward, prompts, responses, references, mode, or
             for k, r in enumerate(out.results):
                 values[k], errors[k] = r.p_a, r.error
         else:
-            groups: dict[str, list[int]] = {}
-            for k, p in enumerate(prompts):
-                groups.setdefault(str(p), []).append(k)
-            multi = [idx for idx in groups.values() if len(idx) > 1]
-            for idx in groups.values():
+            groups = group_by_prompt(prompts)
+            multi = [idx for idx in groups if len(idx) > 1]
+            for idx in groups:
                 if len(idx) == 1:
-                    errors[idx[0]] = "the only response to its prompt: nothing to compare"
+                    errors[idx[0]] = SINGLE_RESPONSE
             answers = await asyncio.gather(
                 *[
                     client.winrate(

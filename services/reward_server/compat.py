@@ -4,10 +4,13 @@
   OpenRLHF posts ``{"query": [prompt+response, ...], "prompts": [...], "labels": [...]}`` and reads
   ``rewards`` (and ``scores``, ``extra_logs``). A classifier judge scores each query as it is
   (OpenRLHF has already applied the chat template); a generative judge rates the response part.
-  ``?reward=winrate`` groups the queries by prompt and returns Pref-GRPO win rates instead.
+  ``?reward=winrate`` groups the queries by prompt (``referee.rewards.group_by_prompt``; a prompt
+  with a single query is a 422) and returns Pref-GRPO win rates instead.
 - ``POST /classify``: vLLM's classification route (``{"model", "input"}`` -> ``{"data": [{"index",
   "probs", ...}]}``), which verl's reward loop uses for discriminative reward models. As in vLLM, a
-  one-label classifier's output goes through a sigmoid unless ``use_activation`` is false.
+  one-label classifier's output goes through a sigmoid unless ``use_activation`` is false. Older vLLM
+  called that field ``activation``, and older verl releases still send ``"activation": false`` for raw
+  logits: it is accepted with the same meaning. Other fields are errors (422), not silently ignored.
 
 Failures stay visible: an item the judge could not score makes OpenRLHF's request fail with a 502
 naming the items (OpenRLHF has no way to receive "no reward"), and /classify does the same.
@@ -21,9 +24,10 @@ import uuid
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from referee.protocol import Message, ScoreItem, ScoreRequest, WinRateRequest
+from referee.rewards import group_by_prompt
 
 from .judges import ClassifierJudge, RequestContext
 from .service import ClientError, JudgeService
@@ -107,10 +111,8 @@ async def get_reward(
     _require_nonempty(req.query, "query")
     if reward == "winrate":
         pairs = _split(req.query, req.prompts)
-        groups: dict[str, list[int]] = {}
-        for k, (prompt, _) in enumerate(pairs):
-            groups.setdefault(prompt, []).append(k)
-        alone = [idx[0] for idx in groups.values() if len(idx) == 1]
+        groups = group_by_prompt([prompt for prompt, _ in pairs])
+        alone = [idx[0] for idx in groups if len(idx) == 1]
         if alone:  # the caller's grouping, not the judge: a 4xx (a 5xx would be retried in vain)
             raise ClientError(
                 422,
@@ -123,13 +125,15 @@ async def get_reward(
         answers = await asyncio.gather(
             *[
                 service.winrate(
-                    WinRateRequest(judge=j.name, prompt=p, responses=[pairs[i][1] for i in idx]),
+                    WinRateRequest(
+                        judge=j.name, prompt=pairs[idx[0]][0], responses=[pairs[i][1] for i in idx]
+                    ),
                     **caller.who(),
                 )
-                for p, idx in groups.items()
+                for idx in groups
             ]
         )
-        for idx, answer in zip(groups.values(), answers, strict=True):
+        for idx, answer in zip(groups, answers, strict=True):
             for i, rate in zip(idx, answer.win_rates, strict=True):
                 values[i], errors[i] = rate, None if rate is not None else "; ".join(answer.errors)
         rewards = _require_all(values, errors, "compare")
@@ -153,6 +157,8 @@ async def get_reward(
 
 
 class ClassificationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: str | None = Field(
         None, description="A classifier judge's name or model; default judge if omitted."
     )
@@ -164,16 +170,41 @@ class ClassificationRequest(BaseModel):
         description="As vLLM's chat form: one conversation, put in the model's chat template; the "
         "contents are data (never special tokens). Give `input` or `messages`.",
     )
-    use_activation: bool | None = None
+    use_activation: bool | None = Field(
+        None, description="As vLLM: false for the raw logit; true (the default) for its sigmoid."
+    )
+    activation: bool | None = Field(
+        None,
+        description="vLLM's earlier name for `use_activation` (older verl releases send "
+        '`"activation": false`), with the same meaning; give one of the two, or the same value twice.',
+    )
     add_special_tokens: bool = Field(
         True, description="As vLLM, for `input`: add the tokenizer's special tokens (BOS), once."
     )
+    user: str | None = Field(None, description="As vLLM and OpenAI: the caller's label, not used.")
 
     @model_validator(mode="after")
     def _one_input(self) -> ClassificationRequest:
         if (self.input is None) == (self.messages is None):
             raise ValueError("give exactly one of `input` and `messages`")
         return self
+
+    @model_validator(mode="after")
+    def _one_activation(self) -> ClassificationRequest:
+        if None not in (self.activation, self.use_activation) and self.activation != self.use_activation:
+            raise ValueError(
+                "`activation` (vLLM's earlier name for `use_activation`) and `use_activation` disagree: "
+                "give one of them"
+            )
+        return self
+
+    @property
+    def wants_activation(self) -> bool:
+        """Whether the scores go through the activation: vLLM's default is yes."""
+        for value in (self.use_activation, self.activation):
+            if value is not None:
+                return value
+        return True
 
 
 class ClassificationData(BaseModel):
@@ -200,7 +231,7 @@ async def classify(req: ClassificationRequest, service: Service, caller: Who) ->
     j = service.judge_for(name, "score")
     if not isinstance(j, ClassifierJudge):
         raise ClientError(400, "unsupported", f"judge {j.name!r} is not a classifier; /classify needs one")
-    activation = True if req.use_activation is None else req.use_activation  # vLLM's default
+    activation = req.wants_activation
     ctx = RequestContext()
     if req.messages is not None:
         service.check_texts((f"messages[{k}].content", m.content) for k, m in enumerate(req.messages))

@@ -18,7 +18,7 @@ Two pipelines share that loop:
 - ``--model <a diffusers Stable-Diffusion-style pipeline>`` (a hub id or folder, on a GPU): its
   UNet, VAE, text encoder and tokenizer, latent space, no classifier-free guidance.
 
-    python -m trainer.images --url http://127.0.0.1:8000 --judge clip --steps 20
+    python -m trainer.images --url http://HOST:8000 --judge clip --steps 20
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from typing import Annotated
 
 import typer
 
+from referee.defaults import DEFAULT_URL
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = [
@@ -46,7 +48,7 @@ DEFAULT_PROMPTS = [
 
 @dataclass
 class ImageGRPOSettings:
-    url: str = "http://127.0.0.1:8000"
+    url: str = DEFAULT_URL
     api_key: str | None = None
     judge: str | None = None
     order: str = "both"  # generative judges: each pair in both orders (position-debiased)
@@ -285,7 +287,7 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    url: Annotated[str, typer.Option(help="The referee server.")] = "http://127.0.0.1:8000",
+    url: Annotated[str, typer.Option(help="The referee server.")] = DEFAULT_URL,
     judge: Annotated[str | None, typer.Option(help="A judge that sees images (/judges: media).")] = None,
     order: Annotated[str, typer.Option(help="Generative judges: single, random or both.")] = "both",
     model: Annotated[

@@ -9,6 +9,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources import YamlConfigSettingsSource
 
+from referee.defaults import DEFAULT_PREFIX, DEFAULT_REDIS_URL, DEFAULT_URL
+
 REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "mt_bench_prompts.jsonl"
 
 
@@ -51,9 +53,9 @@ class TrainSettings(BaseSettings):
     )
     max_prompts: int | None = Field(None, ge=1)
     transport: Literal["queue", "http"] = Field("queue", description="How rewards reach the judge.")
-    redis_url: str | None = Field(None, description="Default: $REDIS_URL or redis://127.0.0.1:6379/0.")
-    redis_prefix: str = "referee"
-    server_url: str = "http://127.0.0.1:8000"
+    redis_url: str | None = Field(None, description=f"Default: $REDIS_URL or {DEFAULT_REDIS_URL}.")
+    redis_prefix: str = DEFAULT_PREFIX
+    server_url: str = DEFAULT_URL
     api_key: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("REFEREE_API_KEY", "REFEREE_TRAIN_API_KEY"),
