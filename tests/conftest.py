@@ -46,6 +46,10 @@ TEST_LIMITS = {
 }
 
 
+# The shared servers answer the same questions for many tests, which count engine requests or make
+# requests overlap: their judgment cache is on, but used only by requests that ask ("cache": true).
+TEST_CACHE = {"default": False}
+
 # Image limits small enough to reach with small files.
 TEST_MEDIA = {"max_image_bytes": 200_000, "max_image_pixels": 1_000_000, "max_images": 12, "blob_ttl_s": 600}
 
@@ -120,6 +124,7 @@ def server_config(tmp_path_factory, tiny_classifier_dir, redis_prefix) -> Path:
     config = {
         "default_judge": "smollm2",
         "limits": TEST_LIMITS,
+        "cache": TEST_CACHE,
         "queue": {"enabled": True, "url": REDIS_URL, "prefix": redis_prefix, **TEST_QUEUE},
         "judges": [
             {
@@ -269,6 +274,7 @@ def tenant_server(tmp_path_factory, tiny_classifier_dir, tiny_vlm_dir, tiny_clip
     tenants = [{**t, "keys": [hash_key(keys[t["name"]])]} for t in TENANTS]
     config = {
         "limits": TEST_LIMITS,
+        "cache": TEST_CACHE,
         "queue": {"enabled": True, "url": REDIS_URL, "prefix": prefix, **TEST_QUEUE},
         "tenants": tenants,
         "judges": [

@@ -74,6 +74,8 @@ def test_a_killed_engine_core_makes_the_server_unready_and_exit(tmp_path, tiny_c
             p.send_signal(signal.SIGKILL)
         seen = []
         deadline = time.monotonic() + 90
+        # a question the judgment cache has not seen: it needs the (dead) engine
+        body = {"items": [{"prompt": QUESTION, "response": "Lyon, surely."}]}
         while proc.poll() is None and time.monotonic() < deadline:
             try:
                 score = httpx.post(f"{url}/score", json=body, timeout=10)

@@ -102,7 +102,8 @@ def harness(embedded_dir, tiny_classifier_dir):
         JudgeSettings(name="tiny-rm", kind="classifier", model=str(tiny_classifier_dir)),
         JudgeSettings(name="bos-rm", kind="classifier", model=str(tiny_classifier_dir)),
     ]
-    settings = ServerSettings(judges=judges, default_judge="smollm2")
+    # No judgment cache: every route must reach the (recording) engine for its input to be checked.
+    settings = ServerSettings(judges=judges, default_judge="smollm2", cache={"enabled": False})
     service = JudgeService(settings)
     engines = {
         "smollm2": RecordingEngine(AutoTokenizer.from_pretrained(embedded_dir), "generate"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import math
 
 import pytest
 
@@ -188,3 +189,44 @@ def test_answer_tag_template_names_images_or_responses():
         "'Response 1 is better'" in text
         and "images" not in templates.pairwise_answer_tag("q", "y", "n", None)[1]
     )
+
+
+# ---------------------------------------------------------- Bradley-Terry estimates (sparse schedules)
+
+
+def test_bradley_terry_recovers_strengths_and_estimates_the_round_robin_from_a_sparse_schedule():
+    from referee.rewards import (
+        bradley_terry,
+        bradley_terry_fit,
+        bradley_terry_win_rates,
+        circular_pairs,
+        win_rates,
+    )
+
+    theta = [1.2, 0.4, 0.0, -0.3, -0.5, -0.8]
+    n = len(theta)
+
+    def matrix(pairs):
+        m = [[None] * n for _ in range(n)]
+        for i, j in pairs:
+            m[i][j] = bradley_terry(theta[i], theta[j])
+            m[j][i] = 1 - m[i][j]
+        return m
+
+    full = matrix(circular_pairs(n))
+    fitted = bradley_terry_fit(full, prior=0.0)
+    mean = sum(theta) / n
+    assert fitted == pytest.approx([t - mean for t in theta], abs=1e-4)
+    truth = win_rates(full)
+    sparse = matrix(circular_pairs(n, opponents=3))  # 9 of 15 pairs
+    estimated = bradley_terry_win_rates(sparse, prior=0.0)
+    assert estimated == pytest.approx(truth, abs=1e-3)
+    # the plain average of a sparse schedule is biased by who met whom; the fit is not
+    assert max(abs(a - b) for a, b in zip(win_rates(sparse), truth, strict=True)) > 0.01
+    # a response that won everything gets a finite strength; one never compared gets none
+    hard = [[None, 1.0, 1.0, None], [0.0, None, 0.5, None], [0.0, 0.5, None, None], [None] * 4]
+    strengths = bradley_terry_fit(hard)
+    assert (
+        strengths[3] is None and all(math.isfinite(t) for t in strengths[:3]) and strengths[0] > strengths[1]
+    )
+    assert bradley_terry_win_rates(hard)[3] is None

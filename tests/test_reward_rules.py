@@ -98,7 +98,8 @@ def harness(embedded_dir, tiny_classifier_dir):
             name="rm-sigmoid", kind="classifier", model=str(tiny_classifier_dir), activation="sigmoid"
         ),
     ]
-    service = JudgeService(ServerSettings(judges=judges, default_judge="gen"))
+    # No judgment cache: the scripted engine answers the same input differently from test to test.
+    service = JudgeService(ServerSettings(judges=judges, default_judge="gen", cache={"enabled": False}))
     gen = ScriptedEngine(AutoTokenizer.from_pretrained(embedded_dir), "generate")
     rm = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_classifier_dir), "pooling")
     service.judges = {

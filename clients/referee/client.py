@@ -185,7 +185,9 @@ def _request_args(body: BaseModel | None, timeout: float | None = None) -> dict[
         headers["X-Request-Timeout"] = f"{timeout:g}"
     if body is None:
         return {"headers": headers}
-    return {"headers": headers, "json": body.model_dump(mode="json", exclude_none=True)}
+    # Only what the caller set: a server of an older version, which lacks a newer option, still
+    # answers a request that leaves that option at its default.
+    return {"headers": headers, "json": body.model_dump(mode="json", exclude_none=True, exclude_unset=True)}
 
 
 _CONTENT_FIELDS = ("prompt", "response", "response_a", "response_b")

@@ -30,12 +30,18 @@ class _Model(BaseModel):
 # ---------------------------------------------------------------- media
 
 
-class TextPart(_Model):
+class _Part(_Model):
+    def model_post_init(self, context: Any, /) -> None:
+        # The discriminator is always sent, also by clients that send only the fields they set.
+        self.__pydantic_fields_set__.add("type")
+
+
+class TextPart(_Part):
     type: Literal["text"] = "text"
     text: str
 
 
-class ImagePart(_Model):
+class ImagePart(_Part):
     """An image: inline (``data``, base64 of a PNG, JPEG or WebP file) or uploaded before (``blob``,
     the id ``POST /blobs`` or ``QueueReferee.upload`` returned). Nothing is fetched from URLs."""
 
@@ -58,7 +64,7 @@ class ImageURL(_Model):
     detail: str | None = None
 
 
-class ImageURLPart(_Model):
+class ImageURLPart(_Part):
     """The OpenAI chat shape of an image; only ``data:`` URLs are accepted."""
 
     type: Literal["image_url"] = "image_url"
@@ -112,12 +118,22 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     engine_requests: int = Field(0, description="Requests sent to the vLLM engine for this answer.")
+    cached: int = Field(
+        0,
+        description="Engine requests answered by the judgment cache instead (identical earlier or "
+        "concurrent requests of the same tenant), not counted in engine_requests or tokens.",
+    )
 
 
 class _JudgeOptions(_Model):
     judge: str | None = Field(None, description="Name of a loaded judge; the default judge if omitted.")
     rubric: str | None = Field(
         None, description="Criteria the generative judge's prompt includes (ignored by classifiers)."
+    )
+    cache: bool | None = Field(
+        None,
+        description="Reuse identical deterministic engine answers (the judgment cache); false judges "
+        "everything afresh. Default: the server's cache.default (on unless configured).",
     )
 
 
@@ -278,6 +294,12 @@ class WinRateRequest(_PairwiseOptions):
     soft: bool = Field(
         False, description="Credit a comparison with P(i beats j) instead of its verdict (1, 1/2, 0)."
     )
+    estimate: Literal["observed", "bradley_terry"] = Field(
+        "observed",
+        description="observed: credit / valid comparisons (Pref-GRPO). bradley_terry: the expected win "
+        "rate against every other response under a Bradley-Terry fit of the comparisons made, which "
+        "estimates the full round robin from a sparse schedule (opponents=k).",
+    )
 
 
 class WinRateResponse(BaseModel):
@@ -290,7 +312,11 @@ class WinRateResponse(BaseModel):
     win_matrix: list[list[float | None]] = Field(
         description="win_matrix[i][j]: credit i earned against j; None if not compared or invalid."
     )
-    scores: list[float | None] | None = Field(None, description="Classifier judges: each response's score.")
+    scores: list[float | None] | None = Field(
+        None,
+        description="Classifier judges: each response's score. estimate=bradley_terry: each response's "
+        "fitted strength (log scale, mean 0).",
+    )
     comparisons: int = Field(description="Pairs compared (each pair once, whatever the order option).")
     ties: int
     invalid: int = Field(description="Pairs without a valid verdict; left out of the win rates.")

@@ -223,7 +223,7 @@ class QueueReferee:
         now = time.time()
         if request_id is not None:
             check_id(request_id, "request_id")
-        body = request.model_dump(mode="json", exclude_none=True)
+        body = request.model_dump(mode="json", exclude_none=True, exclude_unset=True)
         body = await self._blobs_for_inline(body)  # stream entries carry references, not pixels
         msg = QueueMessage(
             type=type_,

@@ -118,6 +118,54 @@ def win_rates(matrix: Sequence[Sequence[float | None]]) -> list[float | None]:
     return rates
 
 
+def bradley_terry_fit(
+    matrix: Sequence[Sequence[float | None]], prior: float = 0.5, iterations: int = 200
+) -> list[float | None]:
+    """Bradley-Terry strengths (log scale, mean 0 over the compared responses) fitted to the credits
+    of a group's comparisons, by Hunter's (2004) minorise-maximise iterations. ``prior`` adds that
+    many virtual games, split evenly, against an average response, so that a response that won (or
+    lost) all its comparisons gets a finite strength. None: a response without a valid comparison."""
+    n = len(matrix)
+    played = [[matrix[i][j] is not None and i != j for j in range(n)] for i in range(n)]
+    active = [any(row) for row in played]
+    wins = [sum(matrix[i][j] for j in range(n) if played[i][j]) + prior / 2 for i in range(n)]
+    strength = [1.0] * n
+    for _ in range(iterations):
+        new = []
+        for i in range(n):
+            if not active[i]:
+                new.append(1.0)
+                continue
+            # a comparison of i and j counts once from each side (credits c_ij + c_ji = 1)
+            denom = sum(1.0 / (strength[i] + strength[j]) for j in range(n) if played[i][j])
+            denom += prior / (strength[i] + 1.0)
+            new.append(wins[i] / denom)
+        logs = [math.log(v) for v, a in zip(new, active, strict=True) if a]
+        centre = math.exp(sum(logs) / len(logs)) if logs else 1.0
+        change = max(abs(a / centre - b) for a, b in zip(new, strength, strict=True))
+        strength = [v / centre for v in new]
+        if change < 1e-10:
+            break
+    return [math.log(v) if a else None for v, a in zip(strength, active, strict=True)]
+
+
+def bradley_terry_win_rates(
+    matrix: Sequence[Sequence[float | None]], prior: float = 0.5
+) -> list[float | None]:
+    """Each response's expected win rate against all the others under the Bradley-Terry fit of the
+    comparisons made: a sparse schedule's estimate of the full round robin's win rates."""
+    theta = bradley_terry_fit(matrix, prior)
+    known = [t for t in theta if t is not None]
+    rates: list[float | None] = []
+    for i, t in enumerate(theta):
+        if t is None or len(known) < 2:
+            rates.append(None)
+            continue
+        others = [u for j, u in enumerate(theta) if j != i and u is not None]
+        rates.append(sum(bradley_terry(t, u) for u in others) / len(others))
+    return rates
+
+
 def group_advantages(values: Sequence[float | None], eps: float = 1e-6) -> list[float | None]:
     """GRPO advantages: (v - mean) / (std + eps) over the group's defined values.
 

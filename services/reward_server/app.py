@@ -36,7 +36,7 @@ from referee.protocol import (
     WinRateResponse,
 )
 
-from . import compat, metrics
+from . import compat, metrics, openai_api, slime_api, verl_api
 from .engine import EngineDead
 from .fairness import DEADLINE
 from .idempotency import IdempotencyCache
@@ -273,6 +273,8 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
             consuming = asyncio.create_task(consumer.run())
             # Uploads live in Redis: every replica and every queued job sees the same blobs.
             service.blobs = RedisBlobStore(blob_redis(settings.queue), settings.queue.prefix, settings.media)
+            if getattr(service, "cache", None) is not None and settings.cache.shared:
+                service.cache.redis, service.cache.prefix = service.blobs.redis, settings.queue.prefix
 
             def ended(task: asyncio.Task) -> None:  # run() only returns when stopped: say why loudly
                 if task.cancelled() or consumer.state in ("draining", "stopped"):
@@ -304,6 +306,9 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
     app.state.authenticator = Authenticator(settings)
     app.include_router(judging)
     app.include_router(compat.router)
+    app.include_router(openai_api.router)
+    app.include_router(slime_api.router)
+    app.include_router(verl_api.router)
     app.include_router(ops)
 
     @app.exception_handler(EngineDead)
@@ -312,7 +317,9 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
         return _error(503, "unavailable", f"{exc}; this server is stopping, retry on another")
 
     @app.exception_handler(ClientError)
-    async def client_error(_: Request, exc: ClientError) -> JSONResponse:
+    async def client_error(request: Request, exc: ClientError) -> JSONResponse:
+        if openai_api.openai_path(request.url.path):
+            return openai_api.openai_error(exc.status, exc.code, exc.message, exc.headers)
         return _error(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -323,7 +330,9 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
         return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if openai_api.openai_path(request.url.path):  # OpenAI's clients expect 400 and their error shape
+            return openai_api.openai_error(400, "invalid_request", _validation_message(exc))
         return _error(422, "invalid_request", _validation_message(exc))
 
     return ObservedApp(app, settings.limits)
@@ -367,7 +376,7 @@ class ObservedApp:
                 tenant = auth.tenant_for(headers.get(b"authorization", b"").decode("latin-1") or None)
             except ClientError as exc:
                 metrics.REQUESTS.labels("unauthenticated", "401").inc()
-                await _send_error(send, exc.status, exc.code, exc.message, exc.headers)
+                await _send_error(send, exc.status, exc.code, exc.message, exc.headers, scope["path"])
                 return
             scope.setdefault("state", {})["tenant"] = tenant
         start = time.monotonic()
@@ -396,7 +405,9 @@ class ObservedApp:
         limit = self.limits.max_body_bytes
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return await _send_error(send, 413, "too_large", _body_message(length.decode(), limit))
+            return await _send_error(
+                send, 413, "too_large", _body_message(length.decode(), limit), path=scope["path"]
+            )
         try:
             timeout = float(headers.get(b"x-request-timeout", b"0").decode() or 0)
         except ValueError:
@@ -417,7 +428,9 @@ class ObservedApp:
                 chunks.append(message.get("body", b""))
                 size += len(chunks[-1])
                 if size > limit:
-                    return await _send_error(send, 413, "too_large", _body_message(f"over {size}", limit))
+                    return await _send_error(
+                        send, 413, "too_large", _body_message(f"over {size}", limit), path=scope["path"]
+                    )
                 more = message.get("more_body", False)
             replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
             body_read.set()
@@ -479,8 +492,14 @@ def _body_message(size: str, limit: int) -> str:
     )
 
 
-async def _send_error(send, status: int, code: str, message: str, headers: dict | None = None) -> int:
-    body = json.dumps({"error": code, "message": message}).encode()
+async def _send_error(
+    send, status: int, code: str, message: str, headers: dict | None = None, path: str = ""
+) -> int:
+    if openai_api.openai_path(path):  # the OpenAI-compatible routes answer in OpenAI's error shape
+        error = {"message": message, "type": openai_api.ERROR_TYPES.get(status, "api_error"), "code": code}
+        body = json.dumps({"error": {**error, "param": None}}).encode()
+    else:
+        body = json.dumps({"error": code, "message": message}).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send(
         {

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,6 +31,7 @@ from referee.rewards import group_by_prompt
 
 from .judges import ClassifierJudge, RequestContext
 from .service import ClientError, JudgeService
+from .slime_api import Gatherer, GroupOptions, gathered_win_rate
 from .tenancy import Caller, authenticate
 
 
@@ -46,7 +47,7 @@ router = APIRouter(tags=["compatibility"], dependencies=[Depends(authenticate)])
 class OpenRLHFRequest(BaseModel):
     query: list[str] = Field(min_length=1, description="Prompt and response, as the policy saw them.")
     prompts: list[str] | None = Field(None, description="The prompt part of each query.")
-    labels: list[str] | None = Field(None, description="Dataset labels (passed through, unused).")
+    labels: list[Any] | None = Field(None, description="Dataset labels, any JSON (passed through, unused).")
 
 
 class OpenRLHFResponse(BaseModel):
@@ -100,16 +101,42 @@ async def get_reward(
     req: OpenRLHFRequest,
     service: Service,
     caller: Who,
+    gather: Gatherer,
     judge: str | None = None,
     reward: Annotated[
         Literal["score", "winrate"], Query(description="score, or win rate within a prompt")
     ] = "score",
+    group_size: Annotated[
+        int | None,
+        Query(
+            description="reward=winrate for a client that sends each sample as it finishes (OpenRLHF's "
+            "agent executor): the number of samples per prompt; the server gathers them across calls."
+        ),
+    ] = None,
+    group_timeout_s: Annotated[
+        float, Query(gt=0, description="How long a group may take to fill up.")
+    ] = 120.0,
+    incomplete: Annotated[Literal["judge", "error"], Query()] = "judge",
+    order: Annotated[Literal["single", "random", "both"], Query()] = "both",
 ) -> OpenRLHFResponse:
     j = service.judge_for(judge, "score")
     service.check_items(len(req.query))
     service.check_texts((f"query[{k}]", q) for k, q in enumerate(req.query))
     _require_nonempty(req.query, "query")
-    if reward == "winrate":
+    if reward == "winrate" and group_size is not None:
+        # Gathered across calls: each query waits for the rest of its prompt's group.
+        options = GroupOptions(
+            group_size=group_size, group_timeout_s=group_timeout_s, incomplete=incomplete, order=order
+        )
+        rewards = list(
+            await asyncio.gather(
+                *[
+                    gathered_win_rate(service, gather, caller, j.name, prompt, response, options)
+                    for prompt, response in _split(req.query, req.prompts)
+                ]
+            )
+        )
+    elif reward == "winrate":
         pairs = _split(req.query, req.prompts)
         groups = group_by_prompt([prompt for prompt, _ in pairs])
         alone = [idx[0] for idx in groups if len(idx) == 1]
@@ -118,7 +145,8 @@ async def get_reward(
                 422,
                 "invalid_request",
                 f"reward=winrate compares the responses to one prompt, and queries {alone[:10]} are the "
-                "only response to their prompt: send at least two per prompt, or use reward=score",
+                "only response to their prompt: send at least two per prompt, give group_size=N (samples "
+                "per prompt) so that the server gathers them across calls, or use reward=score",
             )
         values: list[float | None] = [None] * len(pairs)
         errors: list[str | None] = [None] * len(pairs)

@@ -92,11 +92,31 @@ async def _last(stream):
     return final
 
 
+def model_fingerprint(path: str) -> str:
+    """A short hash of a model folder's config and weight files (names, sizes, modification times):
+    cached judgments of a model are not served for another model saved at the same path."""
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(path)
+    if not folder.is_dir():  # a hub id: its revision is what the hub resolved; the id stands for it
+        return hashlib.sha256(path.encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and file.suffix in (".json", ".safetensors", ".bin", ".model", ".jinja"):
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+            if file.name == "config.json":
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class Engine:
     """An async vLLM engine for one model, with the model's own tokenizer for prompt building."""
 
     image_placeholder: Callable[[int], str] | None = None  # set for vision-language models
     media: tuple[str, ...] | list[str] = ()
+    fingerprint: str = ""  # the model's files, as the judgment cache keys them
 
     def __init__(self, llm, tokenizer, model_path: str, runner: str, dtype_reason: str = "") -> None:
         self._llm = llm
@@ -161,7 +181,9 @@ class Engine:
         with engine_environment(cpu_bind if device == "cpu" else None):
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(llm, tokenizer, path, runner, why)
+        engine = cls(llm, tokenizer, path, runner, why)
+        engine.fingerprint = model_fingerprint(path)
+        return engine
 
     @property
     def prompts(self) -> PromptTokenizer:
@@ -266,6 +288,35 @@ class Engine:
         if data.numel() != 1:
             raise ValueError(f"the classifier returned {data.numel()} outputs; a reward model has one label")
         return float(data.reshape(-1)[0])
+
+    async def generate_stream(
+        self,
+        token_ids: list[int],
+        params: dict,
+        *,
+        images: list | None = None,
+        delta: bool = False,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ):
+        """The engine's outputs for free-form sampling (``params``: vLLM ``SamplingParams`` fields):
+        each step's new text (``delta``) or the final output only."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        kind = RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY
+        sampling = SamplingParams(**params, output_kind=kind)
+        try:
+            async for out in self._llm.generate(
+                _prompt(token_ids, cache_salt, images),
+                sampling,
+                request_id=uuid.uuid4().hex,
+                priority=priority if self._priorities else 0,
+            ):
+                yield out
+        except EngineDeadError as exc:
+            raise EngineDead(f"the vLLM engine died: {exc}") from exc
 
     async def embed(
         self,

@@ -16,7 +16,8 @@ from referee.protocol import Prompt, content_text, image_parts
 from referee.rewards import bradley_terry, verdict_credit
 
 from . import templates
-from .engine import Engine, EngineDead
+from .cache import cache_key
+from .engine import Completion, Engine, EngineDead
 from .settings import JudgeSettings
 
 
@@ -30,9 +31,12 @@ class RequestContext:
 
     ticket: Any = None  # fairness.Ticket once admitted: hands out the engine priorities
     shared: dict = field(default_factory=dict)  # results several items of the request reuse
+    cache: Any = None  # cache.JudgmentCache, unless the request turned it off
+    cache_scope: str = "open"  # whose answers may be reused: the tenant's own only
     prompt_tokens: int = 0
     completion_tokens: int = 0
     engine_requests: int = 0
+    cached: int = 0  # engine requests answered from the judgment cache instead
 
     def engine_args(self) -> dict:
         """The next engine call's vLLM priority (lower first) and prefix-cache salt."""
@@ -69,6 +73,16 @@ class Rating:
     error: str | None = None
     label_mass: float | None = None  # logprob ratings: the next-token probability on the scale's labels
     logit: float | None = None  # classifiers: the raw reward (score may be its sigmoid)
+
+
+def _completion_json(out: Completion) -> dict:
+    return {**out.__dict__, "first_token_logprobs": [[k, v] for k, v in out.first_token_logprobs.items()]}
+
+
+def _completion_from_json(data: dict) -> Completion:
+    return Completion(
+        **{**data, "first_token_logprobs": {int(k): v for k, v in data["first_token_logprobs"]}}
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -112,6 +126,27 @@ class Judge:
 
     def validate(self, where: str, prompt: Prompt, response) -> None:
         """Raise ValueError (a 422 naming ``where``) for an item this kind cannot judge."""
+
+    def _cache_key(self, ctx: RequestContext, kind: str, ids: list[int], images: list, options) -> str | None:
+        """The judgment cache's key of one engine request (None: not cached)."""
+        if ctx.cache is None:
+            return None
+        digests = [getattr(img, "info", {}).get("referee_sha256") for img in images]
+        if any(d is None for d in digests):
+            return None
+        engine = self.engine
+        return cache_key(kind, self.name, engine.model_path, engine.fingerprint, ids, digests, options)
+
+    async def _cached(self, ctx: RequestContext, key: str | None, run, encode=None, decode=None):
+        """``run()``'s value, or the same value from the judgment cache (counted in ``ctx.cached``)."""
+        if key is None:
+            return await run()
+        codec = {k: v for k, v in (("encode", encode), ("decode", decode)) if v is not None}
+        value, hit = await ctx.cache.get_or_run(self.name, ctx.cache_scope, key, run, **codec)
+        if hit:
+            ctx.cached += 1
+            ctx.engine_done()
+        return value
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -173,12 +208,16 @@ class ClassifierJudge(Judge):
             activation = self.settings.activation == "sigmoid"
         try:
             ids = await self.engine.tokenize(build_ids)
-            ctx.engine_requests += 1
-            ctx.prompt_tokens += len(ids)
-            try:
-                logit = await self.engine.classify(ids, activation=False, **ctx.engine_args())
-            finally:
-                ctx.engine_done()
+
+            async def run() -> float:
+                ctx.engine_requests += 1
+                ctx.prompt_tokens += len(ids)
+                try:
+                    return await self.engine.classify(ids, activation=False, **ctx.engine_args())
+                finally:
+                    ctx.engine_done()
+
+            logit = await self._cached(ctx, self._cache_key(ctx, "classify", ids, [], None), run)
         except EngineDead:  # not a per-item cause: the request fails, the server exits
             raise
         except Exception as exc:
@@ -271,12 +310,15 @@ class ClipJudge(ClassifierJudge):
         return await asyncio.shield(task)
 
     async def _embedding(self, ctx: RequestContext, ids: list[int], images: list | None) -> list[float]:
-        ctx.engine_requests += 1
-        ctx.prompt_tokens += len(ids)
-        try:
-            vector = await self.engine.embed(ids, images=images, **ctx.engine_args())
-        finally:
-            ctx.engine_done()
+        async def run() -> list[float]:
+            ctx.engine_requests += 1
+            ctx.prompt_tokens += len(ids)
+            try:
+                return await self.engine.embed(ids, images=images, **ctx.engine_args())
+            finally:
+                ctx.engine_done()
+
+        vector = await self._cached(ctx, self._cache_key(ctx, "embed", ids, images or [], None), run)
         norm = math.sqrt(sum(x * x for x in vector))
         if not norm or not math.isfinite(norm):
             raise ValueError(f"the embedding has norm {norm}")
@@ -331,16 +373,22 @@ class GenerativeJudge(Judge):
         ids = await self.engine.tokenize(
             lambda: self.engine.chat_ids(messages, generation_prompt=True, images=images)
         )
-        ctx.engine_requests += 1
-        try:
-            if images:
-                kwargs["images"] = images
-            out = await self.engine.complete(ids, **ctx.engine_args(), **kwargs)
-        finally:
-            ctx.engine_done()
-        ctx.prompt_tokens += out.prompt_tokens
-        ctx.completion_tokens += out.completion_tokens
-        return out
+
+        async def run() -> Completion:
+            ctx.engine_requests += 1
+            try:
+                extra = {"images": images} if images else {}
+                out = await self.engine.complete(ids, **ctx.engine_args(), **kwargs, **extra)
+            finally:
+                ctx.engine_done()
+            ctx.prompt_tokens += out.prompt_tokens
+            ctx.completion_tokens += out.completion_tokens
+            return out
+
+        # only what the engine would answer the same way again: greedy, or seeded sampling
+        deterministic = kwargs.get("temperature", 0.0) == 0.0 or kwargs.get("seed") is not None
+        key = self._cache_key(ctx, "complete", ids, images, sorted(kwargs.items())) if deterministic else None
+        return await self._cached(ctx, key, run, encode=_completion_json, decode=_completion_from_json)
 
     async def compare(
         self,

@@ -321,6 +321,8 @@ async def resolve(
     decoded: dict[str, Decoded] = {}
     for key, (where, raw) in raws.items():
         decoded[key] = await asyncio.to_thread(decode_image, raw, where, settings)
+    for key, d in decoded.items():
+        d.image.info["referee_sha256"] = key  # the judgment cache keys an image by its content
     for (_, part), key in zip(parts, keys, strict=True):
         part._image = decoded[key].image
     return len(raws)

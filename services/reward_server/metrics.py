@@ -22,6 +22,11 @@ ITEM_ERRORS = Counter(
 TOKENS = Counter("referee_tokens_total", "Tokens through the engines.", ["judge", "kind"])
 ENGINE_REQUESTS = Counter("referee_engine_requests_total", "Requests submitted to vLLM.", ["judge"])
 INFLIGHT = Gauge("referee_inflight_engine_requests", "Engine requests in flight.")
+CACHE = Counter(
+    "referee_judgment_cache_total",
+    "Engine requests looked up in the judgment cache, by judge and outcome.",
+    ["judge", "outcome"],
+)
 IMAGES = Counter("referee_images_total", "Distinct images decoded for judging, by judge.", ["judge"])
 BLOB_UPLOADS = Counter(
     "referee_blob_uploads_total", "Images uploaded (POST /blobs), by outcome.", ["outcome"]

@@ -32,9 +32,17 @@ from referee.protocol import (
     WinRateResponse,
     content_text,
 )
-from referee.rewards import circular_pairs, group_advantages, verdict_credit, win_rates
+from referee.rewards import (
+    bradley_terry_fit,
+    bradley_terry_win_rates,
+    circular_pairs,
+    group_advantages,
+    verdict_credit,
+    win_rates,
+)
 
 from . import media, metrics
+from .cache import JudgmentCache
 from .fairness import AdmissionRefused, FairScheduler, TenantPolicy, retry_after
 from .hardware import cpu_bind_for, cpu_info
 from .judges import (
@@ -66,6 +74,7 @@ def _usage(ctx: RequestContext) -> Usage:
         prompt_tokens=ctx.prompt_tokens,
         completion_tokens=ctx.completion_tokens,
         engine_requests=ctx.engine_requests,
+        cached=ctx.cached,
     )
 
 
@@ -91,6 +100,19 @@ class JudgeService:
         # Uploaded images (POST /blobs): in this process, or in Redis when the queue is on (the app
         # swaps in a RedisBlobStore so that every replica and queued job sees the same uploads).
         self.blobs: media.BlobStore = media.MemoryBlobStore(settings.media)
+        self.cache = (
+            JudgmentCache(settings.cache.max_entries, settings.cache.ttl_s)
+            if settings.cache.enabled
+            else None
+        )
+
+    def context(self, req=None, tenant: str = OPEN_TENANT) -> RequestContext:
+        """A request's context: its usage counts, and the judgment cache unless the request (its
+        ``cache``, else the settings' ``cache.default``) or the settings turned it off; answers are
+        shared within a tenant only."""
+        asked = getattr(req, "cache", None)
+        use = self.cache is not None and (self.settings.cache.default if asked is None else asked)
+        return RequestContext(cache=self.cache if use else None, cache_scope=tenant)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -310,7 +332,7 @@ class JudgeService:
             (x for k, it in enumerate(req.items) for x in self._contents(f"items[{k}]", it)),
             tenant,
         )
-        ctx = RequestContext()
+        ctx = self.context(req, tenant)
         who = dict(tenant=tenant, job=job, queued=queued)
         async with self.admit(self._cost(len(req.items), 1, "logprob", 0), ctx, **who):
             if isinstance(judge, GenerativeJudge):
@@ -344,6 +366,11 @@ class JudgeService:
         inconsistent: str = "tie",
     ):
         """Judge one pair under an order option; the result is always from A's perspective."""
+        if a == b:
+            # The same response twice: a tie by definition, whatever the judge (and without it).
+            return PairwiseResult(
+                index=0, p_a=0.5, verdict="tie", consistent=True if order == "both" else None
+            )
         if isinstance(judge, ClassifierJudge):  # symmetric: order does not matter
             c = await judge.compare(prompt, a, b, ctx)
             return PairwiseResult(index=0, p_a=c.p_first, verdict=c.verdict, error=c.error)
@@ -467,7 +494,7 @@ class JudgeService:
         swaps = [req.order == "random" and rng.random() < 0.5 for _ in req.items]
         opts = self._pair_opts(judge, req)
         rule = self._inconsistent_rule(judge, req)
-        ctx = RequestContext()
+        ctx = self.context(req, tenant)
         who = dict(tenant=tenant, job=job, queued=queued)
         per_pair = self._requests_per_pair(judge, req.order)
         async with self.admit(self._cost(len(req.items), per_pair, req.mode, req.max_retries), ctx, **who):
@@ -512,7 +539,7 @@ class JudgeService:
             tenant,
         )
         gen = dict(max_new_tokens=req.max_new_tokens, max_retries=req.max_retries, seed=req.seed)
-        ctx = RequestContext()
+        ctx = self.context(req, tenant)
         who = dict(tenant=tenant, job=job, queued=queued)
 
         async def one(k: int, it) -> JudgeResult:
@@ -572,7 +599,7 @@ class JudgeService:
             [("prompt", req.prompt), *((f"responses[{k}]", r) for k, r in enumerate(req.responses))],
             tenant,
         )
-        ctx = RequestContext()
+        ctx = self.context(req, tenant)
         who = dict(tenant=tenant, job=job, queued=queued)
         matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
         errors: list[str] = []
@@ -627,7 +654,12 @@ class JudgeService:
                 continue
             ties += verdict == "tie"
             matrix[i][j], matrix[j][i] = credit, 1.0 - credit
-        rates = win_rates(matrix)
+        if req.estimate == "bradley_terry":
+            rates = bradley_terry_win_rates(matrix)
+            if scores is None:
+                scores = bradley_terry_fit(matrix)
+        else:
+            rates = win_rates(matrix)
         metrics.record_items("winrate", judge.name, len(pairs), invalid)
         metrics.record_verdicts(judge.name, (v for _, v, _ in outcomes))
         metrics.record_tokens(judge.name, ctx)

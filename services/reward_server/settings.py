@@ -304,6 +304,18 @@ class MediaSettings(BaseModel):
     )
 
 
+class CacheSettings(BaseModel):
+    """The judgment cache (``reward_server.cache``): deterministic engine answers by content."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    default: bool = Field(True, description="Whether a request that does not say (no `cache`) uses it.")
+    max_entries: int = Field(100_000, ge=1, description="Answers kept in this process (LRU beyond).")
+    ttl_s: float = Field(3600.0, gt=0, description="How long an answer is kept (here and in Redis).")
+    shared: bool = Field(True, description="With the queue on: share answers between replicas in Redis.")
+
+
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REFEREE_", env_nested_delimiter="__", extra="forbid")
 
@@ -313,6 +325,7 @@ class ServerSettings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     cpu_binding: Literal["vllm", "all", "spread"] = Field(
         "spread",
         description="CPU build only: which cores each engine's worker is bound to. vllm: vLLM's "

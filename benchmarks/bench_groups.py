@@ -1,0 +1,269 @@
+"""Group win rates on text: referee's schedules against the Pref-GRPO client pattern.
+
+Groups are real policy samples: 8 completions per MT-Bench prompt, sampled from the embedded
+SmolLM2-135M-Instruct (temperature 1, 64 tokens) with vLLM's offline engine, kept in the workdir.
+The judge is the same SmolLM2 model, a one-token A/B verdict with its log-probabilities, served by
+referee and by vLLM's own OpenAI-compatible server with the same engine settings.
+
+Reference: the full round robin in both orders (56 engine requests per group of 8). For every
+other schedule: groups/s, engine requests per group, and Kendall's tau-b between its win rates and
+the reference's, averaged over the groups (ties in either ranking count as in tau-b). Schedules:
+- full round robin, one order (28 requests): the pattern's work, position bias included;
+- ``opponents=k`` (a circulant schedule, 8k/2 pairs) in both orders, win rates observed (Pref-GRPO)
+  or estimated with a Bradley-Terry fit (``estimate=bradley_terry``);
+- the pattern: one chat request per unordered pair (single order, 28 per group), 16 client
+  threads, against vLLM's server.
+
+Also reported: the duplicate rate of the sampled completions (identical completions in a group are
+judged once by the judgment cache).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_groups.py [--groups 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "services"))
+
+from bench_throughput import start_server, stop_server, write_section  # noqa: E402
+
+HEADING = "## Text groups: win-rate schedules against the Pref-GRPO client pattern"
+BEGIN, END = "<!-- bench_groups:begin -->", "<!-- bench_groups:end -->"
+PROMPTS = REPO.parent / "shared" / "data" / "mt_bench_prompts.jsonl"
+GROUP = 8
+ENGINE = {"dtype": "auto", "max_model_len": 2048, "kv_cache_memory_gib": 1.0, "enforce_eager": True}
+
+
+def sample_groups(model: str, n: int, out: Path) -> list[dict]:
+    if out.exists():
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        if len(rows) >= n:
+            return rows[:n]
+    from vllm import LLM, SamplingParams
+
+    prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()][:n]
+    llm = LLM(
+        model=model, dtype="auto", max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.15, seed=0
+    )
+    params = SamplingParams(n=GROUP, temperature=1.0, top_p=0.95, max_tokens=64, seed=0)
+    outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    rows = [
+        {"prompt": p, "responses": [c.text for c in o.outputs]} for p, o in zip(prompts, outs, strict=True)
+    ]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def kendall_tau_b(x: list[float], y: list[float]) -> float:
+    concordant = discordant = ties_x = ties_y = 0
+    n = len(x)
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denom = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
+    return (concordant - discordant) / denom if denom else 1.0
+
+
+async def run_referee(
+    url: str, groups: list[dict], options: dict, concurrency: int = 4
+) -> tuple[float, list, int]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=900) as http:
+
+        async def one(g):
+            async with sem:
+                body = {"prompt": g["prompt"], "responses": g["responses"], "cache": False, **options}
+                r = await http.post("/winrate", json=body)
+                r.raise_for_status()
+                return r.json()
+
+        start = time.perf_counter()
+        answers = await asyncio.gather(*[one(g) for g in groups])
+        elapsed = time.perf_counter() - start
+    rates = [[w if w is not None else 0.5 for w in a["win_rates"]] for a in answers]
+    return elapsed, rates, answers[0]["usage"]["engine_requests"] + answers[0]["usage"]["cached"]
+
+
+async def run_pattern(url: str, model: str, groups: list[dict]) -> tuple[float, list]:
+    from reward_server import templates  # the same verdict prompt as referee's logprob mode
+
+    sem = asyncio.Semaphore(16)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=httpx.Limits(max_connections=16)) as http:
+
+        async def pair(g, i, j):
+            messages = templates.pairwise_logprob(g["prompt"], g["responses"][i], g["responses"][j], None)
+            body = {
+                "model": model,
+                "messages": messages,
+                "max_tokens": 1,
+                "logprobs": True,
+                "top_logprobs": 20,
+                "temperature": 0,
+            }
+            async with sem:
+                r = await http.post("/v1/chat/completions", json=body)
+            r.raise_for_status()
+            top = r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            pa = sum(2.718281828 ** t["logprob"] for t in top if t["token"].strip() == "A")
+            pb = sum(2.718281828 ** t["logprob"] for t in top if t["token"].strip() == "B")
+            return i, j, (pa / (pa + pb) if pa + pb else 0.5)
+
+        start = time.perf_counter()
+        jobs = [pair(g, i, j) for g in groups for i in range(GROUP) for j in range(i + 1, GROUP)]
+        results = await asyncio.gather(*jobs)
+        elapsed = time.perf_counter() - start
+    rates, k = [], 0
+    for _ in groups:
+        credit = [[] for _ in range(GROUP)]
+        for i, j, p in results[k : k + 28]:
+            c = 1.0 if p > 0.5 else 0.0 if p < 0.5 else 0.5
+            credit[i].append(c)
+            credit[j].append(1 - c)
+        k += 28
+        rates.append([sum(c) / len(c) for c in credit])
+    return elapsed, rates
+
+
+async def run_naive_pairs(url: str, groups: list[dict]) -> float:
+    sem = asyncio.Semaphore(16)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=httpx.Limits(max_connections=16)) as http:
+
+        async def pair(g, i, j):
+            item = {"prompt": g["prompt"], "response_a": g["responses"][i], "response_b": g["responses"][j]}
+            async with sem:
+                r = await http.post("/pairwise", json={"judge": "rm", "cache": False, "items": [item]})
+            r.raise_for_status()
+
+        start = time.perf_counter()
+        await asyncio.gather(
+            *[pair(g, i, j) for g in groups for i in range(GROUP) for j in range(i + 1, GROUP)]
+        )
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--groups", type=int, default=12)
+    parser.add_argument("--port", type=int, default=8941)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/referee-bench-groups"))
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from referee.embedded import ensure_embedded
+
+    model = str(ensure_embedded("smollm2"))
+    groups = sample_groups(model, args.groups, args.workdir / "groups.jsonl")
+    duplicates = sum(GROUP - len(set(g["responses"])) for g in groups) / (GROUP * len(groups))
+
+    from tests.model_factory import make_backbone_classifier
+
+    rm = str(make_backbone_classifier(args.workdir / "smollm2-rm", Path(model)))
+    rm_engine = {**ENGINE, "kv_cache_memory_gib": 0.5}
+    config = {
+        "judges": [
+            {"name": "judge", "kind": "generative", "model": model, "engine": ENGINE},
+            {"name": "rm", "kind": "classifier", "model": rm, "engine": rm_engine},
+        ],
+        "limits": {"max_inflight": 100_000, "max_request_cost": 100_000},
+    }
+    path = args.workdir / "referee.yaml"
+    path.write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{args.port}"
+    cmd = [sys.executable, "-m", "referee.cli", "serve", "--config", str(path), "--port", str(args.port)]
+    schedules = [
+        ("full round robin, order=both (reference)", {"order": "both"}),
+        ("full round robin, order=single", {"order": "single"}),
+        *[
+            (f"opponents={k}, order=both, {est}", {"order": "both", "opponents": k, "estimate": est})
+            for k in (2, 3, 4)
+            for est in ("observed", "bradley_terry")
+        ],
+    ]
+    results: list[tuple[str, float, int, list]] = []
+    print("referee: starting", flush=True)
+    proc = start_server(cmd, args.workdir / "referee.log", url + "/readyz")
+    try:
+        asyncio.run(run_referee(url, groups[:1], {"order": "single"}))  # warm-up
+        for name, options in schedules:
+            elapsed, rates, requests = asyncio.run(run_referee(url, groups, options))
+            results.append((name, elapsed, requests, rates))
+            print(f"{name}: {len(groups) / elapsed:.3f} groups/s", flush=True)
+        # A classifier judge: one /winrate (N scores, Bradley-Terry on them) against the naive client
+        # that asks /pairwise for each of the 28 pairs (2 scores each), 16 at a time.
+        asyncio.run(run_referee(url, groups[:1], {"judge": "rm"}))
+        on_elapsed, _, on_requests = asyncio.run(run_referee(url, groups, {"judge": "rm"}))
+        naive_elapsed = asyncio.run(run_naive_pairs(url, groups))
+        classifier = (on_elapsed, on_requests, naive_elapsed)
+    finally:
+        stop_server(proc)
+
+    port = args.port + 1
+    opts = (
+        f"--host 127.0.0.1 --port {port} --dtype auto --enforce-eager --seed 0 --max-model-len 2048 "
+        f"--kv-cache-memory-bytes {1 << 30} --enable-prefix-caching"
+    )
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *opts.split()]
+    print("vLLM server: starting", flush=True)
+    proc = start_server(cmd, args.workdir / "vllm.log", f"http://127.0.0.1:{port}/health")
+    try:
+        asyncio.run(run_pattern(f"http://127.0.0.1:{port}", model, groups[:1]))
+        elapsed, rates = asyncio.run(run_pattern(f"http://127.0.0.1:{port}", model, groups))
+        results.append(
+            ("Pref-GRPO pattern: 28 chat calls per group, 16 threads, vLLM server", elapsed, 28, rates)
+        )
+    finally:
+        stop_server(proc)
+
+    reference = results[0][3]
+    pattern_gps = len(groups) / results[-1][1]
+    lines = [
+        f"Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_groups.py --groups {args.groups}` "
+        f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores; {args.groups} MT-Bench prompts x {GROUP} "
+        "SmolLM2 samples; SmolLM2 judge, one-token verdicts; judgment cache off). Duplicate completions "
+        f"in these groups: {duplicates:.1%}.",
+        "",
+        "| schedule | engine requests / group | groups/s | × pattern | Kendall τ vs reference |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, elapsed, requests, rates in results:
+        gps = len(groups) / elapsed
+        tau = sum(kendall_tau_b(r, ref) for r, ref in zip(rates, reference, strict=True)) / len(groups)
+        lines.append(f"| {name} | {requests} | {gps:.3f} | {gps / pattern_gps:.2f} | {tau:.3f} |")
+    on_elapsed, on_requests, naive_elapsed = classifier
+    lines += [
+        "",
+        f"Classifier judge (SmolLM2 backbone, random scalar head), the same {args.groups} groups: one "
+        f"`/winrate` per group ({on_requests} engine requests: N scores) took {on_elapsed:.2f} s; the naive "
+        f"client's 28 `/pairwise` calls per group (56 engine requests, 16 at a time) took "
+        f"{naive_elapsed:.2f} s: **{on_elapsed / naive_elapsed:.2f}** of the time.",
+    ]
+    write_section(args.output, "\n".join(lines), HEADING, BEGIN, END)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

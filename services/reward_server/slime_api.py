@@ -1,0 +1,152 @@
+"""slime's remote reward model, and group gathering for every one-sample-per-call client.
+
+slime (``--rm-type remote_rm --rm-url http://host:8000/slime/reward``) posts one sample per call,
+``{"prompt": ..., "response": ..., "label": ...}`` (``slime/rollout/rm_hub/__init__.py``,
+``remote_rm``), and uses the JSON body of the answer, a bare number, as the reward. Its prompt is a
+text or chat messages; its label (a reference answer, for rule-based rewards) is accepted and unused.
+
+``?reward=score`` (default) rates the sample with the judge: a classifier's logit, a generative
+judge's expected rating. ``?reward=winrate&group_size=N`` gathers the samples of one prompt (per
+tenant and job) until N arrived, judges the group once (``/winrate``, with ``order`` and
+``opponents`` as there), and answers each call with its own win rate; see ``gathering``.
+A sample the judge could not score gets 502 with the reason (slime then retries and raises:
+it has no way to receive "no reward", and a silent 0 would be the worst reward).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict
+
+from referee.protocol import Message, ScoreItem, ScoreRequest, WinRateRequest
+
+from .gathering import GroupGatherer, GroupIncomplete
+from .service import ClientError, JudgeService
+from .tenancy import Caller, authenticate
+
+
+def _service(request: Request) -> JudgeService:
+    return request.app.state.service
+
+
+def gatherer(request: Request) -> GroupGatherer:
+    """The app's one gatherer (groups are shared by every route that gathers)."""
+    found = getattr(request.app.state, "gatherer", None)
+    if found is None:
+        found = request.app.state.gatherer = GroupGatherer()
+    return found
+
+
+Service = Annotated[JudgeService, Depends(_service)]
+Who = Annotated[Caller, Depends(authenticate)]
+Gatherer = Annotated[GroupGatherer, Depends(gatherer)]
+router = APIRouter(tags=["compatibility"], dependencies=[Depends(authenticate)])
+
+
+class SlimeSample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | list[Message]
+    response: str
+    label: Any = None
+
+
+class GroupOptions(BaseModel):
+    """How a one-sample-per-call client's samples are gathered into groups (query parameters)."""
+
+    group_size: int | None = None
+    group_timeout_s: float = 120.0
+    incomplete: Literal["judge", "error"] = "judge"
+    order: Literal["single", "random", "both"] = "both"
+    opponents: int | None = None
+
+
+async def gathered_win_rate(
+    service: JudgeService,
+    gather: GroupGatherer,
+    caller: Caller,
+    judge: str | None,
+    prompt,
+    response: str,
+    options: GroupOptions,
+) -> float:
+    """This response's win rate within its prompt's group, once the group is complete."""
+    size = options.group_size
+    if size is None or size < 2:
+        raise ClientError(
+            422,
+            "bad_request",
+            "reward=winrate compares the responses of one prompt: give group_size=N (N >= 2, the "
+            "number of samples per prompt, e.g. n_samples_per_prompt) so that the server can gather them",
+        )
+    if size > service.limits.max_group_size:
+        raise ClientError(
+            413,
+            "too_large",
+            f"group_size={size} is over limits.max_group_size={service.limits.max_group_size}",
+        )
+    key_prompt = prompt if isinstance(prompt, str) else json.dumps([m.model_dump() for m in prompt])
+    key = (caller.tenant, caller.job, judge, key_prompt, size, options.order, options.opponents)
+
+    async def judge_group(responses: list[str]) -> list[float | None]:
+        req = WinRateRequest(
+            judge=judge, prompt=prompt, responses=responses, order=options.order, opponents=options.opponents
+        )
+        out = await service.winrate(req, **caller.who())
+        return out.win_rates
+
+    try:
+        rate = await gather.submit(
+            key,
+            response,
+            size=size,
+            timeout_s=min(options.group_timeout_s, service.limits.request_timeout_s),
+            judge=judge_group,
+            incomplete=options.incomplete,
+        )
+    except GroupIncomplete as exc:
+        raise ClientError(504, "group_incomplete", str(exc)) from None
+    except ValueError as exc:
+        raise ClientError(409, "group_mismatch", str(exc)) from None
+    except OverflowError as exc:
+        raise ClientError(429, "overloaded", str(exc), {"Retry-After": "5"}) from None
+    if rate is None:
+        raise ClientError(502, "unscorable", "none of this response's comparisons gave a valid verdict")
+    return rate
+
+
+@router.post("/slime/reward", summary="slime's remote reward model (one sample -> a number)")
+async def slime_reward(
+    sample: SlimeSample,
+    service: Service,
+    gather: Gatherer,
+    caller: Who,
+    judge: Annotated[str | None, Query(description="A loaded judge; the default if omitted.")] = None,
+    reward: Annotated[Literal["score", "winrate"], Query()] = "score",
+    group_size: Annotated[int | None, Query(description="reward=winrate: samples per prompt.")] = None,
+    group_timeout_s: Annotated[
+        float, Query(gt=0, description="How long a group may take to fill up.")
+    ] = 120.0,
+    incomplete: Annotated[Literal["judge", "error"], Query()] = "judge",
+    order: Annotated[Literal["single", "random", "both"], Query()] = "both",
+    opponents: Annotated[int | None, Query(ge=1)] = None,
+) -> float:
+    if reward == "winrate":
+        options = GroupOptions(
+            group_size=group_size, group_timeout_s=group_timeout_s, incomplete=incomplete, order=order,
+            opponents=opponents,
+        )  # fmt: skip
+        return await gathered_win_rate(
+            service, gather, caller, judge, sample.prompt, sample.response, options
+        )
+    out = await service.score(
+        ScoreRequest(judge=judge, items=[ScoreItem(prompt=sample.prompt, response=sample.response)]),
+        **caller.who(),
+    )
+    result = out.results[0]
+    if result.score is None:
+        raise ClientError(502, "unscorable", f"the judge could not score this sample: {result.error}")
+    return result.score
