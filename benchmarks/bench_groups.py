@@ -44,7 +44,15 @@ HEADING = "## Text groups: win-rate schedules against the Pref-GRPO client patte
 BEGIN, END = "<!-- bench_groups:begin -->", "<!-- bench_groups:end -->"
 PROMPTS = REPO.parent / "shared" / "data" / "mt_bench_prompts.jsonl"
 GROUP = 8
-ENGINE = {"dtype": "auto", "max_model_len": 2048, "kv_cache_memory_gib": 1.0, "enforce_eager": True}
+# Prefix caching off in both servers: the schedules run one after the other on the same groups, and
+# a warm prefix cache would favour whichever ran later.
+ENGINE = {
+    "dtype": "auto",
+    "max_model_len": 2048,
+    "kv_cache_memory_gib": 1.0,
+    "enforce_eager": True,
+    "enable_prefix_caching": False,
+}
 
 
 def sample_groups(model: str, n: int, out: Path) -> list[dict]:
@@ -58,7 +66,7 @@ def sample_groups(model: str, n: int, out: Path) -> list[dict]:
     llm = LLM(
         model=model, dtype="auto", max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.15, seed=0
     )
-    params = SamplingParams(n=GROUP, temperature=1.0, top_p=0.95, max_tokens=64, seed=0)
+    params = SamplingParams(n=GROUP, temperature=1.0, top_p=0.95, max_tokens=64)  # the engine seed: 0
     outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
     rows = [
         {"prompt": p, "responses": [c.text for c in o.outputs]} for p, o in zip(prompts, outs, strict=True)
@@ -104,7 +112,7 @@ async def run_referee(
         answers = await asyncio.gather(*[one(g) for g in groups])
         elapsed = time.perf_counter() - start
     rates = [[w if w is not None else 0.5 for w in a["win_rates"]] for a in answers]
-    return elapsed, rates, answers[0]["usage"]["engine_requests"] + answers[0]["usage"]["cached"]
+    return elapsed, rates, answers[0]["usage"]["engine_requests"] + answers[0]["usage"]["cached"], answers
 
 
 async def run_pattern(url: str, model: str, groups: list[dict]) -> tuple[float, list]:
@@ -197,11 +205,7 @@ def main() -> None:
     schedules = [
         ("full round robin, order=both (reference)", {"order": "both"}),
         ("full round robin, order=single", {"order": "single"}),
-        *[
-            (f"opponents={k}, order=both, {est}", {"order": "both", "opponents": k, "estimate": est})
-            for k in (2, 3, 4)
-            for est in ("observed", "bradley_terry")
-        ],
+        *[(f"opponents={k}, order=both", {"order": "both", "opponents": k}) for k in (2, 3, 4)],
     ]
     results: list[tuple[str, float, int, list]] = []
     print("referee: starting", flush=True)
@@ -209,13 +213,23 @@ def main() -> None:
     try:
         asyncio.run(run_referee(url, groups[:1], {"order": "single"}))  # warm-up
         for name, options in schedules:
-            elapsed, rates, requests = asyncio.run(run_referee(url, groups, options))
-            results.append((name, elapsed, requests, rates))
+            elapsed, rates, requests, answers = asyncio.run(run_referee(url, groups, options))
+            results.append(
+                (f"{name}, observed" if "opponents" in options else name, elapsed, requests, rates)
+            )
+            if "opponents" in options:  # Bradley-Terry estimates from the very same comparisons
+                from referee.rewards import bradley_terry_win_rates
+
+                fitted = [
+                    [w if w is not None else 0.5 for w in bradley_terry_win_rates(a["win_matrix"])]
+                    for a in answers
+                ]
+                results.append((f"{name}, estimate=bradley_terry", elapsed, requests, fitted))
             print(f"{name}: {len(groups) / elapsed:.3f} groups/s", flush=True)
         # A classifier judge: one /winrate (N scores, Bradley-Terry on them) against the naive client
         # that asks /pairwise for each of the 28 pairs (2 scores each), 16 at a time.
         asyncio.run(run_referee(url, groups[:1], {"judge": "rm"}))
-        on_elapsed, _, on_requests = asyncio.run(run_referee(url, groups, {"judge": "rm"}))
+        on_elapsed, _, on_requests, _ = asyncio.run(run_referee(url, groups, {"judge": "rm"}))
         naive_elapsed = asyncio.run(run_naive_pairs(url, groups))
         classifier = (on_elapsed, on_requests, naive_elapsed)
     finally:
@@ -224,7 +238,7 @@ def main() -> None:
     port = args.port + 1
     opts = (
         f"--host 127.0.0.1 --port {port} --dtype auto --enforce-eager --seed 0 --max-model-len 2048 "
-        f"--kv-cache-memory-bytes {1 << 30} --enable-prefix-caching"
+        f"--kv-cache-memory-bytes {1 << 30} --no-enable-prefix-caching"
     )
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *opts.split()]
     print("vLLM server: starting", flush=True)
@@ -243,7 +257,8 @@ def main() -> None:
     lines = [
         f"Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_groups.py --groups {args.groups}` "
         f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores; {args.groups} MT-Bench prompts x {GROUP} "
-        "SmolLM2 samples; SmolLM2 judge, one-token verdicts; judgment cache off). Duplicate completions "
+        "SmolLM2 samples; SmolLM2 judge, one-token verdicts; judgment cache and prefix caching off; "
+        "Bradley-Terry rows: the same comparisons as the row above, fitted). Duplicate completions "
         f"in these groups: {duplicates:.1%}.",
         "",
         "| schedule | engine requests / group | groups/s | × pattern | Kendall τ vs reference |",

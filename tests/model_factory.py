@@ -256,3 +256,27 @@ def make_tiny_clip(target: Path, corpus: Path, *, seed: int = 0) -> Path:
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.model_factory vlm|clip|classifier DIR``: make a tiny random model for a smoke
+    test on a machine without a model hub (the models the tests serve)."""
+    import sys
+
+    from referee.embedded import ensure_embedded
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in ("vlm", "clip", "classifier"):
+        raise SystemExit("usage: python -m tests.model_factory vlm|clip|classifier DIR")
+    kind, target = args[0], Path(args[1])
+    if kind == "clip":
+        corpus = Path(__file__).parent / "data" / "hh_harmless_subset.jsonl"
+        print(make_tiny_clip(target, corpus))
+    elif kind == "vlm":
+        print(make_tiny_vlm(target, ensure_embedded("smollm2")))
+    else:
+        print(make_tiny_classifier(target, ensure_embedded("smollm2")))
+
+
+if __name__ == "__main__":
+    main()
