@@ -75,7 +75,7 @@ def sample_groups(model: str, n: int, out: Path) -> list[dict]:
     return rows
 
 
-def kendall_tau_b(x: list[float], y: list[float]) -> float:
+def kendall_tau_b(x: list[float], y: list[float]) -> float | None:
     concordant = discordant = ties_x = ties_y = 0
     n = len(x)
     for i in range(n):
@@ -92,7 +92,7 @@ def kendall_tau_b(x: list[float], y: list[float]) -> float:
             else:
                 discordant += 1
     denom = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
-    return (concordant - discordant) / denom if denom else 1.0
+    return (concordant - discordant) / denom if denom else None  # a ranking without order: undefined
 
 
 async def run_referee(
@@ -266,8 +266,11 @@ def main() -> None:
     ]
     for name, elapsed, requests, rates in results:
         gps = len(groups) / elapsed
-        tau = sum(kendall_tau_b(r, ref) for r, ref in zip(rates, reference, strict=True)) / len(groups)
-        lines.append(f"| {name} | {requests} | {gps:.3f} | {gps / pattern_gps:.2f} | {tau:.3f} |")
+        taus = [
+            t for r, ref in zip(rates, reference, strict=True) if (t := kendall_tau_b(r, ref)) is not None
+        ]
+        tau = f"{sum(taus) / len(taus):.3f} ({len(taus)} groups)" if taus else "undefined"
+        lines.append(f"| {name} | {requests} | {gps:.3f} | {gps / pattern_gps:.2f} | {tau} |")
     on_elapsed, on_requests, naive_elapsed = classifier
     lines += [
         "",
