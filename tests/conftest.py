@@ -10,6 +10,7 @@ skipped). Starting the engines takes about a minute on two cores, so every serve
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import socket
@@ -75,6 +76,13 @@ def tiny_classifier_dir(tmp_path_factory, embedded_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_objectives_dir(tmp_path_factory, embedded_dir) -> Path:
+    from tests.model_factory import make_tiny_multi_classifier
+
+    return make_tiny_multi_classifier(tmp_path_factory.mktemp("models") / "tiny-objectives", embedded_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory, embedded_dir) -> Path:
     from tests.model_factory import make_tiny_vlm
 
@@ -116,11 +124,19 @@ def native_bf16() -> bool:
 
 def served_judges() -> set[str]:
     """The judges the shared test server loads on this machine."""
-    return {"smollm2", "tiny-rm", *(["tiny-rm-bf16"] if native_bf16() else [])}
+    return {
+        "smollm2",
+        "tiny-rm",
+        "followup",
+        "tiny-objectives",
+        "panel",
+        "panel-pointwise",
+        *(["tiny-rm-bf16"] if native_bf16() else []),
+    }
 
 
 @pytest.fixture(scope="session")
-def server_config(tmp_path_factory, tiny_classifier_dir, redis_prefix) -> Path:
+def server_config(tmp_path_factory, tiny_classifier_dir, tiny_objectives_dir, redis_prefix) -> Path:
     config = {
         "default_judge": "smollm2",
         "limits": TEST_LIMITS,
@@ -148,6 +164,29 @@ def server_config(tmp_path_factory, tiny_classifier_dir, redis_prefix) -> Path:
             },
         ],
     }
+    config["judges"] += [
+        # the same model and engine settings as smollm2: served by smollm2's engine, not a second one
+        {
+            "name": "followup",
+            "kind": "followup",
+            "model": "embedded:smollm2",
+            "engine": copy.deepcopy(config["judges"][0]["engine"]),
+        },
+        {
+            "name": "tiny-objectives",
+            "kind": "classifier",
+            "model": str(tiny_objectives_dir),
+            "engine": {"dtype": "float32", "max_model_len": 1024, "kv_cache_memory_gib": 0.125},
+        },
+        # no engine of their own: judges above, answering together
+        {"name": "panel", "kind": "ensemble", "members": ["smollm2", "tiny-rm"]},
+        {
+            "name": "panel-pointwise",
+            "kind": "ensemble",
+            "members": ["followup", "tiny-rm"],
+            "aggregate": "uncertainty",
+        },
+    ]
     if native_bf16():
         config["judges"].append(
             {

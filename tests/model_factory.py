@@ -1,7 +1,8 @@
 """Small real models created on disk for tests and benchmarks (no model hub here).
 
 The classifiers are ``Qwen2ForSequenceClassification`` with one label: the architecture real reward
-models (Skywork-Reward-V2 and others) use. Their heads have 64-dimensional attention heads, which
+models (Skywork-Reward-V2 and others) use; the multi-objective one has a label per objective
+(HelpSteer2's attributes by default). Their heads have 64-dimensional attention heads, which
 the vLLM CPU attention kernels need. They borrow the embedded SmolLM2 tokenizer.
 """
 
@@ -35,6 +36,56 @@ def make_tiny_classifier(target: Path, tokenizer_dir: Path, *, seed: int = 0, la
     with torch.no_grad():
         # Unit-scale logits, as trained reward models give: different texts get clearly different
         # scores, and bfloat16 (whose spacing grows with magnitude) can still be checked to 0.02.
+        model.score.weight.normal_(0.0, 0.1)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+# The attribute heads of multi-objective reward models (HelpSteer2's, which ArmoRM regresses too).
+OBJECTIVES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+
+
+def make_tiny_multi_classifier(
+    target: Path,
+    tokenizer_dir: Path,
+    *,
+    objectives: tuple[str, ...] | list[str] = OBJECTIVES,
+    seed: int = 0,
+    layers: int = 2,
+) -> Path:
+    """A multi-objective reward model: ``make_tiny_classifier``'s architecture (Qwen2, hidden 128, 2
+    heads of 64, the SmolLM2 tokenizer and chat template) with one output per objective, named in
+    ``config.json``'s ``id2label`` in order.
+
+    Seeded random weights, so the same arguments make the same model. The score head's rows are
+    independent unit-scale directions: each objective weighs the final hidden state differently,
+    so objectives differ from each other and between texts by about one logit."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
+
+    if len(objectives) < 2 or len(set(objectives)) != len(objectives):
+        raise ValueError(f"a multi-objective model needs two or more distinct objectives, got {objectives}")
+    if (target / "config.json").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        num_labels=len(objectives),
+        id2label=dict(enumerate(objectives)),
+        label2id={name: i for i, name in enumerate(objectives)},
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForSequenceClassification(config)
+    with torch.no_grad():
         model.score.weight.normal_(0.0, 0.1)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -259,21 +310,24 @@ def make_tiny_clip(target: Path, corpus: Path, *, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tests.model_factory vlm|clip|classifier DIR``: make a tiny random model for a smoke
-    test on a machine without a model hub (the models the tests serve)."""
+    """``python -m tests.model_factory vlm|clip|classifier|objectives DIR``: make a tiny random model
+    for a smoke test on a machine without a model hub (the models the tests serve); ``objectives`` is
+    the multi-objective reward model (one output per objective, named in ``id2label``)."""
     import sys
 
     from referee.embedded import ensure_embedded
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] not in ("vlm", "clip", "classifier"):
-        raise SystemExit("usage: python -m tests.model_factory vlm|clip|classifier DIR")
+    if len(args) != 2 or args[0] not in ("vlm", "clip", "classifier", "objectives"):
+        raise SystemExit("usage: python -m tests.model_factory vlm|clip|classifier|objectives DIR")
     kind, target = args[0], Path(args[1])
     if kind == "clip":
         corpus = Path(__file__).parent / "data" / "hh_harmless_subset.jsonl"
         print(make_tiny_clip(target, corpus))
     elif kind == "vlm":
         print(make_tiny_vlm(target, ensure_embedded("smollm2")))
+    elif kind == "objectives":
+        print(make_tiny_multi_classifier(target, ensure_embedded("smollm2")))
     else:
         print(make_tiny_classifier(target, ensure_embedded("smollm2")))
 

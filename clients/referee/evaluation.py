@@ -45,6 +45,8 @@ class EvalReport:
     seconds: float
     pairs_per_second: float
     confusion: dict[str, dict[str, int]]  # shown position of the chosen response -> verdict counts
+    engine_requests: int = 0  # what the server's usage reported, summed over the requests
+    cached: int = 0  # engine requests the judgment cache answered instead
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -126,8 +128,10 @@ async def evaluate(
     seed: int = 0,
     max_new_tokens: int | None = None,
     on_progress: Callable[[int], None] | None = None,
+    **options,
 ) -> EvalReport:
-    """Judge every pair through the server, keeping ``concurrency`` requests in flight."""
+    """Judge every pair through the server, keeping ``concurrency`` requests in flight; ``options``
+    are more ``PairwiseRequest`` fields (``inconsistent``, ``objective``, ``cache`` ...)."""
     rng = random.Random(seed)
     chosen_is_a = [rng.random() < 0.5 for _ in pairs]
     items = [
@@ -140,6 +144,7 @@ async def evaluate(
     results: list[list[PairwiseResult]] = [[] for _ in batches]
     gate = asyncio.Semaphore(concurrency)
     name = judge or ""
+    usage = [0, 0]
 
     async def run(k: int) -> None:
         nonlocal name
@@ -151,8 +156,11 @@ async def evaluate(
                 order=order,
                 seed=seed,
                 max_new_tokens=max_new_tokens,
+                **options,
             )
             out = await client.pairwise(req)
+            usage[0] += out.usage.engine_requests
+            usage[1] += out.usage.cached
             name = out.judge
             results[k] = out.results
             if on_progress:
@@ -162,4 +170,6 @@ async def evaluate(
     await asyncio.gather(*[run(k) for k in range(len(batches))])
     seconds = time.monotonic() - start
     flat = [r for batch in results for r in batch]
-    return summarise(pairs, chosen_is_a, flat, judge=name, mode=mode, order=order, seconds=seconds)
+    report = summarise(pairs, chosen_is_a, flat, judge=name, mode=mode, order=order, seconds=seconds)
+    report.engine_requests, report.cached = usage
+    return report

@@ -18,7 +18,8 @@ PairwiseMode = Literal["logprob", "cot"]
 Order = Literal["single", "random", "both"]
 Verdict = Literal["A", "B", "tie", "invalid"]
 InconsistentRule = Literal["tie", "average", "drop"]
-JudgeKind = Literal["classifier", "generative", "clip"]
+JudgeKind = Literal["classifier", "generative", "clip", "ensemble", "followup"]
+Transform = Literal["none", "par", "log_sigmoid"]
 
 
 class _Model(BaseModel):
@@ -135,6 +136,16 @@ class _JudgeOptions(_Model):
         description="Reuse identical deterministic engine answers (the judgment cache); false judges "
         "everything afresh. Default: the server's cache.default (on unless configured).",
     )
+    objective: str | None = Field(
+        None,
+        description="Multi-objective reward models: the reward is this one objective (a name listed "
+        "in /judges) instead of the weighted combination.",
+    )
+    weights: dict[str, float] | None = Field(
+        None,
+        description="Multi-objective reward models: this request's weights of the named objectives "
+        "(objectives not named weigh 0) instead of the judge's.",
+    )
 
 
 # ---------------------------------------------------------------- /score
@@ -143,10 +154,33 @@ class _JudgeOptions(_Model):
 class ScoreItem(_Model):
     prompt: Prompt
     response: Content
+    reference: Content | None = Field(
+        None,
+        description="A reference response to the same prompt (the SFT policy's, a gold answer): "
+        "judged in the same request, its raw reward is the r_ref of the request's `transform`.",
+    )
+    reference_score: float | None = Field(
+        None, description="The prompt's reference reward r_ref itself, instead of a reference response."
+    )
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> ScoreItem:
+        if self.reference is not None and self.reference_score is not None:
+            raise ValueError("give `reference` (a response to judge) or `reference_score`, not both")
+        return self
 
 
 class ScoreRequest(_JudgeOptions):
     items: list[ScoreItem] = Field(min_length=1)
+    transform: Transform | None = Field(
+        None,
+        description="Shape each raw reward r against its item's reference r_ref. par: sigmoid(r - "
+        "r_ref), bounded in (0, 1) and flat where the policy already beats the reference (PAR, Fu et "
+        "al. 2025, 'Reward Shaping to Mitigate Reward Hacking in RLHF'); log_sigmoid: log sigmoid(r - "
+        "r_ref) <= 0, so that a sum of shaped rewards is high only when every term is (Wang et al. "
+        "2024, 'Transforming and Combining Rewards for Aligning Large Language Models'); none: the "
+        "raw reward. Default: the judge's `transform` (none unless configured).",
+    )
 
 
 class ScoreResult(BaseModel):
@@ -160,6 +194,21 @@ class ScoreResult(BaseModel):
         None,
         description="Generative judges: the next-token probability on the scale's labels. Below "
         "the judge's min_label_mass the score is None, with the reason in error.",
+    )
+    raw_score: float | None = Field(
+        None, description="With a transform: the raw reward r before shaping (score is the shaped one)."
+    )
+    reference_score: float | None = Field(
+        None, description="With a transform: the r_ref it was shaped against."
+    )
+    objectives: dict[str, float] | None = Field(
+        None, description="Multi-objective reward models: every named objective's raw output."
+    )
+    members: dict[str, float | None] | None = Field(
+        None, description="Ensembles: each member judge's raw reward for this item."
+    )
+    uncertainty: float | None = Field(
+        None, description="Ensembles: the members' disagreement (standard deviation of their rewards)."
     )
     error: str | None = None
 
@@ -225,6 +274,11 @@ class PairwiseResult(BaseModel):
     )
     swapped: bool | None = Field(None, description="order=random: whether B was shown first.")
     rationales: list[str] | None = Field(None, description="mode=cot: the judge's reasoning per order.")
+    uncertainty: float | None = Field(
+        None,
+        description="Ensembles: the members' disagreement on this pair (standard deviation of their "
+        "P(A); order=both: the larger of the two orders').",
+    )
     error: str | None = None
 
 
@@ -294,6 +348,13 @@ class WinRateRequest(_PairwiseOptions):
     soft: bool = Field(
         False, description="Credit a comparison with P(i beats j) instead of its verdict (1, 1/2, 0)."
     )
+    schedule: Literal["pairs", "listwise"] = Field(
+        "pairs",
+        description="pairs: compare pairs (every pair, or `opponents` per response). listwise: a "
+        "generative judge sees the whole group at once, reasons and ranks it (one generation per "
+        "listing; order=both adds the reversed listing); the ranking must be a permutation of the "
+        "group, else every pair is invalid with the reason.",
+    )
     estimate: Literal["observed", "bradley_terry"] = Field(
         "observed",
         description="observed: credit / valid comparisons (Pref-GRPO). bradley_terry: the expected win "
@@ -317,7 +378,17 @@ class WinRateResponse(BaseModel):
         description="Classifier judges: each response's score. estimate=bradley_terry: each response's "
         "fitted strength (log scale, mean 0).",
     )
+    uncertainties: list[float | None] | None = Field(
+        None,
+        description="Pointwise ensembles: each response's disagreement between members (the standard "
+        "deviation of their rewards).",
+    )
     comparisons: int = Field(description="Pairs compared (each pair once, whatever the order option).")
+    rankings: list[list[int] | None] | None = Field(
+        None,
+        description="schedule=listwise: each listing's ranking as response indices, best first "
+        "(None where the judge gave no valid ranking).",
+    )
     ties: int
     invalid: int = Field(description="Pairs without a valid verdict; left out of the win rates.")
     inconsistent: int = Field(
@@ -347,6 +418,13 @@ class JudgeInfo(BaseModel):
     default: bool
     routes: list[str]
     pairwise_modes: list[PairwiseMode]
+    objectives: list[str] = Field(
+        default_factory=list, description="Multi-objective reward models: the named objectives."
+    )
+    weights: dict[str, float] | None = Field(
+        None, description="Multi-objective reward models: the default weights of the objectives."
+    )
+    members: list[str] = Field(default_factory=list, description="Ensembles: the member judges.")
     media: list[Literal["image"]] = Field(
         default_factory=list, description="What the judge's model sees besides text (empty: text only)."
     )

@@ -22,6 +22,7 @@ __all__ = [
     "group_advantages",
     "group_by_prompt",
     "prompt_key",
+    "shape_reward",
     "verdict_credit",
     "win_rates",
 ]
@@ -178,3 +179,27 @@ def group_advantages(values: Sequence[float | None], eps: float = 1e-6) -> list[
     mean = sum(defined) / len(defined)
     std = math.sqrt(sum((v - mean) ** 2 for v in defined) / len(defined))
     return [None if v is None else (v - mean) / (std + eps) for v in values]
+
+
+def shape_reward(reward: float, reference: float, transform: str) -> float:
+    """A raw reward shaped against a reference reward of the same prompt.
+
+    - ``par``: sigmoid(r - r_ref) (Fu et al. 2025, "Reward Shaping to Mitigate Reward Hacking in
+      RLHF", Preference As Reward): bounded in (0, 1), 1/2 at the reference, and flat far above it,
+      so that a policy gains little by pushing an already-better response further into the reward
+      model's extrapolation.
+    - ``log_sigmoid``: log sigmoid(r - r_ref) (Wang et al. 2024, "Transforming and Combining Rewards
+      for Aligning Large Language Models"): at most 0, near 0 once r beats the reference and linear
+      in r far below it, so that a sum of shaped rewards from several judges is high only when each
+      term is ("good on all"), not when one huge term hides a failing one.
+    - ``none``: the raw reward.
+    """
+    if transform == "none":
+        return reward
+    x = reward - reference
+    if transform == "par":
+        return bradley_terry(reward, reference)
+    if transform == "log_sigmoid":
+        # log sigmoid(x) = -log(1 + e^-x), computed without overflow for large |x|
+        return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+    raise ValueError(f"unknown transform {transform!r}: use none, par or log_sigmoid")

@@ -271,6 +271,10 @@ class WinRateReward(RefereeReward):
     opponents: int | None = None
     soft: bool = False
     inconsistent: str | None = None
+    schedule: str | None = None  # "listwise": the judge ranks each group in one generation
+    estimate: str | None = None  # "bradley_terry" for sparse schedules (opponents=k)
+    objective: str | None = None  # multi-objective reward models: one objective
+    weights: dict[str, float] | None = None  # ... or these weights of the objectives
     name: str = "winrate"
 
     async def __call__(
@@ -294,6 +298,12 @@ class WinRateReward(RefereeReward):
                 soft=self.soft,
                 rubric=self.rubric,
                 inconsistent=self.inconsistent,
+                **_given(
+                    schedule=self.schedule,
+                    estimate=self.estimate,
+                    objective=self.objective,
+                    weights=self.weights,
+                ),
             )
             return await client.winrate(request)
 
@@ -331,19 +341,43 @@ class WinRateReward(RefereeReward):
 
 @dataclass(kw_only=True, repr=False, eq=False)
 class ScoreReward(RefereeReward):
-    """The judge's pointwise score of each completion (a reward model's logit, or a judge's rating)."""
+    """The judge's pointwise score of each completion (a reward model's logit, or a judge's rating).
 
+    With ``transform`` ("par" or "log_sigmoid", see docs/rewards.md) each score is shaped against
+    its row's reference: a reference response in the dataset column ``reference_column``, or a
+    reference reward in ``reference_score_column``."""
+
+    objective: str | None = None
+    weights: dict[str, float] | None = None
+    transform: str | None = None
+    reference_column: str | None = None
+    reference_score_column: str | None = None
     name: str = "score"
 
     async def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs
     ) -> list[float | None]:
         start = time.monotonic()
+        references: list[dict] = [{} for _ in completions]
+        for column, field in (
+            (self.reference_column, "reference"),
+            (self.reference_score_column, "reference_score"),
+        ):
+            if column is None:
+                continue
+            if column not in kwargs:
+                raise KeyError(f"score_reward needs a dataset column {column!r} ({field} of each row)")
+            for ref, value in zip(references, kwargs[column], strict=True):
+                ref[field] = _text(value) if field == "reference" else float(value)
         items = [
-            ScoreItem(prompt=_prompt(p), response=_text(c)) for p, c in zip(prompts, completions, strict=True)
+            ScoreItem(prompt=_prompt(p), response=_text(c), **ref)
+            for p, c, ref in zip(prompts, completions, references, strict=True)
         ]
+        options = _given(objective=self.objective, weights=self.weights, transform=self.transform)
         try:
-            out = await self.client().score(ScoreRequest(judge=self.judge, items=items, rubric=self.rubric))
+            out = await self.client().score(
+                ScoreRequest(judge=self.judge, items=items, rubric=self.rubric, **options)
+            )
         except RefereeError as exc:
             logger.warning("scoring failed for %d completions: %s", len(items), exc)
             return apply_on_failure([None] * len(items), prompts, self.on_failure, self.name, kwargs)
@@ -402,6 +436,11 @@ class PreferenceReward(RefereeReward):
             },
         )
         return apply_on_failure([r.p_a for r in out.results], prompts, self.on_failure, self.name, kwargs)
+
+
+def _given(**options) -> dict[str, Any]:
+    """The options a reward was given (unset ones are not sent: older servers do not know them)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 # ---------------------------------------------------------------- the plain-function form
@@ -513,6 +552,10 @@ def winrate_reward(
     soft: bool = False,
     rubric: str | None = None,
     inconsistent: str | None = None,
+    schedule: str | None = None,
+    estimate: str | None = None,
+    objective: str | None = None,
+    weights: dict[str, float] | None = None,
     on_failure: OnFailure = "group_mean",
     name: str = "winrate",
     sync: bool = False,
@@ -529,6 +572,11 @@ def score_reward(
     job_id: str | None = None,
     judge: str | None = None,
     rubric: str | None = None,
+    objective: str | None = None,
+    weights: dict[str, float] | None = None,
+    transform: str | None = None,
+    reference_column: str | None = None,
+    reference_score_column: str | None = None,
     on_failure: OnFailure = "group_mean",
     name: str = "score",
     sync: bool = False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -90,6 +91,18 @@ async def _last(stream):
     if final is None:
         raise RuntimeError("the engine returned no output")
     return final
+
+
+def _output_labels(config) -> list[str] | None:
+    """A classifier config's output names in output order (``id2label``), or None when it has none
+    worth showing: no ``id2label``, or only transformers' defaults (``LABEL_0``, ``LABEL_1``, ...)."""
+    id2label = getattr(config, "id2label", None) or {}
+    count = getattr(config, "num_labels", None) or len(id2label)
+    by_index = {int(k): str(v) for k, v in id2label.items()}
+    labels = [by_index.get(i) for i in range(count)]
+    if not labels or None in labels or labels == [f"LABEL_{i}" for i in range(count)]:
+        return None
+    return labels
 
 
 def model_fingerprint(path: str) -> str:
@@ -273,6 +286,24 @@ class Engine:
     ) -> float:
         """The classifier's single output. ``activation=False`` returns the raw logit: vLLM applies
         a sigmoid to one-label classifiers by default, which is not what a reward model's score is."""
+        data = await self._classify_outputs(token_ids, activation, priority, cache_salt)
+        if data.numel() != 1:
+            raise ValueError(f"the classifier returned {data.numel()} outputs; a reward model has one label")
+        return float(data.reshape(-1)[0])
+
+    async def classify_all(
+        self, token_ids: list[int], *, priority: int = 0, cache_salt: str | None = None
+    ) -> list[float]:
+        """Every output of a sequence classifier (a multi-objective reward model's objectives), as
+        raw logits in the model's label order (``output_labels``). No activation: vLLM's default
+        for a classifier with several labels is a softmax across them (a sigmoid for one label),
+        which would turn independent objective scores into shares of one distribution."""
+        data = await self._classify_outputs(token_ids, False, priority, cache_salt)
+        return [float(x) for x in data.reshape(-1)]
+
+    async def _classify_outputs(
+        self, token_ids: list[int], activation: bool, priority: int, cache_salt: str | None
+    ):
         from vllm import PoolingParams
 
         params = PoolingParams(task="classify", use_activation=activation)
@@ -284,10 +315,62 @@ class Engine:
                 priority=priority if self._priorities else 0,
             )
         )
-        data = final.outputs.data
-        if data.numel() != 1:
-            raise ValueError(f"the classifier returned {data.numel()} outputs; a reward model has one label")
-        return float(data.reshape(-1)[0])
+        return final.outputs.data
+
+    @property
+    def output_labels(self) -> list[str] | None:
+        """A pooling model's output names in ``classify_all``'s order, from its config's
+        ``id2label``; None for a generative engine and for a config without meaningful names
+        (transformers' ``LABEL_0``, ``LABEL_1``, ... defaults, as a one-label reward model has)."""
+        llm = self.__dict__.get("_llm")
+        if self.runner != "pooling" or llm is None:
+            return None
+        return _output_labels(llm.model_config.hf_config)
+
+    async def prompt_logprobs(
+        self, token_ids: list[int], *, start: int, priority: int = 0, cache_salt: str | None = None
+    ) -> tuple[float, int]:
+        """``(sum, count)``: the sum of the log-probabilities the model gives the prompt tokens
+        ``token_ids[start:]``, each given the tokens before it, and how many tokens were summed
+        (the follow-up likelihood of an utterance appended after a conversation, for example).
+
+        ``start`` must leave at least one token before and one after it (the first token has no
+        log-probability). Prompt log-probabilities are computed during prefill, so a request that
+        reads its prefix from the prefix cache would have none for the cached tokens; vLLM skips
+        reading the cache for requests that ask for them (``skip_reading_prefix_cache``, set here
+        explicitly too) and still writes their blocks for other requests."""
+        from vllm import SamplingParams
+
+        if self.runner != "generate":
+            raise ValueError("prompt log-probabilities need a generative (runner='generate') engine")
+        if not 1 <= start < len(token_ids):
+            raise ValueError(
+                f"start={start} is out of range for {len(token_ids)} prompt tokens: it must be at least "
+                "1 (the first token has no log-probability) and leave at least one token to score"
+            )
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, skip_reading_prefix_cache=True
+        )
+        final = await _last(
+            self._llm.generate(
+                _prompt(token_ids, cache_salt),
+                params,
+                request_id=uuid.uuid4().hex,
+                priority=priority if self._priorities else 0,
+            )
+        )
+        returned = final.prompt_logprobs
+        if returned is None or len(returned) != len(token_ids):
+            got = "no prompt log-probabilities" if returned is None else f"{len(returned)} positions"
+            raise ValueError(f"the engine returned {got} for a prompt of {len(token_ids)} tokens")
+        total = 0.0
+        for pos in range(start, len(token_ids)):
+            entry = returned[pos]
+            logprob = entry.get(token_ids[pos]) if entry else None
+            if logprob is None or math.isnan(logprob.logprob):
+                raise ValueError(f"the engine returned no log-probability for prompt token {pos}")
+            total += logprob.logprob
+        return total, len(token_ids) - start
 
     async def generate_stream(
         self,

@@ -28,7 +28,11 @@ class Supervisor:
         """Why the server cannot serve any more, or None."""
         if self.service.load_error:
             return f"the judges failed to load: {self.service.load_error}"
-        dead = sorted(name for name, judge in self.service.judges.items() if judge.engine.dead)
+        dead = sorted(
+            name
+            for name, judge in self.service.judges.items()
+            if judge.engine is not None and judge.engine.dead
+        )
         if dead:
             return f"the vLLM engine of judge {', '.join(map(repr, dead))} died"
         return None

@@ -122,16 +122,21 @@ class CompletionRequest(_Sampling):
 
 
 def _judge(service: JudgeService, model: str) -> GenerativeJudge:
-    for judge in service.judges.values():
-        if model in (judge.name, judge.settings.model, judge.engine.model_path):
-            if not isinstance(judge, GenerativeJudge):
-                raise ClientError(
-                    400,
-                    "model_not_supported",
-                    f"model {model!r} is a {judge.kind} judge; chat completions need a generative judge "
-                    f"({[j.name for j in service.judges.values() if isinstance(j, GenerativeJudge)]})",
-                )
+    named = [
+        j
+        for j in service.judges.values()
+        if model in (j.name, j.settings.model, getattr(j.engine, "model_path", None))
+    ]
+    for judge in named:  # judges sharing one model's engine: the generative one answers chats
+        if isinstance(judge, GenerativeJudge):
             return judge
+    if named:
+        raise ClientError(
+            400,
+            "model_not_supported",
+            f"model {model!r} is a {named[0].kind} judge; chat completions need a generative judge "
+            f"({[j.name for j in service.judges.values() if isinstance(j, GenerativeJudge)]})",
+        )
     service.judge_for(None, "judge")  # 503 while loading or stopping
     raise ClientError(404, "model_not_found", f"no model {model!r}; GET /v1/models lists them")
 

@@ -37,6 +37,7 @@ from referee.rewards import (
     bradley_terry_win_rates,
     circular_pairs,
     group_advantages,
+    shape_reward,
     verdict_credit,
     win_rates,
 )
@@ -45,22 +46,12 @@ from . import media, metrics
 from .cache import JudgmentCache
 from .fairness import AdmissionRefused, FairScheduler, TenantPolicy, retry_after
 from .hardware import cpu_bind_for, cpu_info
-from .judges import (
-    KINDS,
-    ClassifierJudge,
-    Comparison,
-    GenerativeJudge,
-    Judge,
-    RequestContext,
-    load_judge,
-    verdict_from_probability,
-)
+from .judges import KINDS, Judge, RequestContext, engine_key, load_judge
 from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_JOB = "default"  # the job of an HTTP request that names none (X-Referee-Job)
-_FLIP = {"A": "B", "B": "A", "tie": "tie", "invalid": "invalid"}
 
 
 class ClientError(Exception):
@@ -123,19 +114,23 @@ class JudgeService:
     async def load(self) -> None:
         """Start every configured engine (in a thread: engine start-up blocks for tens of seconds)."""
         try:
-            count, cores = len(self.settings.judges), cpu_info().cores
-            for index, cfg in enumerate(self.settings.judges):
-                bind = cpu_bind_for(index, count, self.settings.cpu_binding, cores)
-                judge = await asyncio.to_thread(load_judge, cfg, bind)
+            # one engine per distinct engine_key (judges on the same model share it)
+            keys = list(dict.fromkeys(k for cfg in self.settings.judges if (k := engine_key(cfg))))
+            count, cores = len(keys), cpu_info().cores
+            for cfg in self.settings.judges:
+                key = engine_key(cfg)
+                bind = cpu_bind_for(keys.index(key) if key else 0, count, self.settings.cpu_binding, cores)
+                judge = await asyncio.to_thread(load_judge, cfg, bind, dict(self.judges))
                 self.judges[cfg.name] = judge
-                logger.info("judge %r (%s, %s) is ready", cfg.name, cfg.kind, judge.engine.model_path)
+                logger.info("judge %r (%s, %s) is ready", cfg.name, cfg.kind, cfg.model)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.exception("loading the judges failed")
             raise
 
     def shutdown(self) -> None:
-        for judge in self.judges.values():
+        engines = {id(j.engine): j for j in self.judges.values() if j.engine is not None}
+        for judge in engines.values():  # an engine shared by several judges shuts down once
             judge.shutdown()
         self.judges.clear()
 
@@ -247,7 +242,7 @@ class JudgeService:
     @staticmethod
     def _contents(where: str, item) -> list[tuple[str, object]]:
         """(where, content) of an item's prompt and responses, for ``prepare_media``."""
-        fields = ("prompt", "response", "response_a", "response_b")
+        fields = ("prompt", "response", "response_a", "response_b", "reference")
         return [(f"{where}.{f}", getattr(item, f)) for f in fields if getattr(item, f, None) is not None]
 
     def _prompt_texts(self, where: str, prompt) -> list[tuple[str, str]]:
@@ -322,143 +317,104 @@ class JudgeService:
             for t in [
                 *self._prompt_texts(f"items[{k}].prompt", it.prompt),
                 (f"items[{k}].response", content_text(it.response)),
+                *(
+                    [(f"items[{k}].reference", content_text(it.reference))]
+                    if it.reference is not None
+                    else []
+                ),
             ]
         )
         self._validate(
-            judge, ((f"items[{k}].response", it.prompt, it.response) for k, it in enumerate(req.items))
+            judge,
+            (
+                (f"items[{k}].{side}", it.prompt, getattr(it, side))
+                for k, it in enumerate(req.items)
+                for side in ("response", "reference")
+                if getattr(it, side) is not None
+            ),
         )
         await self.prepare_media(
             judge,
             (x for k, it in enumerate(req.items) for x in self._contents(f"items[{k}]", it)),
             tenant,
         )
+        transform = self._transform(judge, req)
+        # Each distinct (prompt, reference) is judged once, however many items share it.
+        refs: list[tuple] = []
+        for it in req.items:
+            if it.reference is not None and (it.prompt, it.reference) not in refs:
+                refs.append((it.prompt, it.reference))
         ctx = self.context(req, tenant)
         who = dict(tenant=tenant, job=job, queued=queued)
-        async with self.admit(self._cost(len(req.items), 1, "logprob", 0), ctx, **who):
-            if isinstance(judge, GenerativeJudge):
-                coros = [judge.rate(it.prompt, it.response, ctx, rubric=req.rubric) for it in req.items]
-            else:
-                coros = [judge.rate(it.prompt, it.response, ctx) for it in req.items]
-            ratings = await asyncio.gather(*coros)
-        results = [
-            ScoreResult(index=k, score=r.score, label_mass=r.label_mass, error=r.error)
-            for k, r in enumerate(ratings)
-        ]
+        units = len(req.items) + len(refs)
+        opts = self._options(judge.rating_options, req)
+        async with self.admit(self._cost(units, judge.rating_cost(), "logprob", 0), ctx, **who):
+            rated = await asyncio.gather(
+                *[judge.rate(it.prompt, it.response, ctx, **opts) for it in req.items],
+                *[judge.rate(prompt, reference, ctx, **opts) for prompt, reference in refs],
+            )
+        ratings, ref_ratings = rated[: len(req.items)], rated[len(req.items) :]
+        results = []
+        for k, (it, r) in enumerate(zip(req.items, ratings, strict=True)):
+            result = ScoreResult(
+                index=k,
+                score=r.score,
+                label_mass=r.label_mass,
+                objectives=r.objectives,
+                members=r.members,
+                uncertainty=r.uncertainty,
+                error=r.error,
+            )
+            if transform != "none":
+                ref = it.reference_score
+                if it.reference is not None:
+                    rr = ref_ratings[refs.index((it.prompt, it.reference))]
+                    ref = rr.reward
+                    if ref is None and result.error is None:
+                        result.error = f"the reference could not be judged: {rr.error or 'no reward'}"
+                result.raw_score, result.reference_score = r.reward, ref
+                result.score = None
+                if r.reward is not None and ref is not None:
+                    result.score = shape_reward(r.reward, ref, transform)
+            results.append(result)
         metrics.record_items("score", judge.name, len(results), sum(r.error is not None for r in results))
         metrics.record_tokens(judge.name, ctx)
         return ScoreResponse(judge=judge.name, results=results, usage=_usage(ctx))
 
-    def _requests_per_pair(self, judge: Judge, order: str) -> int:
-        if isinstance(judge, ClassifierJudge):
-            return 2
-        return 2 if order == "both" else 1
-
-    async def _pair(
-        self,
-        judge: Judge,
-        prompt,
-        a: str,
-        b: str,
-        order: str,
-        swap: bool,
-        ctx: RequestContext,
-        opts: dict,
-        inconsistent: str = "tie",
-    ):
-        """Judge one pair under an order option; the result is always from A's perspective."""
-        if a == b:
-            # The same response twice: a tie by definition, whatever the judge (and without it).
-            return PairwiseResult(
-                index=0, p_a=0.5, verdict="tie", consistent=True if order == "both" else None
-            )
-        if isinstance(judge, ClassifierJudge):  # symmetric: order does not matter
-            c = await judge.compare(prompt, a, b, ctx)
-            return PairwiseResult(index=0, p_a=c.p_first, verdict=c.verdict, error=c.error)
-        if order == "both":
-            ab, ba = await asyncio.gather(
-                judge.compare(prompt, a, b, ctx, **opts), judge.compare(prompt, b, a, ctx, **opts)
-            )
-            return self._combine(judge, ab, ba, opts["mode"], inconsistent)
-        c = await (
-            judge.compare(prompt, b, a, ctx, **opts) if swap else judge.compare(prompt, a, b, ctx, **opts)
-        )
-        p_a = None if c.p_first is None else (1.0 - c.p_first if swap else c.p_first)
-        verdict = _FLIP[c.verdict] if swap else c.verdict
-        return PairwiseResult(
-            index=0,
-            p_a=p_a,
-            verdict=verdict,
-            swapped=swap if order == "random" else None,
-            rationales=[c.rationale] if c.rationale is not None else None,
-            label_mass=c.label_mass,
-            error=c.error,
-        )
+    @staticmethod
+    def _options(make, req) -> dict:
+        try:
+            return make(req)
+        except ValueError as exc:
+            raise ClientError(400, "bad_request", str(exc)) from None
 
     @staticmethod
-    def _combine(
-        judge: GenerativeJudge, ab: Comparison, ba: Comparison, mode: str, inconsistent: str
-    ) -> PairwiseResult:
-        rationales = [r for r in (ab.rationale, ba.rationale) if r is not None] or None
-        masses = [c.label_mass for c in (ab, ba) if c.label_mass is not None]
-        label_mass = min(masses) if masses else None
-        if ab.p_first is None or ba.p_first is None:
-            errors = [f"{label}: {c.error}" for label, c in (("A first", ab), ("B first", ba)) if c.error]
-            return PairwiseResult(
-                index=0,
-                verdict="invalid",
-                rationales=rationales,
-                label_mass=label_mass,
-                error="; ".join(errors),
-            )
-        # Average the two orders' probabilities for A: position bias cancels to first order.
-        p_a = (ab.p_first + (1.0 - ba.p_first)) / 2.0
-        margin = judge.settings.tie_margin if mode == "logprob" else 0.0
-        result = PairwiseResult(
-            index=0,
-            p_a=p_a,
-            verdict=verdict_from_probability(p_a, margin),
-            consistent=ab.verdict == _FLIP[ba.verdict],
-            rationales=rationales,
-            label_mass=label_mass,
-        )
-        if result.consistent:
-            return result
-        # The verdict flips with the order: the judge preferred a position, not a response, and the
-        # averaged probability (e.g. P(A) 0.99 in both orders -> 0.5 + noise) only hides that. MT-Bench
-        # (Zheng et al. 2023, "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena", sec. 3.4)
-        # declares a win only when a response is preferred in both orders and calls an inconsistent
-        # pair a tie; JudgeLM (Zhu et al. 2023, arXiv:2310.17631) measures the same swap consistency.
-        result.inconsistent_rule = inconsistent
-        if inconsistent == "tie":
-            result.p_a, result.verdict = 0.5, "tie"
-        elif inconsistent == "drop":
-            result.p_a, result.verdict = None, "invalid"
-            result.error = (
-                f"the verdict changed with the order (A first: {ab.verdict}, B first: "
-                f"{_FLIP[ba.verdict]} for A; averaged P(A) {p_a:.3f}), dropped by inconsistent=drop"
-            )
-        return result
-
-    @staticmethod
-    def _inconsistent_rule(judge: Judge, req) -> str:
-        return req.inconsistent or getattr(judge.settings, "inconsistent", "tie")
+    def _transform(judge: Judge, req: ScoreRequest) -> str:
+        """The request's reward shaping (else the judge's), checked against the items' references."""
+        transform = req.transform or getattr(judge.settings, "transform", "none")
+        for k, it in enumerate(req.items):
+            has_reference = it.reference is not None or it.reference_score is not None
+            if transform != "none" and not has_reference:
+                raise ClientError(
+                    422,
+                    "invalid_request",
+                    f"items[{k}]: transform={transform} shapes a reward against the prompt's reference: "
+                    "give items[k].reference (a reference response to judge) or items[k].reference_score",
+                )
+            if transform == "none" and has_reference:
+                raise ClientError(
+                    422,
+                    "invalid_request",
+                    f"items[{k}] has a reference, but no transform uses it: give transform=par or "
+                    "transform=log_sigmoid, or leave the reference out",
+                )
+        return transform
 
     @staticmethod
     def _low_label_mass(judge: Judge, r: PairwiseResult) -> bool:
         """Made invalid by the min_label_mass rule (no label at all was invalid before the rule)."""
         mass = r.label_mass
         return r.verdict == "invalid" and mass is not None and 0.0 < mass < judge.settings.min_label_mass
-
-    def _pair_opts(self, judge: Judge, req) -> dict:
-        if isinstance(judge, ClassifierJudge):
-            return {}
-        return dict(
-            mode=req.mode,
-            rubric=req.rubric,
-            max_new_tokens=req.max_new_tokens,
-            max_retries=req.max_retries,
-            seed=req.seed,
-        )
 
     async def pairwise(
         self, req: PairwiseRequest, *, tenant: str = OPEN_TENANT, job: str = DEFAULT_JOB, queued: bool = False
@@ -492,16 +448,23 @@ class JudgeService:
         )
         rng = random.Random(req.seed)
         swaps = [req.order == "random" and rng.random() < 0.5 for _ in req.items]
-        opts = self._pair_opts(judge, req)
-        rule = self._inconsistent_rule(judge, req)
+        opts = self._options(judge.pair_options, req)
+        rule = judge.inconsistent_rule(req)
         ctx = self.context(req, tenant)
         who = dict(tenant=tenant, job=job, queued=queued)
-        per_pair = self._requests_per_pair(judge, req.order)
+        per_pair = judge.pair_cost(req.order)
         async with self.admit(self._cost(len(req.items), per_pair, req.mode, req.max_retries), ctx, **who):
             results = await asyncio.gather(
                 *[
-                    self._pair(
-                        judge, it.prompt, it.response_a, it.response_b, req.order, swap, ctx, opts, rule
+                    judge.judge_pair(
+                        it.prompt,
+                        it.response_a,
+                        it.response_b,
+                        ctx,
+                        order=req.order,
+                        swap=swap,
+                        opts=opts,
+                        rule=rule,
                     )
                     for it, swap in zip(req.items, swaps, strict=True)
                 ]
@@ -518,8 +481,7 @@ class JudgeService:
     async def judge(
         self, req: JudgeRequest, *, tenant: str = OPEN_TENANT, job: str = DEFAULT_JOB, queued: bool = False
     ) -> JudgeResponse:
-        judge = self.judge_for(req.judge, "judge")
-        assert isinstance(judge, GenerativeJudge)
+        judge = self.judge_for(req.judge, "judge")  # a kind that serves /judge reasons (rate_cot)
         self.check_items(len(req.items))
         self._check_generation(req.max_new_tokens, req.max_retries)
         texts = []
@@ -604,45 +566,54 @@ class JudgeService:
         matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
         errors: list[str] = []
         ties = invalid = inconsistent = low_mass = 0
-        rule = None
-        scores = None
-        if isinstance(judge, ClassifierJudge):
-            # N forward passes give every pair: Bradley-Terry needs only the N scores.
+        rule = judge.inconsistent_rule(req) if req.order == "both" and not judge.pointwise else None
+        opts = self._options(judge.pair_options, req)
+        rankings = None
+        if req.schedule == "listwise":
+            if "listwise" not in judge.schedules:
+                raise ClientError(
+                    400,
+                    "unsupported",
+                    f"judge {judge.name!r} ({judge.kind}) cannot rank a group in one call; "
+                    "schedule=listwise needs a generative judge",
+                )
+            if req.opponents is not None:
+                raise ClientError(
+                    400, "bad_request", "schedule=listwise ranks the whole group: leave out opponents"
+                )
             pairs = circular_pairs(n)
-            async with self.admit(self._cost(n, 1, "logprob", 0), ctx, **who):
-                ratings = await asyncio.gather(*[judge.rate(req.prompt, r, ctx) for r in req.responses])
-            scores = [r.score for r in ratings]
-            results = [judge.compare_scores(ratings[i], ratings[j]) for i, j in pairs]
-            outcomes = [(c.p_first, c.verdict, c.error) for c in results]
-            flags = [(False, False)] * len(results)
+            cost = self._cost(1, judge.list_cost(req.order), "cot", req.max_retries)
+            async with self.admit(cost, ctx, **who):
+                results, rankings = await judge.judge_list(
+                    req.prompt,
+                    req.responses,
+                    ctx,
+                    order=req.order,
+                    seed=req.seed,
+                    opts=opts,
+                    rule=rule or "tie",
+                )
+            ratings = None
         else:
-            pairs = circular_pairs(n, req.opponents)
+            pairs = judge.schedule(n, req.opponents)
             rng = random.Random(req.seed)
             swaps = [req.order == "random" and rng.random() < 0.5 for _ in pairs]
-            opts = self._pair_opts(judge, req)
-            rule = self._inconsistent_rule(judge, req) if req.order == "both" else None
-            # Every comparison of the group goes to the engine at once: they share the question's
-            # prefix (cached once) and vLLM batches them together.
-            per_pair = self._requests_per_pair(judge, req.order)
-            async with self.admit(self._cost(len(pairs), per_pair, req.mode, req.max_retries), ctx, **who):
-                results = await asyncio.gather(
-                    *[
-                        self._pair(
-                            judge,
-                            req.prompt,
-                            req.responses[i],
-                            req.responses[j],
-                            req.order,
-                            s,
-                            ctx,
-                            opts,
-                            rule or "tie",
-                        )
-                        for (i, j), s in zip(pairs, swaps, strict=True)
-                    ]
+            cost = self._cost(1, judge.group_cost(n, pairs, req.order), req.mode, req.max_retries)
+            async with self.admit(cost, ctx, **who):
+                results, ratings = await judge.judge_group(
+                    req.prompt,
+                    req.responses,
+                    pairs,
+                    ctx,
+                    order=req.order,
+                    swaps=swaps,
+                    opts=opts,
+                    rule=rule or "tie",
                 )
-            outcomes = [(r.p_a, r.verdict, r.error) for r in results]
-            flags = [(r.inconsistent_rule is not None, self._low_label_mass(judge, r)) for r in results]
+        scores = None if ratings is None else [r.score for r in ratings]
+        spreads = None if ratings is None else [r.uncertainty for r in ratings]
+        outcomes = [(r.p_a, r.verdict, r.error) for r in results]
+        flags = [(r.inconsistent_rule is not None, self._low_label_mass(judge, r)) for r in results]
         for changed, low in flags:
             inconsistent += changed
             low_mass += low
@@ -669,7 +640,9 @@ class JudgeService:
             advantages=group_advantages(rates),
             win_matrix=matrix,
             scores=scores,
+            uncertainties=spreads if spreads and any(u is not None for u in spreads) else None,
             comparisons=len(pairs),
+            rankings=rankings,
             ties=ties,
             invalid=invalid,
             inconsistent=inconsistent,
@@ -682,17 +655,23 @@ class JudgeService:
     def describe(self) -> JudgesResponse:
         infos = []
         for cfg in self.settings.judges:
-            cls = KINDS[cfg.kind]
+            loaded = self.judges.get(cfg.name)
+            kind = loaded or KINDS[cfg.kind]
+            routes = kind.routes if not isinstance(kind.routes, property) else ()
+            modes = kind.pairwise_modes if not isinstance(kind.pairwise_modes, property) else ()
             infos.append(
                 JudgeInfo(
                     name=cfg.name,
                     kind=cfg.kind,
                     model=cfg.model,
                     default=cfg.name == self.settings.default_judge,
-                    routes=list(cls.routes),
-                    pairwise_modes=list(cls.pairwise_modes),
+                    routes=list(routes),
+                    pairwise_modes=list(modes),
                     media=judge.media if (judge := self.judges.get(cfg.name)) else [],
-                    dtype=judge.engine.dtype if (judge := self.judges.get(cfg.name)) else None,
+                    objectives=list(getattr(loaded, "objectives", ())),
+                    weights=getattr(loaded, "weights", None) or None,
+                    members=list(cfg.members),
+                    dtype=getattr(getattr(loaded, "engine", None), "dtype", None),
                 )
             )
         return JudgesResponse(default=self.settings.default_judge, judges=infos)

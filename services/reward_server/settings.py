@@ -55,20 +55,44 @@ class EngineSettings(BaseModel):
     extra: dict = Field(default_factory=dict, description="Passed to vLLM's AsyncEngineArgs as is.")
 
 
+# Follow-up utterances of a satisfied and of a dissatisfied user (follow-up likelihood as reward,
+# Zhang et al. 2024): short, generic, and about the answer rather than its topic.
+FOLLOWUPS_POSITIVE = (
+    "Thank you, that answers my question.",
+    "Great, that is really helpful.",
+)
+FOLLOWUPS_NEGATIVE = (
+    "That is not what I asked.",
+    "That is wrong and not helpful.",
+)
+
+
 class JudgeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["classifier", "generative", "clip"] = Field(
-        description="classifier: a sequence-classification reward model (one logit). generative: an "
-        "instruction-tuned (vision-)language model judging through prompts. clip: a CLIP-style dual "
-        "encoder scoring an image against the prompt's text (PickScore, HPS): logit_scale x cosine."
+    kind: Literal["classifier", "generative", "clip", "ensemble", "followup"] = Field(
+        description="classifier: a sequence-classification reward model (one logit, or several named "
+        "objectives). generative: an instruction-tuned (vision-)language model judging through "
+        "prompts. clip: a CLIP-style dual encoder scoring an image against the prompt's text "
+        "(PickScore, HPS): logit_scale x cosine. ensemble: other judges of this file combined, with "
+        "their disagreement reported. followup: an instruction-tuned model's likelihood of a "
+        "satisfied versus a dissatisfied follow-up from the user, as a pointwise reward."
     )
-    model: str = Field(description="A local folder, a hub id (where a network exists), or embedded:smollm2.")
+    model: str | None = Field(
+        None,
+        description="A local folder, a hub id (where a network exists), or embedded:smollm2. Not for "
+        "an ensemble (its members have models).",
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings)
     # classifier options
     activation: Literal["none", "sigmoid"] = Field(
         "none", description="Classifier scores are raw logits unless this asks for a sigmoid."
+    )
+    weights: dict[str, float] | None = Field(
+        None,
+        description="Multi-objective classifiers: the weight of each named objective (its id2label "
+        "name) in the reward; objectives not named weigh 0. Default: equal weights.",
     )
     # clip options
     logit_scale: float | None = Field(
@@ -107,11 +131,59 @@ class JudgeSettings(BaseModel):
     )
     cot_max_new_tokens: int = Field(512, ge=1)
     cot_temperature: float = Field(0.0, ge=0, description="First attempt; retries sample at 0.7.")
+    # ensemble options
+    members: list[str] = Field(
+        default_factory=list,
+        description="ensemble: the names of two or more judges listed before it in this file. If all "
+        "of them rate responses on their own (classifier, clip, followup), so does the ensemble and a "
+        "group costs N ratings per member; otherwise pairs are compared by every member.",
+    )
+    aggregate: Literal["mean", "worst", "uncertainty"] = Field(
+        "mean",
+        description="ensemble: how member rewards combine (Coste et al. 2024, 'Reward Model Ensembles "
+        "Help Mitigate Overoptimization'): mean; worst: the lowest member reward (worst-case "
+        "optimisation); uncertainty: mean - uncertainty_penalty x std (uncertainty-weighted "
+        "optimisation). For pairs: the mean P(A); worst: the member least sure of the mean's "
+        "winner (a tie when members disagree); uncertainty: |P(A) - 1/2| shrunk by penalty x std.",
+    )
+    uncertainty_penalty: float = Field(
+        1.0, ge=0, description="ensemble, aggregate=uncertainty: lambda in mean - lambda x std."
+    )
+    # follow-up likelihood options
+    followups_positive: list[str] = Field(
+        default_factory=lambda: list(FOLLOWUPS_POSITIVE),
+        description="followup: next messages of a user whose question was answered well.",
+    )
+    followups_negative: list[str] = Field(
+        default_factory=lambda: list(FOLLOWUPS_NEGATIVE),
+        description="followup: next messages of a user whose question was not answered well.",
+    )
+    # reward shaping
+    transform: Literal["none", "par", "log_sigmoid"] = Field(
+        "none",
+        description="/score: the shaping applied against an item's reference when the request names "
+        "none (see ScoreRequest.transform).",
+    )
 
     @model_validator(mode="after")
     def _scale(self) -> JudgeSettings:
         if self.scale_high <= self.scale_low:
             raise ValueError("scale_high must be greater than scale_low")
+        return self
+
+    @model_validator(mode="after")
+    def _model_or_members(self) -> JudgeSettings:
+        if self.kind == "ensemble":
+            if len(self.members) < 2 or len(set(self.members)) != len(self.members):
+                raise ValueError(
+                    f"ensemble {self.name!r}: list two or more distinct member judges in `members`"
+                )
+            if self.model is None:
+                self.model = "ensemble:" + "+".join(self.members)
+        elif self.model is None:
+            raise ValueError(f"judge {self.name!r}: `model` is required for a {self.kind} judge")
+        elif self.members:
+            raise ValueError(f"judge {self.name!r}: `members` is for ensembles only")
         return self
 
 
@@ -355,6 +427,13 @@ class ServerSettings(BaseSettings):
         names = [j.name for j in self.judges]
         if len(set(names)) != len(names):
             raise ValueError(f"judge names must be unique, got {names}")
+        for k, j in enumerate(self.judges):
+            for m in j.members:
+                if m not in names[:k]:
+                    raise ValueError(
+                        f"ensemble {j.name!r}: member {m!r} must be a judge listed before it "
+                        f"(judges before it: {names[:k]})"
+                    )
         if self.default_judge is None:
             self.default_judge = names[0]
         elif self.default_judge not in names:

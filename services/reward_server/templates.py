@@ -277,3 +277,42 @@ def parse_rating(output: str, scale: Scale) -> tuple[float | None, str]:
     if not scale.low <= rating <= scale.high:
         return None, f"the rating {rating:g} is outside the scale {scale.low}..{scale.high}"
     return rating, ""
+
+
+def listwise_cot(prompt, responses: Sequence, rubric: str | None) -> list[dict]:
+    """Show a whole group at once and ask for a strict ranking (listwise judging, as RankList and
+    the listwise reward models do): one generation ranks N responses instead of N(N-1)/2 pairs."""
+    images: list = []
+    blocks = "\n\n".join(_block(f"RESPONSE {k + 1}", r, images) for k, r in enumerate(responses))
+    n = len(responses)
+    example = " > ".join(str(k) for k in [*range(2, n + 1), 1])
+    user = (
+        f"{_rubric(rubric)}{_conversation(prompt, images)}\n\n{blocks}\n\n"
+        f"Compare the {n} responses step by step in a few sentences. Then, on the last line, rank all "
+        f"of them from best to worst in exactly this form: [[{example}]], using each number from 1 "
+        f"to {n} exactly once."
+    )
+    return _messages(user, images)
+
+
+_RANKING = re.compile(r"\[\[([^\[\]]*)\]\]")
+
+
+def parse_ranking(output: str, n: int) -> tuple[list[int] | None, str]:
+    """The ranking (0-based response indices, best first) from the judge's single ``[[i > j > ...]]``
+    marker on its last line, or ``(None, reason)``: it must name each of the n responses exactly once."""
+    markers = _RANKING.findall(output)
+    if not markers:
+        return None, "the judge wrote no [[...]] ranking"
+    if len(markers) > 1:
+        return None, f"the judge wrote {len(markers)} [[...]] markers; exactly one is required"
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    if not lines or f"[[{markers[0]}]]" not in lines[-1]:
+        return None, "the ranking is not on the judge's last line"
+    fields = [f.strip() for f in markers[0].split(">")]
+    if not all(re.fullmatch(r"\d{1,3}", f) for f in fields):
+        return None, f"the ranking {markers[0][:80]!r} is not numbers separated by '>'"
+    ranking = [int(f) - 1 for f in fields]
+    if sorted(ranking) != list(range(n)):
+        return None, f"the ranking {markers[0][:80]!r} is not a permutation of 1..{n}"
+    return ranking, ""
