@@ -570,3 +570,33 @@ def test_served_multi_objective_reward_model(client):
         },
     ).json()
     assert group["usage"]["engine_requests"] == 3 and len(group["scores"]) == 3
+
+
+def test_served_classify_returns_every_objective_as_vllm_does(client):
+    """vLLM's /classify shape for a multi-output model: every label's value, a softmax by default."""
+    raw = client.post(
+        "/classify",
+        json={"model": "tiny-objectives", "input": "Paris is the capital.", "use_activation": False},
+    ).json()["data"][0]
+    assert raw["num_classes"] == 5 and len(raw["probs"]) == 5
+    soft = client.post(
+        "/classify", json={"model": "tiny-objectives", "input": "Paris is the capital."}
+    ).json()
+    probs = soft["data"][0]["probs"]
+    assert sum(probs) == pytest.approx(1.0) and all(0 < p < 1 for p in probs)
+    top = max(range(5), key=lambda k: raw["probs"][k])
+    assert (
+        soft["data"][0]["label"]
+        == raw["label"]
+        == ["helpfulness", "correctness", "coherence", "complexity", "verbosity"][top]
+    )
+
+
+async def test_an_input_over_the_context_is_an_item_error_without_the_engine(panel):
+    service, engines = panel
+    engines["rm1"].max_model_len = 8
+    out = await service.score(_score_request("rm1"))
+    assert out.usage.engine_requests == 0
+    assert all(
+        r.score is None and "over the model's context length of 8 tokens" in r.error for r in out.results
+    )

@@ -19,6 +19,7 @@ naming the items (OpenRLHF has no way to receive "no reward"), and /classify doe
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -285,8 +286,24 @@ async def classify(req: ClassificationRequest, service: Service, caller: Who) ->
         created=int(time.time()),
         model=req.model or j.settings.model,
         data=[
-            ClassificationData(index=k, label="LABEL_0", probs=[s], num_classes=1)
-            for k, s in enumerate(scores)
+            _classification(k, s, r.objectives, activation)
+            for k, (s, r) in enumerate(zip(scores, ratings, strict=True))
         ],
         usage={"prompt_tokens": ctx.prompt_tokens, "total_tokens": ctx.prompt_tokens},
     )
+
+
+def _classification(
+    index: int, score: float, objectives: dict[str, float] | None, activation: bool
+) -> ClassificationData:
+    """As vLLM answers: one label's score, or every label of a multi-output model (a softmax over them
+    unless the activation is off) with the top label named."""
+    if not objectives:
+        return ClassificationData(index=index, label="LABEL_0", probs=[score], num_classes=1)
+    values = list(objectives.values())
+    if activation:
+        top = max(values)
+        exps = [math.exp(v - top) for v in values]
+        values = [e / sum(exps) for e in exps]
+    label = max(objectives, key=objectives.get)
+    return ClassificationData(index=index, label=label, probs=values, num_classes=len(values))

@@ -184,6 +184,19 @@ class Judge:
     def validate(self, where: str, prompt: Prompt, response) -> None:
         """Raise ValueError (a 422 naming ``where``) for an item this kind cannot judge."""
 
+    def _fit(self, ids: list[int], generate: bool = False) -> list[int]:
+        """``ids`` if they fit the model's context, else ValueError (a per-item error): answered here,
+        before the engine's own input processing spends the API process's time on a prompt it
+        would refuse anyway."""
+        limit = self.engine.max_model_len - (1 if generate else 0)
+        if len(ids) > limit:
+            kept = " (one token is kept for the answer)" if generate else ""
+            raise ValueError(
+                f"the judge's input is {len(ids)} tokens, over the model's context length of "
+                f"{self.engine.max_model_len} tokens{kept}: shorten the prompt or responses"
+            )
+        return ids
+
     def _cache_key(self, ctx: RequestContext, kind: str, ids: list[int], images: list, options) -> str | None:
         """The judgment cache's key of one engine request (None: not cached)."""
         if ctx.cache is None:
@@ -499,7 +512,7 @@ class ClassifierJudge(Judge):
             activation = self.settings.activation == "sigmoid"
         objectives = None
         try:
-            ids = await self.engine.tokenize(build_ids)
+            ids = self._fit(await self.engine.tokenize(build_ids))
             several = bool(self.objectives)
 
             async def run():
@@ -680,6 +693,7 @@ class GenerativeJudge(Judge):
         ids = await self.engine.tokenize(
             lambda: self.engine.chat_ids(messages, generation_prompt=True, images=images)
         )
+        self._fit(ids, generate=True)
 
         async def run() -> Completion:
             ctx.engine_requests += 1
@@ -981,7 +995,9 @@ class FollowupJudge(Judge):
             spans = await self.engine.tokenize(
                 lambda: [self._span(messages, f) for f in [*positive, *negative]]
             )
-            values = await asyncio.gather(*[self._followup(ids, start, ctx) for ids, start in spans])
+            values = await asyncio.gather(
+                *[self._followup(self._fit(ids), start, ctx) for ids, start in spans]
+            )
         except EngineDead:  # not a per-item cause: the request fails, the server exits
             raise
         except Exception as exc:
