@@ -115,3 +115,54 @@ def test_a_body_that_cannot_be_parsed_gets_the_same_error_shape(client):
     r = client.post("/score", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data"})
     assert 400 <= r.status_code < 500, r.text
     assert set(r.json()) == {"error", "message"}, r.text
+
+
+def test_seeded_sampling_of_a_long_prompt_does_not_kill_the_engine(client):
+    """A seeded, sampled generation whose prompt is prefilled over several engine steps (here longer
+    than the test server's 256-token steps): vLLM's CPU model runner rewinds a seeded request's
+    generator for the token it discards after a partial prefill, and a CPU torch.Generator has no
+    offset to rewind, which killed the engine core and with it every tenant's requests. A cot
+    retry samples with the request's seed; so does the OpenAI face."""
+    long = "The quick brown fox jumps over the lazy dog. " * 60  # about 600 tokens
+    item = {"prompt": "Which is better?", "response_a": long, "response_b": long + " Indeed."}
+    r = client.post(
+        "/pairwise",
+        json={
+            "items": [item],
+            "mode": "cot",
+            "order": "single",
+            "max_new_tokens": 4,
+            "max_retries": 1,
+            "seed": 7,
+            "cache": False,
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["error"]  # 4 tokens cannot end with a verdict: invalid, reported
+    chat = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": long}],
+            "max_tokens": 4,
+            "temperature": 0.9,
+            "seed": 3,
+            "n": 2,
+        },
+    )
+    assert chat.status_code == 200, chat.text
+    assert client.get("/readyz").status_code == 200  # the engine is alive
+    again = client.post("/score", json={"items": [{"prompt": "Hi", "response": "Hello."}]})
+    assert again.status_code == 200 and again.json()["results"][0]["score"] is not None
+
+
+def test_cpu_engines_pass_no_seed_for_sampled_requests():
+    from reward_server.engine import Engine
+
+    engine = Engine.__new__(Engine)
+    engine._cpu = True
+    assert engine._device_seed(5, 0.0) == 5  # greedy: no generator, nothing to rewind
+    assert engine._device_seed(5, 0.7) is None
+    assert engine._device_seed(None, 0.7) is None
+    engine._cpu = False  # a GPU's generator rewinds: the seed is passed
+    assert engine._device_seed(5, 0.7) == 5

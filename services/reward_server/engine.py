@@ -134,6 +134,7 @@ class Engine:
     def __init__(self, llm, tokenizer, model_path: str, runner: str, dtype_reason: str = "") -> None:
         self._llm = llm
         self._priorities = llm.vllm_config.scheduler_config.policy == "priority"
+        self._cpu = device_type() == "cpu"
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.runner = runner
@@ -254,7 +255,10 @@ class Engine:
         from vllm import SamplingParams
 
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, logprobs=top_logprobs, seed=seed
+            max_tokens=max_tokens,
+            temperature=temperature,
+            logprobs=top_logprobs,
+            seed=self._device_seed(seed, temperature),
         )
         final = await _last(
             self._llm.generate(
@@ -275,6 +279,29 @@ class Engine:
             completion_tokens=len(choice.token_ids),
             finish_reason=choice.finish_reason,
         )
+
+    _cpu = False  # the CPU build of vLLM (set at start)
+
+    def _device_seed(self, seed: int | None, temperature: float | None) -> int | None:
+        """The per-request seed vLLM may be given. On the CPU build a seeded *sampled* request kills
+        the engine core as soon as its prompt is prefilled over more than one engine step (which
+        chunked prefill does to any prompt longer than the step budget, and to shorter ones under
+        load): vLLM rewinds the request's generator for the token it discards after a partial
+        prefill, and a CPU ``torch.Generator`` has no offset to rewind ("CPU Generator does not use
+        offset"). One tenant's seed would stop every tenant's judging, so on the CPU sampled
+        requests run unseeded (reproducible only on a GPU, where the seed is passed); greedy
+        requests need no seed."""
+        if seed is None or not self._cpu or not temperature:
+            return seed
+        if not Engine._seed_warned:
+            Engine._seed_warned = True
+            logger.warning(
+                "seeded sampling is not reproducible on the CPU build of vLLM: the seed is not passed "
+                "to the engine (a seeded request prefilled over several steps kills its CPU engine core)"
+            )
+        return None
+
+    _seed_warned = False
 
     async def classify(
         self,
@@ -389,6 +416,7 @@ class Engine:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         kind = RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY
+        params = {**params, "seed": self._device_seed(params.get("seed"), params.get("temperature", 1.0))}
         sampling = SamplingParams(**params, output_kind=kind)
         try:
             async for out in self._llm.generate(

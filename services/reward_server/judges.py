@@ -12,6 +12,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, Protocol
 
 from referee.protocol import PairwiseResult, Prompt, content_text, image_parts
@@ -688,10 +689,13 @@ class GenerativeJudge(Judge):
     def _label_mass(self, logprobs: dict[int, float], label: str) -> float:
         return sum(math.exp(logprobs[t]) for t in self.label_ids[label] if t in logprobs)
 
-    async def _generate(self, messages: list[dict], ctx: RequestContext, **kwargs):
+    async def _generate(self, build: Callable[[], list[dict]], ctx: RequestContext, **kwargs):
+        """One generation for the judge prompt ``build()`` makes. The prompt is built (templated,
+        every text defused) and tokenised in the engine's tokeniser thread, never in the event loop:
+        a group's thousands of prompts would otherwise block it for their whole length."""
         images: list = []
         ids = await self.engine.tokenize(
-            lambda: self.engine.chat_ids(messages, generation_prompt=True, images=images)
+            lambda: self.engine.chat_ids(build(), generation_prompt=True, images=images)
         )
         self._fit(ids, generate=True)
 
@@ -736,8 +740,12 @@ class GenerativeJudge(Judge):
             return Comparison(None, "invalid", error=_describe(exc))
 
     async def _compare_logprob(self, prompt, first, second, rubric, ctx) -> Comparison:
-        messages = templates.pairwise_logprob(prompt, first, second, rubric)
-        out = await self._generate(messages, ctx, max_tokens=1, top_logprobs=self.settings.top_logprobs)
+        out = await self._generate(
+            lambda: templates.pairwise_logprob(prompt, first, second, rubric),
+            ctx,
+            max_tokens=1,
+            top_logprobs=self.settings.top_logprobs,
+        )
         pa = self._label_mass(out.first_token_logprobs, "A")
         pb = self._label_mass(out.first_token_logprobs, "B")
         if pa + pb == 0.0:
@@ -763,14 +771,14 @@ class GenerativeJudge(Judge):
         p = pa / mass
         return Comparison(p, verdict_from_probability(p, self.settings.tie_margin), label_mass=mass)
 
-    async def _attempts(self, messages, ctx, max_new_tokens, max_retries, seed, parse):
+    async def _attempts(self, build, ctx, max_new_tokens, max_retries, seed, parse):
         """Reason-then-answer with bounded retries; the first attempt is greedy unless configured."""
         budget = max_new_tokens or self.settings.cot_max_new_tokens
         text, why = "", ""
         for attempt in range(max_retries + 1):
             temperature = self.settings.cot_temperature if attempt == 0 else 0.7
             out = await self._generate(
-                messages,
+                build,
                 ctx,
                 max_tokens=budget,
                 temperature=temperature,
@@ -786,10 +794,10 @@ class GenerativeJudge(Judge):
 
     async def _compare_cot(self, prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed):
         if self.settings.verdict_format == "answer_tag":
-            messages = templates.pairwise_answer_tag(prompt, first, second, rubric)
+            messages = partial(templates.pairwise_answer_tag, prompt, first, second, rubric)
             parse = templates.parse_answer_tag
         else:
-            messages = templates.pairwise_cot(prompt, first, second, rubric)
+            messages = partial(templates.pairwise_cot, prompt, first, second, rubric)
             parse = templates.parse_verdict
         verdict, text, attempts, why = await self._attempts(
             messages, ctx, max_new_tokens, max_retries, seed, parse
@@ -803,8 +811,12 @@ class GenerativeJudge(Judge):
     ) -> Rating:
         """Expected rating under the judge's probabilities over the scale's labels (one token)."""
         try:
-            messages = templates.pointwise_logprob(prompt, response, rubric, self.scale)
-            out = await self._generate(messages, ctx, max_tokens=1, top_logprobs=self.settings.top_logprobs)
+            out = await self._generate(
+                lambda: templates.pointwise_logprob(prompt, response, rubric, self.scale),
+                ctx,
+                max_tokens=1,
+                top_logprobs=self.settings.top_logprobs,
+            )
         except EngineDead:  # not a per-item cause: the request fails, the server exits
             raise
         except Exception as exc:
@@ -860,7 +872,9 @@ class GenerativeJudge(Judge):
             random.Random(seed).shuffle(shown_orders[0])
 
         async def rank(shown: list[int]):
-            messages = templates.listwise_cot(prompt, [responses[i] for i in shown], opts.get("rubric"))
+            messages = partial(
+                templates.listwise_cot, prompt, [responses[i] for i in shown], opts.get("rubric")
+            )
             try:
                 ranking, _, _, why = await self._attempts(
                     messages,
@@ -906,7 +920,7 @@ class GenerativeJudge(Judge):
         self, prompt, response, ctx, *, rubric=None, max_new_tokens=None, max_retries=0, seed=None
     ) -> Rating:
         try:
-            messages = templates.pointwise_cot(prompt, response, rubric, self.scale)
+            messages = partial(templates.pointwise_cot, prompt, response, rubric, self.scale)
             score, text, attempts, why = await self._attempts(
                 messages,
                 ctx,

@@ -73,7 +73,13 @@ _ANY_MARKER = re.compile(r"\[\[[^\[\]]{0,20}\]\]")
 
 def delimiter_like(text: str) -> list[str]:
     """The delimiter look-alikes in a text, as a reader would see them (folded)."""
-    return [m.group(0) for m in _DELIMITER.finditer(text.translate(_FOLD))]
+    return [m.group(0) for m in _DELIMITER.finditer(_folded(text))]
+
+
+def _folded(text: str) -> str:
+    """``text`` as a reader sees it (``_FOLD``). ASCII folds to itself, and most judged text is
+    ASCII: checking that is a C-speed scan, where the fold is a Python call per character."""
+    return text if text.isascii() else text.translate(_FOLD)
 
 
 def defuse(text: str) -> str:
@@ -82,12 +88,14 @@ def defuse(text: str) -> str:
     The check runs on folded text (compatibility forms, look-alike letters, no invisible
     characters), so fullwidth, Cyrillic or zero-width-split variants are caught as well as the
     exact form; each is replaced by its folded name in guillemets (``«/RESPONSE B»``)."""
-    folded = text.translate(_FOLD)
+    folded = _folded(text)
     if not _DELIMITER.search(folded):
         return text
-    origin: list[int] = []  # folded index -> index of the original character it came from
-    for k, ch in enumerate(text):
-        origin += [k] * len(_FOLD[ord(ch)])
+    origin: list[int] | range = range(len(text))  # folded index -> index of the original character
+    if folded is not text:
+        origin = []
+        for k, ch in enumerate(text):
+            origin += [k] * len(_FOLD[ord(ch)])
     out, at = [], 0
     for m in _DELIMITER.finditer(folded):
         start, end = origin[m.start()], origin[m.end() - 1] + 1
