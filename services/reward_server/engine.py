@@ -28,6 +28,9 @@ from .tokens import PromptTokenizer
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+# The CPU build's default engine step: fairness between jobs beside a flood for a small share of
+# throughput (see EngineSettings.max_num_batched_tokens and BENCHMARKS.md's step-budget section).
+CPU_STEP_TOKENS = 256
 
 
 @dataclass
@@ -180,8 +183,13 @@ class Engine:
             kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_memory_gib * GiB)
         if settings.max_num_seqs is not None:
             kwargs["max_num_seqs"] = settings.max_num_seqs
-        kwargs.update(settings.extra)
         device = device_type()
+        step = settings.max_num_batched_tokens
+        if step is None and device == "cpu" and runner == "generate":
+            step = CPU_STEP_TOKENS  # (a pooling model's one forward pass per input is left to vLLM)
+        if step is not None:
+            kwargs["max_num_batched_tokens"] = step
+        kwargs.update(settings.extra)
         if device == "cpu":
             bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_bind or "auto (vLLM's default)"
             logger.info(

@@ -42,6 +42,16 @@ class EngineSettings(BaseModel):
     enforce_eager: bool = True
     enable_prefix_caching: bool | None = Field(None, description="Default: on for generative judges.")
     max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Tokens per engine step (vLLM's chunked-prefill budget). A newly arrived request, "
+        "however high its fair-share priority, waits for the step in progress, so small steps keep a "
+        "shared judge fair. Default: 256 on the CPU build (a small job beside a 10x flood waited "
+        "2.4x its latency alone at 256 against 13-15x at vLLM's 2048, for 14-16% of saturated "
+        "throughput; BENCHMARKS.md, step budget) for generative judges, vLLM's own for pooling models "
+        "and on GPUs (a GPU step takes milliseconds).",
+    )
     seed: int = 0
     cpu_cores: str | None = Field(
         None,
