@@ -12,8 +12,12 @@ test: install
 lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
+# make bench [BENCH=throughput|groups|queue|step_budget|jobs] [JUDGES=configs/judges.gpu.example.yaml]
+# JUDGES: a judges file (the server's config format) instead of the embedded CPU models; hub models
+# may then be downloaded (HF_HUB_OFFLINE stays off). See BENCHMARKS.md, "On a GPU".
+BENCH ?= throughput
 bench:
-	HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_throughput.py
+	HF_HUB_OFFLINE=$(if $(JUDGES),0,1) .venv/bin/python benchmarks/bench_$(BENCH).py $(if $(JUDGES),--judges $(JUDGES))
 
 eval:
 	HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/eval_hh.py

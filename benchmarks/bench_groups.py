@@ -18,6 +18,12 @@ Also reported: the duplicate rate of the sampled completions (identical completi
 judged once by the judgment cache).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_groups.py [--groups 12]
+
+``--judges FILE`` (a judges file in the server's config format) replaces the judges: its first
+generative judge answers the schedules (and is the model vLLM's server runs for the pattern), its
+first classifier judge the classifier comparison (skipped if the file has none); engine settings
+are the file's, with prefix caching off for the same reason as above. The groups are still sampled
+from the embedded SmolLM2 policy. Results go to a section of their own, named after the file.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "services"))
 
 from bench_throughput import start_server, stop_server, write_section  # noqa: E402
+from judges_file import cli_args, engine_kwargs, model_path, pick, read_judges, with_engine  # noqa: E402
 
 HEADING = "## Text groups: win-rate schedules against the Pref-GRPO client pattern"
 BEGIN, END = "<!-- bench_groups:begin -->", "<!-- bench_groups:end -->"
@@ -155,14 +162,14 @@ async def run_pattern(url: str, model: str, groups: list[dict]) -> tuple[float, 
     return elapsed, rates
 
 
-async def run_naive_pairs(url: str, groups: list[dict]) -> float:
+async def run_naive_pairs(url: str, groups: list[dict], rm: str = "rm") -> float:
     sem = asyncio.Semaphore(16)
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=httpx.Limits(max_connections=16)) as http:
 
         async def pair(g, i, j):
             item = {"prompt": g["prompt"], "response_a": g["responses"][i], "response_b": g["responses"][j]}
             async with sem:
-                r = await http.post("/pairwise", json={"judge": "rm", "cache": False, "items": [item]})
+                r = await http.post("/pairwise", json={"judge": rm, "cache": False, "items": [item]})
             r.raise_for_status()
 
         start = time.perf_counter()
@@ -178,6 +185,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8941)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/referee-bench-groups"))
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--judges", type=Path, help="a judges file (server config format): its first "
+                        "generative and classifier judges replace the CPU models")  # fmt: skip
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -187,15 +196,29 @@ def main() -> None:
     groups = sample_groups(model, args.groups, args.workdir / "groups.jsonl")
     duplicates = sum(GROUP - len(set(g["responses"])) for g in groups) / (GROUP * len(groups))
 
-    from tests.model_factory import make_backbone_classifier
+    if args.judges:
+        judges = read_judges(args.judges)
+        gen, cls = pick(judges, "generative"), pick(judges, "classifier")
+        if gen is None:
+            raise SystemExit(f"{args.judges} has no generative judge")
+        off = {"enable_prefix_caching": False}
+        judge_cfgs = [with_engine(j, **off) for j in (gen, cls) if j is not None]
+        model, judge_name, rm_name = model_path(gen), gen["name"], cls and cls["name"]
+        vllm_engine = engine_kwargs(judge_cfgs[0])
+    else:
+        from tests.model_factory import make_backbone_classifier
 
-    rm = str(make_backbone_classifier(args.workdir / "smollm2-rm", Path(model)))
-    rm_engine = {**ENGINE, "kv_cache_memory_gib": 0.5}
-    config = {
-        "judges": [
+        rm = str(make_backbone_classifier(args.workdir / "smollm2-rm", Path(model)))
+        rm_engine = {**ENGINE, "kv_cache_memory_gib": 0.5}
+        judge_cfgs = [
             {"name": "judge", "kind": "generative", "model": model, "engine": ENGINE},
             {"name": "rm", "kind": "classifier", "model": rm, "engine": rm_engine},
-        ],
+        ]
+        judge_name, rm_name = "judge", "rm"
+        vllm_engine = None
+    config = {
+        "judges": judge_cfgs,
+        "default_judge": judge_name,
         "limits": {"max_inflight": 100_000, "max_request_cost": 100_000},
     }
     path = args.workdir / "referee.yaml"
@@ -228,10 +251,12 @@ def main() -> None:
             print(f"{name}: {len(groups) / elapsed:.3f} groups/s", flush=True)
         # A classifier judge: one /winrate (N scores, Bradley-Terry on them) against the naive client
         # that asks /pairwise for each of the 28 pairs (2 scores each), 16 at a time.
-        asyncio.run(run_referee(url, groups[:1], {"judge": "rm"}))
-        on_elapsed, _, on_requests, _ = asyncio.run(run_referee(url, groups, {"judge": "rm"}))
-        naive_elapsed = asyncio.run(run_naive_pairs(url, groups))
-        classifier = (on_elapsed, on_requests, naive_elapsed)
+        classifier = None
+        if rm_name:
+            asyncio.run(run_referee(url, groups[:1], {"judge": rm_name}))
+            on_elapsed, _, on_requests, _ = asyncio.run(run_referee(url, groups, {"judge": rm_name}))
+            naive_elapsed = asyncio.run(run_naive_pairs(url, groups, rm_name))
+            classifier = (on_elapsed, on_requests, naive_elapsed)
     finally:
         stop_server(proc)
 
@@ -240,7 +265,10 @@ def main() -> None:
         f"--host 127.0.0.1 --port {port} --dtype auto --enforce-eager --seed 0 --max-model-len 2048 "
         f"--kv-cache-memory-bytes {1 << 30} --no-enable-prefix-caching"
     )
+    if vllm_engine is not None:  # --judges: the file's engine settings, as referee ran them
+        opts = f"--host 127.0.0.1 --port {port} --seed 0 --no-enable-prefix-caching"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *opts.split()]
+    cmd += cli_args(vllm_engine or {})
     print("vLLM server: starting", flush=True)
     proc = start_server(cmd, args.workdir / "vllm.log", f"http://127.0.0.1:{port}/health")
     try:
@@ -271,15 +299,29 @@ def main() -> None:
         ]
         tau = f"{sum(taus) / len(taus):.3f} ({len(taus)} groups)" if taus else "undefined"
         lines.append(f"| {name} | {requests} | {gps:.3f} | {gps / pattern_gps:.2f} | {tau} |")
-    on_elapsed, on_requests, naive_elapsed = classifier
-    lines += [
-        "",
-        f"Classifier judge (SmolLM2 backbone, random scalar head), the same {args.groups} groups: one "
-        f"`/winrate` per group ({on_requests} engine requests: N scores) took {on_elapsed:.2f} s; the naive "
-        f"client's 28 `/pairwise` calls per group (56 engine requests, 16 at a time) took "
-        f"{naive_elapsed:.2f} s: **{on_elapsed / naive_elapsed:.2f}** of the time.",
-    ]
-    write_section(args.output, "\n".join(lines), HEADING, BEGIN, END)
+    if classifier is not None:
+        on_elapsed, on_requests, naive_elapsed = classifier
+        what = f"`{rm_name}`" if args.judges else "SmolLM2 backbone, random scalar head"
+        lines += [
+            "",
+            f"Classifier judge ({what}), the same {args.groups} groups: one "
+            f"`/winrate` per group ({on_requests} engine requests: N scores) took {on_elapsed:.2f} s; the "
+            f"naive client's 28 `/pairwise` calls per group (56 engine requests, 16 at a time) took "
+            f"{naive_elapsed:.2f} s: **{on_elapsed / naive_elapsed:.2f}** of the time.",
+        ]
+    if args.judges:
+        cmd = " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_groups.py", *sys.argv[1:]])
+        who = ", ".join(f"`{j['name']}` = {j['model']}" for j in judge_cfgs)
+        lines[0] = (
+            f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores; {args.groups} MT-Bench "
+            f"prompts x {GROUP} SmolLM2 samples; judges from `{args.judges}`: {who}; judgment cache and "
+            "prefix caching off)."
+        )
+        tag = f"bench_groups --judges {args.judges.name}"
+        heading = f"{HEADING} (judges file {args.judges.name})"
+        write_section(args.output, "\n".join(lines), heading, f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->")
+    else:
+        write_section(args.output, "\n".join(lines), HEADING, BEGIN, END)
     print("\n".join(lines))
 
 

