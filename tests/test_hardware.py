@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from reward_server.hardware import CpuInfo, cpu_bind_for, cpu_info, dtype_rule, engine_environment
+from reward_server.judges import engine_key
 from reward_server.settings import DEFAULT_JUDGE, ServerSettings
 
 
@@ -86,7 +87,11 @@ def test_served_engines_got_the_dtype_and_cores_the_rule_chose(client, server_co
     settings = ServerSettings(**config)
     info = cpu_info()
     reported = {j["name"]: j["dtype"] for j in client.get("/judges").json()["judges"]}
-    expected = {j.name: dtype_rule(j.engine.dtype, "cpu", info)[0] for j in settings.judges}
+    # an ensemble has no engine of its own (no dtype); judges sharing an engine report its dtype
+    expected = {
+        j.name: None if j.kind == "ensemble" else dtype_rule(j.engine.dtype, "cpu", info)[0]
+        for j in settings.judges
+    }
     assert reported == expected
     assert reported["smollm2"] == ("bfloat16" if info.native_bf16 else "float32")
     assert reported["tiny-rm"] == "float32"  # explicit in the judges file
@@ -99,7 +104,7 @@ def test_served_engines_got_the_dtype_and_cores_the_rule_chose(client, server_co
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or settings.cpu_binding == "vllm":
         return
     bound = [[int(c) for c in re.findall(r"\d+", m)] for m in re.findall(r"core ids=\[([\d, ]*)\]", log)]
-    count = len(settings.judges)
+    count = len({k for j in settings.judges if (k := engine_key(j))})  # engines, not judges
     wanted = []
     for i in range(count):
         spec = cpu_bind_for(i, count, settings.cpu_binding, info.cores)
