@@ -175,3 +175,38 @@ async def test_waiting_is_bounded_by_max_wait_and_by_part_of_the_deadline():
                 pass
         assert 0.1 < time.monotonic() - t < 0.35
         assert s.status()["waiting"] == 0 and s.waiting_cost == 0
+
+
+# ------------------------------------------------------------ the tokeniser thread's order
+
+
+def test_the_tokeniser_worker_runs_the_lowest_priority_first_and_skips_cancelled_work():
+    import threading
+
+    from reward_server.engine import PriorityWorker
+
+    worker = PriorityWorker("test-tokenize")
+    gate, ran = threading.Event(), []
+    blocker = worker.submit(0, gate.wait)  # holds the thread while the rest queue up
+    futures = {p: worker.submit(p, lambda p=p: ran.append(p) or p) for p in (5.0, 3.0, 4.0, 1.0)}
+    first = worker.submit(2.0, lambda: ran.append("first 2.0"))  # equal priorities: submission order
+    second = worker.submit(2.0, lambda: ran.append("second 2.0"))
+    dropped = worker.submit(0.5, lambda: ran.append("cancelled"))
+    assert dropped.cancel()
+    failing = worker.submit(6.0, lambda: 1 / 0)
+    gate.set()
+    assert blocker.result(timeout=5) is True
+    assert futures[5.0].result(timeout=5) == 5.0
+    with pytest.raises(ZeroDivisionError):  # an exception reaches the request that submitted it
+        failing.result(timeout=5)
+    assert ran == [1.0, "first 2.0", "second 2.0", 3.0, 4.0, 5.0]
+    assert first.done() and second.done() and dropped.cancelled()
+
+    gate.clear()
+    worker.submit(0, gate.wait)
+    waiting = worker.submit(1, lambda: ran.append("after shutdown"))
+    worker.shutdown()
+    gate.set()
+    assert waiting.cancelled() and worker.submit(0, lambda: None).cancelled()
+    worker._thread.join(timeout=5)
+    assert not worker._thread.is_alive() and "after shutdown" not in ran

@@ -185,3 +185,39 @@ def test_a_large_request_does_not_stall_the_api_process(server_url, client):
     print(f"large /winrate took {took:.1f}s; /healthz answered {len(waits)} times, worst {max(waits):.3f}s")
     assert len(waits) >= 3
     assert max(waits) < max(1.0, took / 4)
+
+
+def test_a_small_request_of_another_job_is_not_queued_behind_a_large_ones_prompts(server_url, client):
+    """The engine's tokeniser thread takes prompts in the fair scheduler's order, not first come
+    first served: another job's one-item /pairwise, sent while a large /winrate's 132 long prompts
+    are being templated, is answered before the large request ends (behind them it would wait for
+    all of them)."""
+    import concurrent.futures as cf
+
+    text = "Tokenising takes a while when every text is long. " * (TEST_LIMITS["max_text_chars"] // 52)
+    body = {"prompt": text, "responses": [f"{k} {text}" for k in range(12)], "order": "both"}
+    small = {"items": [{"prompt": QUESTION, "response_a": "Paris.", "response_b": "Rome."}]}
+
+    def timed(path, payload, job):
+        r = httpx.post(f"{server_url}{path}", json=payload, headers={"X-Referee-Job": job}, timeout=600)
+        return r, time.monotonic()
+
+    client.post("/pairwise", json=small)  # warm: the small request's own cost, measured below
+    t0 = time.monotonic()
+    client.post("/pairwise", json=small, headers={"X-Referee-Job": "alone"})
+    alone = time.monotonic() - t0
+    with cf.ThreadPoolExecutor(2) as pool:
+        started = time.monotonic()
+        big = pool.submit(timed, "/winrate", body, "large-job")
+        time.sleep(1.0)
+        sent = time.monotonic()
+        little = pool.submit(timed, "/pairwise", small, "small-job")
+        (big_r, big_end), (small_r, small_end) = big.result(), little.result()
+    assert big_r.status_code == 200 and small_r.status_code == 200, (big_r.text, small_r.text)
+    assert big_r.json()["invalid"] == 66  # every prompt over the context: tokenising is its work
+    assert len(small_r.json()["results"]) == 1
+    print(
+        f"large /winrate {big_end - started:.1f}s; one-item /pairwise beside it {small_end - sent:.2f}s "
+        f"(alone {alone:.2f}s)"
+    )
+    assert small_end < big_end, "the small request waited for every prompt of the large one"

@@ -8,14 +8,17 @@ nothing here serialises requests (no lock, no loop of our own in front of the en
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
+import queue
+import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from transformers import AutoTokenizer
 
@@ -31,6 +34,52 @@ GiB = 1 << 30
 # The CPU build's default engine step: fairness between jobs beside a flood for a small share of
 # throughput (see EngineSettings.max_num_batched_tokens and BENCHMARKS.md's step-budget section).
 CPU_STEP_TOKENS = 256
+T = TypeVar("T")
+
+
+class PriorityWorker:
+    """One thread that runs submitted callables lowest priority first, in submission order among
+    equal priorities. (The standard library's executors are first come first served, and with one
+    FIFO thread a small request waits for every prompt of a large one queued before it.)"""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, priority: float, fn: Callable[[], T]) -> Future:
+        future: Future = Future()
+        if self._closed:
+            future.cancel()
+        else:
+            self._queue.put((priority, next(self._seq), fn, future))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            _, _, fn, future = self._queue.get()
+            if fn is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue  # its request was cancelled while it waited
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the awaiting request
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Cancel what waits and stop the thread after the callable in progress."""
+        self._closed = True
+        while True:
+            try:
+                _, _, _, future = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if future is not None:
+                future.cancel()
+        self._queue.put((-math.inf, -1, None, None))
 
 
 @dataclass
@@ -215,15 +264,17 @@ class Engine:
             built = self._prompts = PromptTokenizer(self.tokenizer)
         return built
 
-    async def tokenize(self, build: Callable[[], list[int]]) -> list[int]:
+    async def tokenize(self, build: Callable[[], T], priority: float = 0.0) -> T:
         """Run ``build`` (chat templating and tokenisation) off the event loop, so that a request
         with many long texts never stalls the API process (health probes, other requests). One
-        thread per engine: a tokenizer is not shared between threads, and a cancelled request's
-        queued tokenisations are dropped before they start."""
-        pool = self.__dict__.get("_tokenizing")
-        if pool is None:
-            pool = self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{self.runner}")
-        return await asyncio.get_running_loop().run_in_executor(pool, build)
+        thread per engine (a tokenizer is not shared between threads), taking the lowest
+        ``priority`` first: requests pass their fair-share tags, so a one-item request of another
+        job waits for the prompt in progress, not for a large request's thousands of prompts.
+        A cancelled request's queued prompts are dropped before they start."""
+        worker = self.__dict__.get("_tokenizing")
+        if worker is None:
+            worker = self._tokenizing = PriorityWorker(f"tokenize-{self.runner}")
+        return await asyncio.wrap_future(worker.submit(priority, build))
 
     def chat_ids(
         self, messages: list[dict], *, generation_prompt: bool, images: list | None = None
@@ -464,6 +515,6 @@ class Engine:
         return bool(self._llm.errored)
 
     def shutdown(self) -> None:
-        if (pool := self.__dict__.get("_tokenizing")) is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if (worker := self.__dict__.get("_tokenizing")) is not None:
+            worker.shutdown()
         self._llm.shutdown()

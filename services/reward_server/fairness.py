@@ -65,6 +65,7 @@ class Ticket:
     step: float  # 1 / the flow's weight: tag distance between its engine requests
     cache_salt: str | None = None
     issued: int = 0
+    tokenized: int = 0  # prompts handed to the engines' tokeniser threads
     done: int = 0  # engine requests finished
     admitted: asyncio.Future | None = field(default=None, repr=False)
     seq: int = 0
@@ -76,6 +77,14 @@ class Ticket:
         tag = self.start + self.issued * self.step
         self.issued += 1
         return int(tag * PRIORITY_SCALE)
+
+    def next_tokenize_priority(self) -> float:
+        """The place of this request's next prompt in an engine's tokeniser queue (lower first): the
+        same fair order as its engine requests, so that a small request of another job is templated
+        beside a large one's thousands of prompts, not behind them."""
+        tag = self.start + self.tokenized * self.step
+        self.tokenized += 1
+        return tag
 
     @property
     def frontier(self) -> float:

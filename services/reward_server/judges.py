@@ -37,7 +37,7 @@ class EngineAPI(Protocol):
     media: list[str]
     tokenizer: Any
 
-    async def tokenize(self, build: Callable[[], list[int]]) -> list[int]: ...
+    async def tokenize(self, build: Callable[[], Any], priority: float = 0.0) -> Any: ...
     def chat_ids(
         self, messages: list[dict], *, generation_prompt: bool, images: list | None = None
     ) -> list[int]: ...
@@ -77,6 +77,10 @@ class RequestContext:
         if self.ticket.cache_salt is not None:
             args["cache_salt"] = self.ticket.cache_salt
         return args
+
+    def tokenize_priority(self) -> float:
+        """The next prompt's place in the engine's tokeniser queue (lower first; 0 before admission)."""
+        return 0.0 if self.ticket is None else self.ticket.next_tokenize_priority()
 
     def engine_done(self) -> None:
         if self.ticket is not None:
@@ -513,7 +517,7 @@ class ClassifierJudge(Judge):
             activation = self.settings.activation == "sigmoid"
         objectives = None
         try:
-            ids = self._fit(await self.engine.tokenize(build_ids))
+            ids = self._fit(await self.engine.tokenize(build_ids, ctx.tokenize_priority()))
             several = bool(self.objectives)
 
             async def run():
@@ -632,7 +636,7 @@ class ClipJudge(ClassifierJudge):
     async def rate(self, prompt: Prompt, response, ctx: RequestContext, **_) -> Rating:
         try:
             caption = self._caption(prompt)
-            ids = await self.engine.tokenize(lambda: self._text_ids(caption))
+            ids = await self.engine.tokenize(lambda: self._text_ids(caption), ctx.tokenize_priority())
             text = await self._shared(ctx, ("text", caption), lambda: self._embedding(ctx, ids, None))
             picture = image_parts(response)[0]._image
             pixels = await self._shared(
@@ -695,7 +699,8 @@ class GenerativeJudge(Judge):
         a group's thousands of prompts would otherwise block it for their whole length."""
         images: list = []
         ids = await self.engine.tokenize(
-            lambda: self.engine.chat_ids(build(), generation_prompt=True, images=images)
+            lambda: self.engine.chat_ids(build(), generation_prompt=True, images=images),
+            ctx.tokenize_priority(),
         )
         self._fit(ids, generate=True)
 
@@ -1007,7 +1012,8 @@ class FollowupJudge(Judge):
             messages.append({"role": "assistant", "content": response})
             positive, negative = self.settings.followups_positive, self.settings.followups_negative
             spans = await self.engine.tokenize(
-                lambda: [self._span(messages, f) for f in [*positive, *negative]]
+                lambda: [self._span(messages, f) for f in [*positive, *negative]],
+                ctx.tokenize_priority(),
             )
             values = await asyncio.gather(
                 *[self._followup(self._fit(ids), start, ctx) for ids, start in spans]
