@@ -272,8 +272,10 @@ def main() -> None:
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
         console.print(
             f"{job}: {summary.get('steps', 0)} steps, {summary.get('steps_per_minute')} steps/min, "
-            f"mean judge latency {summary.get('mean_judge_latency_s')}s; "
-            f"metrics {out / 'metrics.jsonl'}, plot {out / 'reward_curve.png'}"
+            f"mean judge latency {summary.get('mean_judge_latency_s')}s, "
+            f"{summary.get('duplicate_completions')} of {summary.get('completions')} completions "
+            f"repeated inside their group; metrics {out / 'metrics.jsonl'}, plot {out / 'reward_curve.png'}, "
+            f"completions {out / 'completions.jsonl'}"
         )
     console.print(
         f"whole stack: {time.monotonic() - started:.0f}s, peak resident memory "

@@ -42,6 +42,12 @@ def _check_run(out, steps: int) -> list[dict]:
     assert (out / "reward_curve.png").stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == steps and summary["steps_per_minute"] > 0
+    # Every group the judge saw is logged with its completions, and the summary counts the repeats.
+    groups = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(groups) == steps * 2 and all(len(g["completions"]) == 4 for g in groups)
+    repeats = sum(len(g["completions"]) - len(set(g["completions"])) for g in groups)
+    assert summary["completions"] == steps * 8 and summary["duplicate_completions"] == repeats
+    assert summary["duplicate_rate"] == pytest.approx(repeats / (steps * 8), abs=1e-4)
     return rows
 
 

@@ -69,6 +69,11 @@ class TrainSettings(BaseSettings):
     judge_timeout_s: float = 600.0
     rewards: list[RewardSettings] = Field(default_factory=lambda: [RewardSettings()])
     output_dir: Path = Path("runs")
+    log_completions: bool = Field(
+        True,
+        description="Write each step's groups to completions.jsonl in the job's folder, and the share "
+        "of duplicate completions inside groups to summary.json.",
+    )
 
     # GRPO (TRL) settings, kept small enough for a CPU by default.
     max_steps: int = Field(4, ge=1)

@@ -10,6 +10,7 @@ settings); prompts are single user turns; no checkpoints are saved (``save_strat
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -112,6 +113,55 @@ def build_rewards(settings: TrainSettings) -> tuple[list, list[float]]:
                 )
             )
     return funcs, [r.weight for r in settings.rewards]
+
+
+def _text(completion) -> str:
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(m.get("content", "")) for m in completion)  # conversational: the turns' text
+
+
+class CompletionLog:
+    """Writes each reward call's groups (one prompt's completions) to ``completions.jsonl`` and
+    counts duplicate completions inside groups: the share that the judge answers without judging
+    twice (identical responses of a group are judged once)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.path.write_text("")
+        self.calls = self.completions = self.duplicates = 0
+
+    def record(self, prompts, completions) -> None:
+        groups: dict[str, list[str]] = {}
+        for prompt, completion in zip(prompts, completions, strict=True):
+            groups.setdefault(json.dumps(prompt), []).append(_text(completion))
+        with self.path.open("a") as f:
+            for prompt, texts in groups.items():
+                self.completions += len(texts)
+                self.duplicates += len(texts) - len(set(texts))
+                row = {"call": self.calls, "prompt": json.loads(prompt), "completions": texts}
+                f.write(json.dumps(row) + "\n")
+        self.calls += 1
+
+    def wrap(self, func):
+        """``func`` (a TRL reward, async or not) that records what it is asked first."""
+        if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__):
+
+            async def reward(prompts, completions, **kwargs):
+                self.record(prompts, completions)
+                return await func(prompts=prompts, completions=completions, **kwargs)
+        else:
+
+            def reward(prompts, completions, **kwargs):
+                self.record(prompts, completions)
+                return func(prompts=prompts, completions=completions, **kwargs)
+
+        reward.__name__ = func.__name__  # what TRL logs the reward under
+        return reward
+
+    @property
+    def duplicate_rate(self) -> float | None:
+        return self.duplicates / self.completions if self.completions else None
 
 
 def _callback_class():
@@ -219,6 +269,10 @@ def run(settings: TrainSettings) -> Path:
     out_dir = settings.output_dir / settings.job_id
     out_dir.mkdir(parents=True, exist_ok=True)
     funcs, weights = build_rewards(settings)
+    log = None
+    if settings.log_completions:
+        log = CompletionLog(out_dir / "completions.jsonl")
+        funcs[0] = log.wrap(funcs[0])
     micro = settings.micro_batch_prompts
     if settings.prompts_per_step % micro:
         raise ValueError("prompts_per_step must be a multiple of micro_batch_prompts")
@@ -266,6 +320,9 @@ def run(settings: TrainSettings) -> Path:
         "mean_judge_latency_s": _mean(r.get("judge/latency_s") for r in rows),
         "final_reward": rows[-1]["reward"] if rows else None,
         "transport": settings.transport,
+        "completions": log.completions if log else None,
+        "duplicate_completions": log.duplicates if log else None,
+        "duplicate_rate": round(log.duplicate_rate, 4) if log and log.duplicate_rate is not None else None,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return out_dir
