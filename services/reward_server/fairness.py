@@ -11,6 +11,9 @@ engine requests, its tenant and its job. Two things follow from one virtual cloc
   request carries the vLLM priority ``start + k / weight``: with the engine's priority scheduling,
   busy tenants are served in proportion to their weights whatever they send, and an idle tenant
   that arrives is served at once (at V) instead of behind a flood.
+- **the tokeniser order.** Before an engine sees a prompt, the engine's one tokeniser thread
+  templates and tokenises it; its k-th prompt waits there at ``start + k / weight`` too, so another
+  job's small request is not queued behind a large request's thousands of prompts.
 - **admission.** At most ``max_inflight`` engine requests are in the engines. Past that, requests
   wait here in tag order (up to ``max_waiting`` engine requests of HTTP requests; past that an HTTP
   request gets 429 ``limits.max_waiting``). A tenant over its own ``max_inflight`` or
@@ -137,6 +140,11 @@ class FairScheduler:
         # served, ahead of any backlog queued behind it.
         tags = [t.frontier for t in self._running] + [t.start for t in self._waiters]
         return min(tags) if tags else 0.0
+
+    def now(self) -> float:
+        """The current point of the fair order: where a request not yet admitted (an OpenAI-style
+        prompt being tokenised before admission) takes its place in an engine's tokeniser queue."""
+        return self._vtime()
 
     def _tag(self, tenant: str, job: str, cost: int) -> Ticket:
         jobs = self._busy_jobs.setdefault(tenant, {})

@@ -79,7 +79,7 @@ class RequestContext:
         return args
 
     def tokenize_priority(self) -> float:
-        """The next prompt's place in the engine's tokeniser queue (lower first; 0 before admission)."""
+        """The next prompt's place in the engine's tokeniser queue (lower first; 0 without a ticket)."""
         return 0.0 if self.ticket is None else self.ticket.next_tokenize_priority()
 
     def engine_done(self) -> None:

@@ -371,7 +371,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, service
         messages = _chat_messages(req.messages)
         images: list = []
         ids = await judge.engine.tokenize(
-            lambda: judge.engine.chat_ids(messages, generation_prompt=True, images=images)
+            lambda: judge.engine.chat_ids(messages, generation_prompt=True, images=images),
+            service.scheduler.now(),
         )
         include = bool(req.stream_options and req.stream_options.include_usage)
         return await _complete(
@@ -388,7 +389,9 @@ async def completions(req: CompletionRequest, request: Request, service: Service
         judge = _judge(service, req.model)
         params = _params(service, req, req.logprobs)
         service.check_texts([("prompt", req.prompt)])
-        ids = await judge.engine.tokenize(lambda: judge.engine.text_ids(req.prompt, True))
+        ids = await judge.engine.tokenize(
+            lambda: judge.engine.text_ids(req.prompt, True), service.scheduler.now()
+        )
         include = bool(req.stream_options and req.stream_options.include_usage)
         return await _complete(
             request, service, caller, judge, ids, [], params,
