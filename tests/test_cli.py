@@ -30,14 +30,14 @@ def test_referee_judges_lists_the_loaded_judges(server_url):
 def test_referee_eval_on_hh_subset(server_url, tmp_path: Path):
     report_path = tmp_path / "report.json"
     out = _referee(
-        "eval", str(HH), "--limit", "24", "--order", "both", "--output", str(report_path), url=server_url
+        "eval", str(HH), "--limit", "12", "--order", "both", "--output", str(report_path), url=server_url
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(report_path.read_text())
-    assert report["pairs"] == 24
-    assert report["correct"] + report["wrong"] + report["ties"] + report["invalid"] == 24
+    assert report["pairs"] == 12
+    assert report["correct"] + report["wrong"] + report["ties"] + report["invalid"] == 12
     assert 0.0 <= report["accuracy"] <= 1.0
     assert report["position_consistency"] is not None
     shown = report["confusion"]
-    assert sum(sum(row.values()) for row in shown.values()) == 24
+    assert sum(sum(row.values()) for row in shown.values()) == 12
     assert "accuracy" in out.stdout and "position consistency" in out.stdout
