@@ -168,6 +168,10 @@ class Judge:
     pairwise_modes: ClassVar[tuple[str, ...]] = ("logprob",)
     pointwise: ClassVar[bool] = True
     schedules: ClassVar[tuple[str, ...]] = ("pairs",)  # how /winrate may schedule a group
+    # What the adapters may ask of the kind beyond the native routes (read as data, never by class):
+    # "formatted_text": scores text already in the model's own format and whole conversations
+    # (vLLM's /classify, OpenRLHF's queries); "chat": free generation (the OpenAI face).
+    abilities: ClassVar[frozenset[str]] = frozenset()
     objectives: tuple[str, ...] = ()  # multi-objective reward models: the named outputs
 
     @property
@@ -455,6 +459,8 @@ class ClassifierJudge(Judge):
                 )
         self.weights = weights or {name: 1.0 / len(self.objectives) for name in self.objectives}
 
+    abilities: ClassVar[frozenset[str]] = frozenset({"formatted_text"})
+
     def combine(
         self, values: dict[str, float], objective: str | None, weights: dict[str, float] | None
     ) -> float:
@@ -583,6 +589,8 @@ class ClipJudge(ClassifierJudge):
             )
         self.logit_scale = scale
 
+    abilities: ClassVar[frozenset[str]] = frozenset()  # its text tower alone is no reward model
+
     @property
     def media(self) -> list[str]:
         return ["image"]
@@ -657,6 +665,7 @@ class GenerativeJudge(Judge):
     pairwise_modes = ("logprob", "cot")
     pointwise = False
     schedules = ("pairs", "listwise")
+    abilities = frozenset({"chat"})
 
     def rating_options(self, req) -> dict:
         self.objective_options(req)
