@@ -18,10 +18,10 @@ from typing import Any, ClassVar, Protocol
 from referee.protocol import PairwiseResult, Prompt, content_text, image_parts
 from referee.rewards import bradley_terry, circular_pairs, verdict_credit
 
-from . import templates
-from .cache import cache_key
-from .engine import Completion, Engine, EngineDead
-from .settings import JudgeSettings
+from .. import templates
+from ..cache import cache_key
+from ..engine import Completion, Engine, EngineDead
+from ..settings import JudgeSettings
 
 _FLIP = {"A": "B", "B": "A", "tie": "tie", "invalid": "invalid"}
 
