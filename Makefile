@@ -1,4 +1,4 @@
-.PHONY: install demo test lint bench eval
+.PHONY: install demo test test-unit lint bench eval
 
 install:
 	bash scripts/install.sh
@@ -8,6 +8,10 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest
+
+# the fast layer (no server, no vLLM engine, no Redis): run it on every change
+test-unit:
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/unit -q
 
 lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

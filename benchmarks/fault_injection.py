@@ -20,8 +20,8 @@ Everything runs on loopback, bounded in count and time (about 10 minutes on two 
 3. a schema-driven fuzz of every POST route of the server's ``/openapi.json`` (hypothesis, with a
    small JSON-schema-to-strategy translation: bodies drawn from each route's request schema, and
    mutations of them that break the schema, the limits, the JSON or the headers), 10,000 requests;
-4. the red-team corpus (``tests/test_injection.py``, run in-process by pytest; its one test
-   against a real server uses this run's server).
+4. the red-team corpus (``tests/unit/test_injection.py`` and ``tests/serving/test_injection.py``,
+   run in-process by pytest; the one test against a real server uses this run's server).
 
     flock /tmp/referee-heavy.lock env HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fault_injection.py
 """
@@ -1325,8 +1325,8 @@ async def run_fuzz(url: str, n: int, concurrency: int, seed: int, server: Server
 
 
 def run_redteam(server_url: str, redis_url: str) -> dict:
-    """tests/test_injection.py in this process (pytest.main); its one test against a real server
-    (``client``) uses this run's server through REFEREE_TEST_URL."""
+    """tests/unit/test_injection.py and tests/serving/test_injection.py in this process (pytest.main);
+    the one test against a real server (``client``) uses this run's server through REFEREE_TEST_URL."""
     import pytest
 
     class Collect:
@@ -1346,12 +1346,13 @@ def run_redteam(server_url: str, redis_url: str) -> dict:
     code = pytest.main(
         [
             *("-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest"),  # hypothesis is imported already
-            *("--rootdir", str(REPO), str(REPO / "tests" / "test_injection.py")),
+            *("--rootdir", str(REPO)),
+            *(str(REPO / "tests" / layer / "test_injection.py") for layer in ("unit", "serving")),
         ],
         plugins=[collect],
     )
     took = time.monotonic() - t0
-    from tests import test_injection as ti
+    from tests.unit import test_injection as ti
 
     routes = sorted({path.split("?")[0] for _, path, _ in ti._requests("x")})
     kinds = Counter(row["kind"] for row in ti.CORPUS)
@@ -1602,7 +1603,8 @@ def report(run: Run, args, started: dt.datetime, took_s: float, redteam: dict | 
     if redteam:
         lines += ["## Red-team corpus (`tests/data/redteam.jsonl`)", ""]
         lines += [
-            f"`tests/test_injection.py` run in-process by pytest ({redteam['seconds']:.0f}s, exit code "
+            "`tests/unit/test_injection.py` and `tests/serving/test_injection.py` run in-process by pytest "
+            f"({redteam['seconds']:.0f}s, exit code "
             f"{redteam['exit_code']}): {redteam['entries']} corpus entries ("
             + ", ".join(f"{k} {v}" for k, v in sorted(redteam["kinds"].items()))
             + f"), each sent to {redteam['places']} places user text reaches a judge on "
@@ -1677,7 +1679,7 @@ def main() -> None:
         run.server = Server(run.config, root)
         asyncio.run(run.run_faults())
         if not args.no_redteam:
-            log("red-team corpus: tests/test_injection.py")
+            log("red-team corpus: tests/{unit,serving}/test_injection.py")
             redteam = run_redteam(run.server.url, run.redis.url)
     finally:
         if run.server is not None:

@@ -5,18 +5,14 @@ with the embedded SmolLM2 chat judge (``dtype: auto``, which the server resolves
 ``reward_server.hardware``) and a tiny reward model served in float32, plus the same reward model in
 bfloat16 where the processor has native bf16 (elsewhere bf16 runs on a slow path and its test is
 skipped). Starting the engines takes about a minute on two cores, so every server test shares it.
+The fixtures apply to every layer (unit/, serving/, queue/, deploy/); what test modules share
+besides fixtures (settings, starting and stopping a server, fakes) is in ``tests/support.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,37 +24,17 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
-READY_TIMEOUT_S = 600
-
-# Limits small enough for the tests to reach them with small requests.
-TEST_LIMITS = {
-    "max_items": 64,
-    "max_group_size": 16,
-    "max_text_chars": 20_000,
-    "max_inflight": 160,
-    "max_waiting": 80,
-    "max_queue_wait_s": 300,
-    "max_retries": 2,
-    "max_new_tokens": 256,
-    "max_body_bytes": 1 << 20,
-    "max_request_cost": 400,
-}
-
-
-# The shared servers answer the same questions for many tests, which count engine requests or make
-# requests overlap: their judgment cache is on, but used only by requests that ask ("cache": true).
-TEST_CACHE = {"default": False}
-
-# Image limits small enough to reach with small files.
-TEST_MEDIA = {"max_image_bytes": 200_000, "max_image_pixels": 1_000_000, "max_images": 12, "blob_ttl_s": 600}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import (
+    REDIS_URL,
+    TEST_CACHE,
+    TEST_DATA,
+    TEST_LIMITS,
+    TEST_MEDIA,
+    TEST_QUEUE,
+    native_bf16,
+    start_server,
+    stop_server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -93,13 +69,8 @@ def tiny_vlm_dir(tmp_path_factory, embedded_dir) -> Path:
 def tiny_clip_dir(tmp_path_factory) -> Path:
     from tests.model_factory import make_tiny_clip
 
-    corpus = REPO / "tests" / "data" / "hh_harmless_subset.jsonl"
+    corpus = TEST_DATA / "hh_harmless_subset.jsonl"
     return make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip", corpus)
-
-
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-# Queue settings that make recovery observable within seconds.
-TEST_QUEUE = {"reclaim_idle_s": 3.0, "reclaim_every_s": 0.5, "max_deliveries": 2, "block_ms": 50}
 
 
 @pytest.fixture(scope="session")
@@ -114,25 +85,6 @@ def redis_prefix() -> str:
     if keys:
         r.delete(*keys)
     r.close()
-
-
-def native_bf16() -> bool:
-    from reward_server.hardware import cpu_info
-
-    return cpu_info().native_bf16
-
-
-def served_judges() -> set[str]:
-    """The judges the shared test server loads on this machine."""
-    return {
-        "smollm2",
-        "tiny-rm",
-        "followup",
-        "tiny-objectives",
-        "panel",
-        "panel-pointwise",
-        *(["tiny-rm-bf16"] if native_bf16() else []),
-    }
 
 
 @pytest.fixture(scope="session")
@@ -199,50 +151,6 @@ def server_config(tmp_path_factory, tiny_classifier_dir, tiny_objectives_dir, re
     path = tmp_path_factory.mktemp("config") / "judges.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def start_server(config: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """Start ``referee serve`` in its own process group and wait until its judges are ready."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("REFEREE_CONFIG", None)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "referee.cli", "serve", "--config", str(config), "--port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            pytest.fail(f"the server was not ready after {READY_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-        time.sleep(1)
-
-
-def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop a server and its engine processes (the whole process group)."""
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=60)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    with contextlib.suppress(ProcessLookupError):  # engine processes left behind by a killed server
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,545 @@
+"""Deployment files parse and refer to things that exist (no Docker engine or cluster here)."""
+
+import ast
+import importlib.util
+import itertools
+import re
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+
+from reward_server.settings import ServerSettings
+from tests.support import REPO
+
+
+def test_gpu_judges_file_is_valid_settings():
+    data = yaml.safe_load((REPO / "deploy" / "judges.gpu.yaml").read_text())
+    settings = ServerSettings(**data)
+    assert {j.kind for j in settings.judges} == {"classifier", "generative"}
+
+
+def test_kubernetes_manifests_parse_and_use_the_server_routes():
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "reward-server.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert {"ConfigMap", "Deployment", "Service"} <= kinds.keys()
+    ServerSettings(**yaml.safe_load(kinds["ConfigMap"]["data"]["judges.yaml"]))
+    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_server_dockerfile_runs_the_cli():
+    assert '"referee", "serve"' in (REPO / "docker" / "server.Dockerfile").read_text()
+
+
+def _help(*cmd: str) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", *cmd, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _flags(args: list[str]) -> set[str]:
+    return {a for a in args if a.startswith("--")}
+
+
+def test_compose_stack_parses_and_refers_to_real_files_and_flags():
+    compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"redis-acl", "redis", "reward-server", "trainer-a", "trainer-b"}
+    assert "--appendonly" in services["redis"]["command"] and "healthcheck" in services["redis"]
+    server = services["reward-server"]
+    assert server["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "healthcheck" in server
+    for name, svc in services.items():
+        if "build" in svc:
+            assert (REPO / "docker" / svc["build"]["context"] / svc["build"]["dockerfile"]).exists(), name
+        for volume in svc.get("volumes", []):
+            host = volume.split(":")[0]
+            if host.startswith("."):
+                assert (REPO / "docker" / host).exists(), volume
+    serve_help = _help("referee.cli", "serve")
+    assert _flags(server["command"]) <= {f for f in ("--config", "--queue") if f in serve_help}
+    trainer_help = _help("trainer.cli")
+    for name in ("trainer-a", "trainer-b"):
+        svc = services[name]
+        assert {"redis", "reward-server"} <= set(svc["depends_on"])
+        flags = _flags(svc["command"])
+        assert all(f in trainer_help for f in flags), flags
+        config = svc["command"][svc["command"].index("--config") + 1]
+        assert (REPO / config).exists()
+
+
+def test_dockerfiles_copy_existing_paths():
+    for dockerfile in (REPO / "docker").glob("*.Dockerfile"):
+        for src in re.findall(r"^COPY (.+?) \S+$", dockerfile.read_text(), flags=re.M):
+            for path in src.split():
+                assert (REPO / path).exists(), (dockerfile.name, path)
+
+
+def test_kubernetes_stack_and_autoscaling_on_the_queue():
+    docs = [
+        d for f in sorted((REPO / "deploy" / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())
+    ]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {
+        ("StatefulSet", "redis"),
+        ("Service", "redis"),
+        ("Job", "referee-trainer-job-a"),
+        ("ScaledObject", "referee-server"),
+        ("Deployment", "referee-server"),
+    } <= kinds
+    redis_set = next(d for d in docs if d["kind"] == "StatefulSet")
+    assert "--appendonly" in redis_set["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert redis_set["spec"]["volumeClaimTemplates"]
+    scaled = next(d for d in docs if d["kind"] == "ScaledObject")
+    _assert_scales_on_the_backlog_of_every_job(scaled, docs)
+    job = next(d for d in docs if d["kind"] == "Job")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert _flags(args) <= {f for f in _flags(args) if f in _help("trainer.cli")}
+
+
+def test_trainer_extra_covers_what_the_trainer_imports():
+    """The trainer image installs only the trainer extra: it must hold every third-party import."""
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "trainer"
+    ]
+    core = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=\[]", d)[0].replace("-", "_") for d in [*extra, *core]}
+    provided = names | {"torch", "transformers", "datasets"}  # installed by trl
+    for path in (REPO / "services" / "trainer").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else (
+                    [node.module]
+                    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                    else []
+                )
+            )
+            for mod in mods:
+                top = mod.split(".")[0]
+                if top in {"referee", "trainer"} or top in sys.stdlib_module_names:
+                    continue
+                assert top in provided, (path.name, top)
+
+
+def _metric_name(metric) -> str:
+    return metric.describe()[0].name
+
+
+def _assert_scales_on_the_backlog_of_every_job(scaled: dict, docs: list[dict]) -> None:
+    """The autoscaler follows what waits in all job streams (a metric the consumers publish), not
+    the pending entries of one stream named in the manifest."""
+    from reward_server import metrics
+    from reward_server.settings import QueueSettings
+
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    query = trigger["metadata"]["query"]
+    assert f"max({_metric_name(metrics.QUEUE_BACKLOG)})" in query  # a global figure: max, not sum
+    assert f"sum({_metric_name(metrics.QUEUE_INFLIGHT)})" in query
+    assert int(trigger["metadata"]["threshold"]) == QueueSettings().max_inflight
+    assert trigger["metadata"]["serverAddress"].startswith("http")
+    assert "requests:" not in yaml.safe_dump(scaled)  # no stream named: streams are per job
+    server = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "referee-server")
+    annotations = server["spec"]["template"]["metadata"]["annotations"]
+    port = server["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert annotations["prometheus.io/port"] == str(port)
+
+
+# What the KEDA trigger (and the operators' dashboards and alerts) are written against, spelled out
+# here rather than read from reward_server.metrics: renaming a metric must fail this test, not
+# silently leave the autoscaler reading a series that no longer exists.
+AUTOSCALING_METRICS = {"referee_queue_backlog_messages", "referee_queue_inflight_messages"}
+
+
+def _served_metric_names() -> set[str]:
+    """The sample names GET /metrics serves: the server's registry (prometheus_client's default one,
+    which the route exposes with ``generate_latest()``), parsed as Prometheus parses it."""
+    from prometheus_client import REGISTRY, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import reward_server.metrics  # noqa: F401  (registers the server's metrics)
+
+    text = generate_latest(REGISTRY).decode()
+    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_the_backlog_metric_is_served_at_metrics():
+    served = _served_metric_names()
+    missing = AUTOSCALING_METRICS - served
+    assert not missing, f"/metrics does not serve {sorted(missing)}"
+    queries = [
+        trigger["metadata"]["query"]
+        for path in sorted((REPO / "deploy").rglob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "ScaledObject"
+        for trigger in doc["spec"]["triggers"]
+        if trigger["type"] == "prometheus"
+    ]
+    read = {name for query in queries for name in re.findall(r"\breferee_\w+", query)}
+    assert queries and read == AUTOSCALING_METRICS, queries
+    # every metric a deployment file names (queries and the comments operators read) is served
+    named = {
+        name
+        for path in sorted((REPO / "deploy").rglob("*"))
+        if path.is_file()
+        for name in re.findall(r"\breferee_[a-z_]+\b", path.read_text())
+    }
+    assert named - served == set(), f"deploy/ names metrics /metrics does not serve: {sorted(named - served)}"
+
+
+def _redis_args(args: list[str]) -> dict[str, str]:
+    return {a.removeprefix("--"): b for a, b in itertools.pairwise(args) if a.startswith("--")}
+
+
+def test_redis_memory_is_bounded_without_evicting_queue_data():
+    compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "redis.yaml").read_text()))
+    redis_set = next(d for d in docs if d["kind"] == "StatefulSet")
+    for args in (
+        compose["services"]["redis"]["command"],
+        redis_set["spec"]["template"]["spec"]["containers"][0]["args"],
+    ):
+        opts = _redis_args(args)
+        assert opts["maxmemory-policy"] == "noeviction" and opts["appendonly"] == "yes"
+        assert opts["maxmemory"].endswith(("mb", "gb"))
+    limit = redis_set["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    maxmemory = _redis_args(redis_set["spec"]["template"]["spec"]["containers"][0]["args"])["maxmemory"]
+    assert int(maxmemory.removesuffix("gb")) < int(limit.removesuffix("Gi"))  # room for AOF rewrites
+
+
+def test_shutdown_grace_fits_the_pod_termination_grace_period():
+    from reward_server.settings import QueueSettings
+
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "reward-server.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    queue = ServerSettings(**yaml.safe_load(kinds["ConfigMap"]["data"]["judges.yaml"])).queue
+    assert queue.shutdown_grace_s == QueueSettings().shutdown_grace_s < 30  # below k8s' default
+    command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    # preStop, then SIGTERM: the grace period must cover both, with time to stop the engines.
+    assert pod["terminationGracePeriodSeconds"] >= int(command[1]) + queue.shutdown_grace_s + 10
+
+
+def test_health_checks_use_what_the_vllm_image_has():
+    """vLLM's image has python3 but no `python` (nor curl)."""
+    compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
+    test = compose["services"]["reward-server"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python3"] and "/readyz" in test[-1] and "httpx" not in test[-1]
+    dockerfile = (REPO / "docker" / "server.Dockerfile").read_text()
+    healthcheck = dockerfile[dockerfile.index("HEALTHCHECK") :].split("\n")[1]
+    assert healthcheck.strip().startswith("CMD python3 ") and "/readyz" in healthcheck
+
+
+# ---------------------------------------------------------------- safe by default: keys and ACLs
+
+# A real key (rk.<tenant>.<43 characters>); the docs' `rk.<tenant>.<secret>` does not match.
+REAL_KEY = re.compile(r"rk\.[a-z0-9][a-z0-9_-]*\.[A-Za-z0-9_-]{16,}")
+SECRET_NAME = re.compile(r"PASSWORD|PASS$|TOKEN|SECRET|API_KEY|CREDENTIAL", re.I)
+
+
+def _compose() -> dict:
+    return yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
+
+
+def _k8s_docs() -> list[dict]:
+    return [
+        d for f in sorted((REPO / "deploy" / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())
+    ]
+
+
+def _one(docs: list[dict], kind: str, name: str) -> dict:
+    [doc] = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR:-default} and ${VAR}."""
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
+
+
+def _make_secrets():
+    spec = importlib.util.spec_from_file_location("make_secrets", REPO / "docker" / "make_secrets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _env(svc: dict) -> dict[str, str]:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) for e in env)
+    return env
+
+
+def test_compose_publishes_the_server_on_loopback_only():
+    services = _compose()["services"]
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            parts = _interpolate(str(port), {}).split(":")
+            assert len(parts) == 3 and parts[0] == "127.0.0.1", (name, port)
+            # REFEREE_BIND changes the interface, and is documented in the file.
+            assert _interpolate(str(port), {"REFEREE_BIND": "0.0.0.0"}).startswith("0.0.0.0:"), port
+    assert services["reward-server"]["ports"]
+    assert "ports" not in services["redis"]  # Redis is not published at all
+    assert "REFEREE_BIND" in (REPO / "docker" / "docker-compose.yml").read_text().split("services:")[0]
+
+
+def test_compose_redis_loads_an_acl_file_made_by_referee_redis_acl():
+    services = _compose()["services"]
+    redis_cmd = services["redis"]["command"]
+    aclfile = _redis_args(redis_cmd)["aclfile"]
+    assert "--requirepass" not in redis_cmd
+    acl_dir = str(Path(aclfile).parent)
+    [volume] = [v for v in services["redis"]["volumes"] if v.split(":")[1] == acl_dir]
+    assert volume.endswith(":ro")
+    acl = services["redis-acl"]
+    assert services["redis"]["depends_on"]["redis-acl"]["condition"] == "service_completed_successfully"
+    # The init service writes that very file, into the same named volume.
+    [script] = acl["command"]
+    [writes] = [v for v in acl["volumes"] if v.split(":")[0] == volume.split(":")[0]]
+    out = re.search(r"--output (\S+)", script).group(1)
+    assert Path(out).parent == Path(writes.split(":")[1]) and Path(out).name == Path(aclfile).name
+    assert "referee redis-acl" in script
+    acl_help = _help("referee.cli", "redis-acl")
+    assert {f for f in re.findall(r"--[a-z-]+", script)} <= _flags(acl_help.split())
+    tenants = re.search(r"--tenants (\S+)", script).group(1)
+    assert tenants == f"/run/secrets/{acl['secrets'][0]}"
+    password_env = re.search(r"--server-password-env (\S+)", script).group(1)
+    assert password_env not in _env(acl)  # from the env file, not the compose file
+    # Answering without credentials: PONG, or NOAUTH once `default` is off.
+    assert "NOAUTH" in " ".join(services["redis"]["healthcheck"]["test"])
+
+
+def test_compose_secrets_come_from_files_that_make_secrets_writes(tmp_path, monkeypatch):
+    compose = _compose()
+    services = compose["services"]
+    made = set(_make_secrets().FILES)
+    for name, svc in services.items():
+        env = _env(svc)
+        for key, value in env.items():
+            assert not SECRET_NAME.search(key), (name, key)  # secrets only through env files/secrets
+            assert "@" not in str(value), (name, key)  # no credentials in a URL here
+        for env_file in svc.get("env_file", []):
+            assert env_file.startswith("./secrets/") and env_file.removeprefix("./secrets/") in made, env_file
+    for secret in compose["secrets"].values():
+        assert secret["file"].startswith("./secrets/") and secret["file"].removeprefix("./secrets/") in made
+    # The server: tenants as a secret at REFEREE_TENANTS_FILE, its own Redis user from its env file.
+    server = services["reward-server"]
+    [secret] = server["secrets"]
+    assert _env(server)["REFEREE_TENANTS_FILE"] == f"/run/secrets/{secret}"
+    assert "REDIS_URL" not in _env(server) and server["env_file"]
+    for name in ("trainer-a", "trainer-b"):
+        assert services[name]["env_file"] and _env(services[name])["REDIS_URL"].startswith("redis://redis:")
+
+
+def test_make_secrets_writes_keys_that_fit_the_tenants_file_and_the_acl(tmp_path, monkeypatch):
+    """The files the stack reads agree: trainers' keys hash to tenants, Redis' ACL lets them in, the
+    server's REDIS_URL carries the password the ACL has; every file is private."""
+    from urllib.parse import urlsplit
+
+    from referee.acl import acl_rules
+    from referee.auth import hash_key, tenant_of
+    from reward_server.settings import read_tenants_file
+
+    module = _make_secrets()
+    monkeypatch.setattr(module, "SECRETS", tmp_path / "secrets")
+    monkeypatch.setattr(sys, "argv", ["make_secrets.py"])
+    module.main()
+    folder = tmp_path / "secrets"
+    for name in module.FILES:
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600, name
+    tenants = read_tenants_file(folder / "tenants.yaml")
+
+    def env_file(name: str) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in (folder / name).read_text().splitlines())
+
+    for trainer in ("trainer-a", "trainer-b"):
+        key = env_file(f"{trainer}.env")["REFEREE_API_KEY"]
+        [tenant] = [t for t in tenants if t.name == tenant_of(key)]
+        assert hash_key(key) in tenant.keys
+    password = env_file("redis-server.env")["REFEREE_REDIS_PASSWORD"]
+    url = urlsplit(env_file("reward-server.env")["REDIS_URL"])
+    assert (url.username, url.password, url.hostname) == ("referee-server", password, "redis")
+    rules = acl_rules([t.model_dump() for t in tenants], server_password=password)
+    assert rules[0] == "user default off" and any(r.startswith("user referee-server on") for r in rules)
+    assert (folder / ".gitignore").read_text().strip() == "*"
+    monkeypatch.setattr(sys, "argv", ["make_secrets.py"])
+    with pytest.raises(SystemExit, match="already has"):  # never overwrites keys silently
+        module.main()
+
+
+def test_server_image_needs_a_tenants_file_and_holds_no_secret():
+    dockerfile = (REPO / "docker" / "server.Dockerfile").read_text()
+    entry = re.search(r"^ENTRYPOINT (.+)$", dockerfile, flags=re.M).group(1)
+    assert '"--host", "0.0.0.0"' in entry  # fine only because keys are required:
+    env = dict(re.findall(r"^ENV (\w+)=(\S+)", dockerfile, flags=re.M))
+    assert env["REFEREE_TENANTS_FILE"].startswith("/run/secrets/")
+    compose_server = _compose()["services"]["reward-server"]
+    assert _env(compose_server)["REFEREE_TENANTS_FILE"] == env["REFEREE_TENANTS_FILE"]
+    for path in (REPO / "docker").glob("*.Dockerfile"):
+        text = path.read_text()
+        for name in re.findall(r"^(?:ENV|ARG) (\w+)", text, flags=re.M):
+            assert not SECRET_NAME.search(name), (path.name, name)
+        assert "--allow-open" not in text and "REFEREE_ALLOW_OPEN" not in text
+
+
+def test_kubernetes_server_reads_tenants_and_redis_password_from_secrets():
+    from reward_server.settings import TenantSettings
+
+    docs = _k8s_docs()
+    server = _one(docs, "Deployment", "referee-server")
+    pod = server["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    # The tenants file: a Secret, mounted where REFEREE_TENANTS_FILE says.
+    tenants_file = Path(env["REFEREE_TENANTS_FILE"]["value"])
+    [mount] = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == tenants_file.parent]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = _one(docs, "Secret", volume["secret"]["secretName"])
+    data = yaml.safe_load(secret["stringData"][tenants_file.name])
+    for tenant in data["tenants"]:  # a placeholder that no key opens
+        TenantSettings.model_validate(tenant)
+        assert all(set(h.removeprefix("sha256:")) == {"0"} for h in tenant["keys"])
+    # Redis: the consumers' own user; the password from a Secret, expanded into REDIS_URL.
+    ref = env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] in _one(docs, "Secret", ref["name"])["stringData"]
+    names = [e["name"] for e in container["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")  # needed for $(...) expansion
+    assert env["REDIS_URL"]["value"] == "redis://referee-server:$(REDIS_PASSWORD)@redis:6379/0"
+
+
+def test_kubernetes_trainers_get_their_key_from_their_own_secret():
+    docs = _k8s_docs()
+    jobs = [d for d in docs if d["kind"] == "Job"]
+    secrets = set()
+    for job in jobs:
+        template = job["spec"]["template"]
+        assert template["metadata"]["labels"]["app"] == "referee-trainer"
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        ref = env["REFEREE_API_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in _one(docs, "Secret", ref["name"])["stringData"]
+        assert job["metadata"]["name"] in ref["name"]  # one Secret per trainer
+        assert "@" not in env["REDIS_URL"]["value"]  # the key logs in, not the URL
+        secrets.add(ref["name"])
+    assert len(secrets) == len(jobs) >= 1
+
+
+def test_kubernetes_redis_loads_its_acl_from_a_secret():
+    docs = _k8s_docs()
+    redis_set = _one(docs, "StatefulSet", "redis")
+    pod = redis_set["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    aclfile = Path(_redis_args(container["args"])["aclfile"])
+    [mount] = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == aclfile.parent]
+    assert mount.get("readOnly") is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = _one(docs, "Secret", volume["secret"]["secretName"])
+    placeholder = secret["stringData"][aclfile.name]
+    rules = [line for line in placeholder.splitlines() if line and not line.startswith("#")]
+    assert rules == ["user default off"]  # until replaced: nobody logs in, never an open Redis
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]  # can read it
+    assert "requirepass" not in " ".join(container["args"])
+
+
+def _pod_labels(docs: list[dict], app: str) -> list[dict]:
+    return [
+        d["spec"]["template"]["metadata"]["labels"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
+        and d["spec"]["template"]["metadata"].get("labels", {}).get("app") == app
+    ]
+
+
+def _peer_apps(rule: dict) -> set[str]:
+    apps = set()
+    for peer in rule["from"]:
+        if "podSelector" not in peer:
+            continue
+        selector = peer["podSelector"]
+        assert "namespaceSelector" not in peer
+        apps |= {selector["matchLabels"]["app"]} if "matchLabels" in selector else set()
+        for expr in selector.get("matchExpressions", []):
+            assert expr["key"] == "app" and expr["operator"] == "In"
+            apps |= set(expr["values"])
+    return apps
+
+
+def test_kubernetes_network_policies_let_only_the_server_and_trainers_reach_redis():
+    docs = _k8s_docs()
+    policy = _one(docs, "NetworkPolicy", "redis")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == {"app": "redis"}
+    assert _pod_labels(docs, "redis") and "Ingress" in spec["policyTypes"]
+    [rule] = spec["ingress"]
+    assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # no namespaces, no IP blocks
+    assert _peer_apps(rule) == {"referee-server", "referee-trainer"}
+    assert _pod_labels(docs, "referee-server") and _pod_labels(docs, "referee-trainer")
+    assert [p["port"] for p in rule["ports"]] == [6379]
+    server_policy = _one(docs, "NetworkPolicy", "referee-server")["spec"]
+    assert server_policy["podSelector"]["matchLabels"] == {"app": "referee-server"}
+    [rule] = server_policy["ingress"]
+    assert "redis" not in _peer_apps(rule) and "referee-trainer" in _peer_apps(rule)
+    assert [p["port"] for p in rule["ports"]] == [8000]
+
+
+def test_keda_authenticates_with_a_trigger_authentication_from_a_secret():
+    docs = _k8s_docs()
+    scaled = _one(docs, "ScaledObject", "referee-server")
+    for trigger in scaled["spec"]["triggers"]:
+        auth = _one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        assert trigger["metadata"]["authModes"] == "bearer"
+        refs = auth["spec"]["secretTargetRef"]
+        assert {r["parameter"] for r in refs} == {"bearerToken"}
+        for ref in refs:
+            assert ref["key"] in _one(docs, "Secret", ref["name"])["stringData"]
+        assert not SECRET_NAME.search(" ".join(trigger["metadata"]))
+
+
+def _deploy_files() -> list[Path]:
+    files = [*(REPO / "docker").iterdir(), *(REPO / "deploy").rglob("*")]
+    return [f for f in files if f.is_file() and f.parent.name != "secrets"]
+
+
+def test_no_key_or_password_in_any_deploy_file():
+    for path in _deploy_files():
+        text = path.read_text()
+        assert not REAL_KEY.search(text), path
+        assert not re.search(r"redis://[^/\s:@]+:(?!\$\(|\{)[^@\s]+@", text), path  # user:password@ in a URL
+        assert "requirepass" not in text and "nopass" not in text, path
+    for doc in _k8s_docs():
+        if doc["kind"] == "Secret":
+            for name, value in doc["stringData"].items():
+                # Obvious placeholders, or a tenants file of hashes no key has.
+                assert "PLACEHOLDER" in value or set(re.findall(r"sha256:(\w+)", value)) == {"0" * 64}, (
+                    doc["metadata"]["name"],
+                    name,
+                )
+            assert "data" not in doc  # no base64 hiding a real value
+        for container in _containers(doc):
+            for e in container.get("env", []):
+                if SECRET_NAME.search(e["name"]):
+                    assert "valueFrom" in e and "value" not in e, e["name"]
+
+
+def _containers(doc: dict) -> list[dict]:
+    spec = doc.get("spec", {})
+    template = spec.get("template", {}) if isinstance(spec, dict) else {}
+    return template.get("spec", {}).get("containers", []) if isinstance(template, dict) else []
