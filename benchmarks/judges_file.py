@@ -2,8 +2,9 @@
 
 The file is the server's own configuration format (what ``referee serve --config`` reads): a
 mapping with a ``judges:`` list (other keys such as ``limits`` or ``default_judge`` may be present
-and are ignored here), or a bare list of judges. Each judge is checked with the server's
-``JudgeSettings``, so a file that the server would refuse fails here first.
+and are ignored here), or a bare list of judges. Each judge is checked with the server's own
+settings of its kind (``parse_judge_settings``), so a file that the server would refuse fails here
+first.
 
 A benchmark picks the judges it needs by kind: the first ``generative`` judge for pairwise /
 win-rate workloads, the first ``classifier`` judge for scores (``--judge-name`` style overrides
@@ -23,7 +24,7 @@ import yaml
 
 
 def read_judges(path: Path | str) -> list[dict]:
-    """The judges of a judges file, each validated by the server's ``JudgeSettings`` and returned
+    """The judges of a judges file, each validated by the server's settings of its kind and returned
     as a plain dict (the file's own values, defaults not filled in, so that the script's YAML for
     the server stays what the file says)."""
     path = Path(path)
@@ -34,10 +35,10 @@ def read_judges(path: Path | str) -> list[dict]:
     judges = data.get("judges") if isinstance(data, dict) else data
     if not isinstance(judges, list) or not judges:
         raise SystemExit(f"--judges {path}: expected a list of judges, or a mapping with a 'judges' list")
-    from reward_server.settings import JudgeSettings  # the server's own checks
+    from reward_server.settings import parse_judge_settings  # the server's own checks
 
     for j in judges:
-        JudgeSettings.model_validate(j)
+        parse_judge_settings(j)
     return [copy.deepcopy(j) for j in judges]
 
 

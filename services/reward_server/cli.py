@@ -5,6 +5,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pydantic import ValidationError
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """One line per problem, where it is and what is wrong (pydantic's own text adds the input and
+    a documentation link to each)."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in err["loc"]) or "settings"
+        lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
 
 def serve(
     config: Path | None = None,
@@ -23,7 +35,11 @@ def serve(
     overrides = {
         k: v for k, v in (("host", host), ("port", port), ("allow_open", allow_open)) if v is not None
     }
-    settings = load_settings(config, **overrides)
+    try:
+        settings = load_settings(config, **overrides)
+    except ValidationError as exc:
+        where = f" in {config}" if config is not None else ""
+        raise SystemExit(f"referee: the settings{where} are not valid:\n{settings_problems(exc)}") from None
     if queue is not None:
         settings.queue.enabled = queue
     logging.basicConfig(

@@ -17,15 +17,15 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from transformers import AutoTokenizer
 
 from referee.embedded import resolve_model
 
+from .engine_types import Completion, EngineDead
 from .hardware import cpu_info, device_type, engine_environment, resolve_dtype
-from .settings import EngineSettings
+from .judge_settings import EngineSettings
 from .tokens import PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,24 +80,6 @@ class PriorityWorker:
             if future is not None:
                 future.cancel()
         self._queue.put((-math.inf, -1, None, None))
-
-
-@dataclass
-class Completion:
-    """One generation: its text and the first generated token's top log-probabilities by token id."""
-
-    text: str
-    first_token_logprobs: dict[int, float] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-
-
-class EngineDead(RuntimeError):
-    """The engine's core process is gone: nothing more can be judged by this server process.
-
-    Not a per-item outcome: the request fails with 503 and the server exits so that its supervisor
-    (compose, Kubernetes) starts a fresh one."""
 
 
 def _prompt(token_ids: list[int], cache_salt: str | None, images: list | None = None):

@@ -20,181 +20,13 @@ from pydantic_settings.sources import YamlConfigSettingsSource
 
 from referee.auth import RESERVED_TENANTS, TENANT_PATTERN, valid_hash
 
-
-class EngineSettings(BaseModel):
-    """vLLM engine arguments that deployments tune. Anything else goes in ``extra``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto",
-        description="auto: on the CPU build bfloat16 where the processor has native bf16 (AVX512-BF16 "
-        "or AMX), float32 elsewhere; on accelerators the model's own dtype. An explicit value wins.",
-    )
-    max_model_len: int = Field(4096, ge=64)
-    gpu_memory_utilization: float = Field(
-        0.1, gt=0, le=1, description="Fraction of accelerator memory (of host RAM on the CPU build)."
-    )
-    kv_cache_memory_gib: float | None = Field(
-        None, gt=0, description="Fixed KV-cache size; overrides gpu_memory_utilization when set."
-    )
-    tensor_parallel_size: int = Field(1, ge=1)
-    enforce_eager: bool = True
-    enable_prefix_caching: bool | None = Field(None, description="Default: on for generative judges.")
-    max_num_seqs: int | None = Field(None, ge=1)
-    max_num_batched_tokens: int | None = Field(
-        None,
-        ge=16,
-        description="Tokens per engine step (vLLM's chunked-prefill budget). A newly arrived request, "
-        "however high its fair-share priority, waits for the step in progress, so small steps keep a "
-        "shared judge fair. Default: 256 on the CPU build (a small job beside a 10x flood waited "
-        "2.4x its latency alone at 256 against 13-15x at vLLM's 2048, for 14-16% of saturated "
-        "throughput; BENCHMARKS.md, step budget) for generative judges, vLLM's own for pooling models "
-        "and on GPUs (a GPU step takes milliseconds).",
-    )
-    seed: int = 0
-    cpu_cores: str | None = Field(
-        None,
-        pattern=r"^(auto|nobind|[0-9,\-|]+)$",
-        description="CPU build only: this engine's VLLM_CPU_OMP_THREADS_BIND (e.g. '0-1'); "
-        "default: the server's cpu_binding policy.",
-    )
-    scheduling_policy: Literal["priority", "fcfs"] = Field(
-        "priority", description="priority: queued jobs are served in fair-share order inside the engine."
-    )
-    extra: dict = Field(default_factory=dict, description="Passed to vLLM's AsyncEngineArgs as is.")
-
-
-# Follow-up utterances of a satisfied and of a dissatisfied user (follow-up likelihood as reward,
-# Zhang et al. 2024): short, generic, and about the answer rather than its topic.
-FOLLOWUPS_POSITIVE = (
-    "Thank you, that answers my question.",
-    "Great, that is really helpful.",
-)
-FOLLOWUPS_NEGATIVE = (
-    "That is not what I asked.",
-    "That is wrong and not helpful.",
-)
-
-
-class JudgeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["classifier", "generative", "clip", "ensemble", "followup"] = Field(
-        description="classifier: a sequence-classification reward model (one logit, or several named "
-        "objectives). generative: an instruction-tuned (vision-)language model judging through "
-        "prompts. clip: a CLIP-style dual encoder scoring an image against the prompt's text "
-        "(PickScore, HPS): logit_scale x cosine. ensemble: other judges of this file combined, with "
-        "their disagreement reported. followup: an instruction-tuned model's likelihood of a "
-        "satisfied versus a dissatisfied follow-up from the user, as a pointwise reward."
-    )
-    model: str | None = Field(
-        None,
-        description="A local folder, a hub id (where a network exists), or embedded:smollm2. Not for "
-        "an ensemble (its members have models).",
-    )
-    engine: EngineSettings = Field(default_factory=EngineSettings)
-    # classifier options
-    activation: Literal["none", "sigmoid"] = Field(
-        "none", description="Classifier scores are raw logits unless this asks for a sigmoid."
-    )
-    weights: dict[str, float] | None = Field(
-        None,
-        description="Multi-objective classifiers: the weight of each named objective (its id2label "
-        "name) in the reward; objectives not named weigh 0. Default: equal weights.",
-    )
-    # clip options
-    logit_scale: float | None = Field(
-        None,
-        gt=0,
-        description="clip: the factor on the cosine similarity (default: the checkpoint's trained "
-        "logit_scale, exp of its stored value, e.g. 100 for PickScore).",
-    )
-    # generative options
-    verdict_format: Literal["brackets", "answer_tag"] = Field(
-        "brackets",
-        description="Chain-of-thought pairwise verdicts: brackets: a last line [[A]], [[B]] or [[TIE]] "
-        "(MT-Bench); answer_tag: reasoning in <think>, then <answer>Image 1 is better</answer> (or 2; "
-        "'Response' for text), the format UnifiedReward-Think is trained on. Both are parsed strictly.",
-    )
-    scale_low: int = 1
-    scale_high: int = 9
-    top_logprobs: int = Field(20, ge=2, le=20, description="Top log-probabilities read for label tokens.")
-    tie_margin: float = Field(0.0, ge=0, lt=0.5, description="|P(A) - 1/2| <= margin is a tie.")
-    inconsistent: Literal["tie", "average", "drop"] = Field(
-        "tie",
-        description="order=both: a pair whose verdict changes with the order is a tie (MT-Bench, "
-        "JudgeLM), is decided by the averaged probability (average), or is invalid and left out of "
-        "win rates (drop). A request's `inconsistent` wins.",
-    )
-    min_label_mass: float = Field(
-        0.01,
-        ge=0,
-        lt=1,
-        description="Logprob verdicts and ratings: when the judge's next-token probability on the "
-        "labels (A and B, or the scale's) is below this, it is not answering the question and the "
-        "verdict or rating is invalid; 0 turns the check off. 0.01: a label mass of 1e-3 (one label "
-        "alone in the top logprobs, P(A) exactly 1) is noise, while small judges that hedge with "
-        "another first token still rank the labels (the embedded SmolLM2 judge puts about 0.04 on "
-        "A and B for the README's pair, beginning with '<<').",
-    )
-    cot_max_new_tokens: int = Field(512, ge=1)
-    cot_temperature: float = Field(0.0, ge=0, description="First attempt; retries sample at 0.7.")
-    # ensemble options
-    members: list[str] = Field(
-        default_factory=list,
-        description="ensemble: the names of two or more judges listed before it in this file. If all "
-        "of them rate responses on their own (classifier, clip, followup), so does the ensemble and a "
-        "group costs N ratings per member; otherwise pairs are compared by every member.",
-    )
-    aggregate: Literal["mean", "worst", "uncertainty"] = Field(
-        "mean",
-        description="ensemble: how member rewards combine (Coste et al. 2024, 'Reward Model Ensembles "
-        "Help Mitigate Overoptimization'): mean; worst: the lowest member reward (worst-case "
-        "optimisation); uncertainty: mean - uncertainty_penalty x std (uncertainty-weighted "
-        "optimisation). For pairs: the mean P(A); worst: the member least sure of the mean's "
-        "winner (a tie when members disagree); uncertainty: |P(A) - 1/2| shrunk by penalty x std.",
-    )
-    uncertainty_penalty: float = Field(
-        1.0, ge=0, description="ensemble, aggregate=uncertainty: lambda in mean - lambda x std."
-    )
-    # follow-up likelihood options
-    followups_positive: list[str] = Field(
-        default_factory=lambda: list(FOLLOWUPS_POSITIVE),
-        description="followup: next messages of a user whose question was answered well.",
-    )
-    followups_negative: list[str] = Field(
-        default_factory=lambda: list(FOLLOWUPS_NEGATIVE),
-        description="followup: next messages of a user whose question was not answered well.",
-    )
-    # reward shaping
-    transform: Literal["none", "par", "log_sigmoid"] = Field(
-        "none",
-        description="/score: the shaping applied against an item's reference when the request names "
-        "none (see ScoreRequest.transform).",
-    )
-
-    @model_validator(mode="after")
-    def _scale(self) -> JudgeSettings:
-        if self.scale_high <= self.scale_low:
-            raise ValueError("scale_high must be greater than scale_low")
-        return self
-
-    @model_validator(mode="after")
-    def _model_or_members(self) -> JudgeSettings:
-        if self.kind == "ensemble":
-            if len(self.members) < 2 or len(set(self.members)) != len(self.members):
-                raise ValueError(
-                    f"ensemble {self.name!r}: list two or more distinct member judges in `members`"
-                )
-            if self.model is None:
-                self.model = "ensemble:" + "+".join(self.members)
-        elif self.model is None:
-            raise ValueError(f"judge {self.name!r}: `model` is required for a {self.kind} judge")
-        elif self.members:
-            raise ValueError(f"judge {self.name!r}: `members` is for ensembles only")
-        return self
+# A judge's settings are its kind's (judges.registry); these are importable from here as before.
+from .judge_settings import EngineJudgeSettings as EngineJudgeSettings
+from .judge_settings import EngineSettings as EngineSettings
+from .judge_settings import JudgeSettings as JudgeSettings
+from .judges.generative import GenerativeSettings
+from .judges.registry import AnyJudgeSettings
+from .judges.registry import parse_judge_settings as parse_judge_settings
 
 
 class Limits(BaseModel):
@@ -350,9 +182,8 @@ def read_tenants_file(path: Path) -> list[TenantSettings]:
     return [TenantSettings.model_validate(t) for t in data["tenants"]]
 
 
-DEFAULT_JUDGE = JudgeSettings(
+DEFAULT_JUDGE = GenerativeSettings(
     name="smollm2",
-    kind="generative",
     model="embedded:smollm2",
     engine=EngineSettings(dtype="auto", max_model_len=4096, kv_cache_memory_gib=1.0),
 )
@@ -402,7 +233,10 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REFEREE_", env_nested_delimiter="__", extra="forbid")
 
     config: Path | None = Field(None, description="The YAML file these settings were read from.")
-    judges: list[JudgeSettings] = Field(default_factory=lambda: [DEFAULT_JUDGE])
+    judges: list[AnyJudgeSettings] = Field(
+        default_factory=lambda: [DEFAULT_JUDGE],
+        description="The judges served, each with its kind's options (see judges.registry).",
+    )
     default_judge: str | None = Field(None, description="Default: the first judge listed.")
     limits: Limits = Field(default_factory=Limits)
     queue: QueueSettings = Field(default_factory=QueueSettings)

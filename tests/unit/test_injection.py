@@ -26,10 +26,11 @@ from referee.protocol import Message
 from reward_server import templates
 from reward_server.app import create_app
 from reward_server.engine import Completion, Engine
+from reward_server.gathering import GroupGatherer
 from reward_server.idempotency import IdempotencyCache
-from reward_server.judges import ClassifierJudge, GenerativeJudge
+from reward_server.judges import ClassifierJudge, ClassifierSettings, GenerativeJudge, GenerativeSettings
 from reward_server.service import JudgeService
-from reward_server.settings import JudgeSettings, ServerSettings
+from reward_server.settings import ServerSettings
 from tests.support import TEST_DATA, load_tokenizer
 
 CORPUS = [
@@ -98,9 +99,9 @@ def _llama3_style(tokenizer_dir: Path):
 @pytest.fixture(scope="module")
 def harness(embedded_dir, tiny_classifier_dir):
     judges = [
-        JudgeSettings(name="smollm2", kind="generative", model=str(embedded_dir)),
-        JudgeSettings(name="tiny-rm", kind="classifier", model=str(tiny_classifier_dir)),
-        JudgeSettings(name="bos-rm", kind="classifier", model=str(tiny_classifier_dir)),
+        GenerativeSettings(name="smollm2", model=str(embedded_dir)),
+        ClassifierSettings(name="tiny-rm", model=str(tiny_classifier_dir)),
+        ClassifierSettings(name="bos-rm", model=str(tiny_classifier_dir)),
     ]
     # No judgment cache: every route must reach the (recording) engine for its input to be checked.
     settings = ServerSettings(judges=judges, default_judge="smollm2", cache={"enabled": False})
@@ -118,6 +119,7 @@ def harness(embedded_dir, tiny_classifier_dir):
     app = create_app(settings)
     app.state.service = service
     app.state.idempotency = IdempotencyCache()
+    app.state.gatherer = GroupGatherer()
     client = TestClient(app.app)  # no lifespan: the recording judges are already "loaded"
 
     def ids_of(judge: str, path: str, body: dict) -> list[list[int]]:

@@ -23,13 +23,16 @@ from referee.protocol import (
 from referee.rewards import bradley_terry, shape_reward
 from reward_server.judges import (
     ClassifierJudge,
+    ClassifierSettings,
     EnsembleJudge,
+    EnsembleSettings,
     GenerativeJudge,
+    GenerativeSettings,
     aggregate_preferences,
     aggregate_rewards,
 )
 from reward_server.service import ClientError, JudgeService
-from reward_server.settings import JudgeSettings, ServerSettings
+from reward_server.settings import ServerSettings
 from tests.support import QUESTION, RESPONSES, ScriptedEngine, load_tokenizer
 
 # ---------------------------------------------------------------- the math
@@ -90,21 +93,20 @@ def test_ensemble_aggregates():
 def panel(embedded_dir, tiny_classifier_dir):
     """Two scripted reward models, two scripted LLM judges and ensembles of each pair."""
     judges = [
-        JudgeSettings(name="rm1", kind="classifier", model=str(tiny_classifier_dir)),
-        JudgeSettings(name="rm2", kind="classifier", model=str(tiny_classifier_dir)),
-        JudgeSettings(name="gen1", kind="generative", model=str(embedded_dir)),
-        JudgeSettings(name="gen2", kind="generative", model=str(embedded_dir)),
-        JudgeSettings(name="rms", kind="ensemble", members=["rm1", "rm2"]),
-        JudgeSettings(name="rms-worst", kind="ensemble", members=["rm1", "rm2"], aggregate="worst"),
-        JudgeSettings(
+        ClassifierSettings(name="rm1", model=str(tiny_classifier_dir)),
+        ClassifierSettings(name="rm2", model=str(tiny_classifier_dir)),
+        GenerativeSettings(name="gen1", model=str(embedded_dir)),
+        GenerativeSettings(name="gen2", model=str(embedded_dir)),
+        EnsembleSettings(name="rms", members=["rm1", "rm2"]),
+        EnsembleSettings(name="rms-worst", members=["rm1", "rm2"], aggregate="worst"),
+        EnsembleSettings(
             name="rms-uwo",
-            kind="ensemble",
             members=["rm1", "rm2"],
             aggregate="uncertainty",
             uncertainty_penalty=0.5,
         ),
-        JudgeSettings(name="gens", kind="ensemble", members=["gen1", "gen2"]),
-        JudgeSettings(name="gens-worst", kind="ensemble", members=["gen1", "gen2"], aggregate="worst"),
+        EnsembleSettings(name="gens", members=["gen1", "gen2"]),
+        EnsembleSettings(name="gens-worst", members=["gen1", "gen2"], aggregate="worst"),
     ]
     service = JudgeService(ServerSettings(judges=judges, default_judge="rm1", cache={"enabled": False}))
     rm_tok = load_tokenizer(tiny_classifier_dir)
@@ -189,13 +191,13 @@ async def test_a_pairwise_ensemble_reports_disagreement_and_worst_case_ties(pane
 
 def test_ensemble_settings_are_checked():
     with pytest.raises(ValueError, match="two or more distinct member"):
-        JudgeSettings(name="e", kind="ensemble", members=["a"])
+        EnsembleSettings(name="e", members=["a"])
     with pytest.raises(ValueError, match="`model` is required"):
-        JudgeSettings(name="c", kind="classifier")
-    a = JudgeSettings(name="a", kind="classifier", model="x")
-    later = JudgeSettings(name="e", kind="ensemble", members=["a", "b"])
+        ClassifierSettings(name="c")
+    a = ClassifierSettings(name="a", model="x")
+    later = EnsembleSettings(name="e", members=["a", "b"])
     with pytest.raises(ValueError, match="member 'b' must be a judge listed before it"):
-        ServerSettings(judges=[a, later, JudgeSettings(name="b", kind="classifier", model="y")])
+        ServerSettings(judges=[a, later, ClassifierSettings(name="b", model="y")])
 
 
 async def test_shaping_against_a_reference_response_or_score(panel):
@@ -292,8 +294,8 @@ class RankingEngine(ScriptedEngine):
 @pytest.fixture()
 def ranker(embedded_dir, tiny_classifier_dir):
     judges = [
-        JudgeSettings(name="gen", kind="generative", model=str(embedded_dir)),
-        JudgeSettings(name="rm", kind="classifier", model=str(tiny_classifier_dir)),
+        GenerativeSettings(name="gen", model=str(embedded_dir)),
+        ClassifierSettings(name="rm", model=str(tiny_classifier_dir)),
     ]
     service = JudgeService(ServerSettings(judges=judges, cache={"enabled": False}))
     engine = RankingEngine(load_tokenizer(embedded_dir), "generate")
@@ -358,14 +360,13 @@ class ObjectivesEngine(ScriptedEngine):
 @pytest.fixture()
 def objectives(tiny_classifier_dir):
     judges = [
-        JudgeSettings(name="mo", kind="classifier", model=str(tiny_classifier_dir)),
-        JudgeSettings(
+        ClassifierSettings(name="mo", model=str(tiny_classifier_dir)),
+        ClassifierSettings(
             name="mo-weighted",
-            kind="classifier",
             model=str(tiny_classifier_dir),
             weights={"helpfulness": 0.5, "correctness": 0.5},
         ),
-        JudgeSettings(name="rm", kind="classifier", model=str(tiny_classifier_dir)),
+        ClassifierSettings(name="rm", model=str(tiny_classifier_dir)),
     ]
     service = JudgeService(ServerSettings(judges=judges, cache={"enabled": False}))
     tok = load_tokenizer(tiny_classifier_dir)
@@ -419,12 +420,12 @@ def test_judge_weights_must_name_the_models_objectives(tiny_classifier_dir):
     from reward_server.judges import JudgeConfigError
 
     engine = ObjectivesEngine(load_tokenizer(tiny_classifier_dir), "pooling")
-    cfg = JudgeSettings(name="x", kind="classifier", model="m", weights={"honesty": 1.0})
+    cfg = ClassifierSettings(name="x", model="m", weights={"honesty": 1.0})
     with pytest.raises(JudgeConfigError, match=r"unknown objectives \['honesty'\]"):
         ClassifierJudge(cfg, engine)
     plain = ScriptedEngine(load_tokenizer(tiny_classifier_dir), "pooling")
     with pytest.raises(JudgeConfigError, match="for multi-objective reward models"):
-        ClassifierJudge(JudgeSettings(name="y", kind="classifier", model="m", weights={"a": 1.0}), plain)
+        ClassifierJudge(ClassifierSettings(name="y", model="m", weights={"a": 1.0}), plain)
 
 
 async def test_an_input_over_the_context_is_an_item_error_without_the_engine(panel):

@@ -20,20 +20,18 @@ from referee.protocol import (
     ScoreRequest,
     WinRateRequest,
 )
-from reward_server.judges import ClassifierJudge, GenerativeJudge
+from reward_server.judges import ClassifierJudge, ClassifierSettings, GenerativeJudge, GenerativeSettings
 from reward_server.service import JudgeService
-from reward_server.settings import JudgeSettings, ServerSettings
+from reward_server.settings import ServerSettings
 from tests.support import QUESTION, RESPONSES, ScriptedEngine, load_tokenizer
 
 
 @pytest.fixture()
 def harness(embedded_dir, tiny_classifier_dir):
     judges = [
-        JudgeSettings(name="gen", kind="generative", model=str(embedded_dir)),
-        JudgeSettings(name="gen-average", kind="generative", model=str(embedded_dir), inconsistent="average"),
-        JudgeSettings(
-            name="rm-sigmoid", kind="classifier", model=str(tiny_classifier_dir), activation="sigmoid"
-        ),
+        GenerativeSettings(name="gen", model=str(embedded_dir)),
+        GenerativeSettings(name="gen-average", model=str(embedded_dir), inconsistent="average"),
+        ClassifierSettings(name="rm-sigmoid", model=str(tiny_classifier_dir), activation="sigmoid"),
     ]
     # No judgment cache: the scripted engine answers the same input differently from test to test.
     service = JudgeService(ServerSettings(judges=judges, default_judge="gen", cache={"enabled": False}))
@@ -162,8 +160,8 @@ async def test_a_rating_on_too_little_label_mass_is_invalid(harness):
 
 
 def test_min_label_mass_zero_turns_the_check_off():
-    assert JudgeSettings(name="j", kind="generative", model="m").min_label_mass == 0.01
-    assert JudgeSettings(name="j", kind="generative", model="m", min_label_mass=0).min_label_mass == 0
+    assert GenerativeSettings(name="j", model="m").min_label_mass == 0.01
+    assert GenerativeSettings(name="j", model="m", min_label_mass=0).min_label_mass == 0
 
 
 # ---------------------------------------------------------------- Bradley-Terry on raw rewards

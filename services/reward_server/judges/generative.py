@@ -1,0 +1,359 @@
+"""Instruction-tuned (vision-)language models judging through prompts (``kind: generative``)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Callable
+from functools import partial
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from referee.protocol import PairwiseResult, Prompt
+from referee.rewards import circular_pairs, verdict_credit
+
+from .. import templates
+from ..engine_types import Completion, EngineDead
+from ..judge_settings import EngineJudgeSettings, InconsistentRule, TieMargin
+from .base import (
+    Comparison,
+    Judge,
+    JudgeConfigError,
+    Rating,
+    RequestContext,
+    _completion_from_json,
+    _completion_json,
+    _describe,
+    low_mass_error,
+    verdict_from_probability,
+)
+
+
+class GenerativeSettings(EngineJudgeSettings):
+    kind: Literal["generative"] = "generative"
+    verdict_format: Literal["brackets", "answer_tag"] = Field(
+        "brackets",
+        description="Chain-of-thought pairwise verdicts: brackets: a last line [[A]], [[B]] or [[TIE]] "
+        "(MT-Bench); answer_tag: reasoning in <think>, then <answer>Image 1 is better</answer> (or 2; "
+        "'Response' for text), the format UnifiedReward-Think is trained on. Both are parsed strictly.",
+    )
+    scale_low: int = 1
+    scale_high: int = 9
+    top_logprobs: int = Field(20, ge=2, le=20, description="Top log-probabilities read for label tokens.")
+    tie_margin: TieMargin = 0.0
+    inconsistent: InconsistentRule = "tie"
+    min_label_mass: float = Field(
+        0.01,
+        ge=0,
+        lt=1,
+        description="Logprob verdicts and ratings: when the judge's next-token probability on the "
+        "labels (A and B, or the scale's) is below this, it is not answering the question and the "
+        "verdict or rating is invalid; 0 turns the check off. 0.01: a label mass of 1e-3 (one label "
+        "alone in the top logprobs, P(A) exactly 1) is noise, while small judges that hedge with "
+        "another first token still rank the labels (the embedded SmolLM2 judge puts about 0.04 on "
+        "A and B for the README's pair, beginning with '<<').",
+    )
+    cot_max_new_tokens: int = Field(512, ge=1)
+    cot_temperature: float = Field(0.0, ge=0, description="First attempt; retries sample at 0.7.")
+
+    @model_validator(mode="after")
+    def _scale(self) -> GenerativeSettings:
+        if self.scale_high <= self.scale_low:
+            raise ValueError("scale_high must be greater than scale_low")
+        return self
+
+
+class GenerativeJudge(Judge):
+    """An instruction-tuned LLM judging through prompt templates (see ``templates``)."""
+
+    settings: GenerativeSettings
+    routes = ("score", "pairwise", "judge", "winrate")
+    pairwise_modes = ("logprob", "cot")
+    pointwise = False
+    schedules = ("pairs", "listwise")
+    abilities = frozenset({"chat"})
+    runner: ClassVar[str | None] = "generate"
+
+    def rating_options(self, req) -> dict:
+        self.objective_options(req)
+        return {"rubric": req.rubric}
+
+    def pair_options(self, req) -> dict:
+        self.objective_options(req)
+        return dict(
+            mode=req.mode,
+            rubric=req.rubric,
+            max_new_tokens=req.max_new_tokens,
+            max_retries=req.max_retries,
+            seed=req.seed,
+        )
+
+    def __post_init__(self) -> None:
+        if not self.engine.tokenizer.chat_template:
+            raise JudgeConfigError(
+                f"judge {self.name!r}: the model {self.settings.model} has no chat template; a "
+                "generative judge must be an instruction-tuned chat model"
+            )
+        self.scale = templates.Scale(self.settings.scale_low, self.settings.scale_high)
+        for label in ["A", "B", *self.scale.labels]:
+            ids = [
+                tid for text in (label, " " + label) if (tid := self.engine.single_token_id(text)) is not None
+            ]
+            if not ids:
+                raise JudgeConfigError(
+                    f"judge {self.name!r}: the label {label!r} is not a single token of this model's "
+                    "tokenizer; choose a scale whose labels are (for example scale 1..9)"
+                )
+            self.label_ids[label] = ids
+
+    def _label_mass(self, logprobs: dict[int, float], label: str) -> float:
+        return sum(math.exp(logprobs[t]) for t in self.label_ids[label] if t in logprobs)
+
+    async def _generate(self, build: Callable[[], list[dict]], ctx: RequestContext, **kwargs):
+        """One generation for the judge prompt ``build()`` makes. The prompt is built (templated,
+        every text defused) and tokenised in the engine's tokeniser thread, never in the event loop:
+        a group's thousands of prompts would otherwise block it for their whole length."""
+        images: list = []
+        ids = await self.engine.tokenize(
+            lambda: self.engine.chat_ids(build(), generation_prompt=True, images=images),
+            ctx.tokenize_priority(),
+        )
+        self._fit(ids, generate=True)
+
+        async def run() -> Completion:
+            ctx.engine_requests += 1
+            try:
+                extra = {"images": images} if images else {}
+                out = await self.engine.complete(ids, **ctx.engine_args(), **kwargs, **extra)
+            finally:
+                ctx.engine_done()
+            ctx.prompt_tokens += out.prompt_tokens
+            ctx.completion_tokens += out.completion_tokens
+            return out
+
+        # only what the engine would answer the same way again: greedy, or seeded sampling
+        deterministic = kwargs.get("temperature", 0.0) == 0.0 or kwargs.get("seed") is not None
+        key = self._cache_key(ctx, "complete", ids, images, sorted(kwargs.items())) if deterministic else None
+        return await self._cached(ctx, key, run, encode=_completion_json, decode=_completion_from_json)
+
+    async def compare(
+        self,
+        prompt: Prompt,
+        first: str,
+        second: str,
+        ctx: RequestContext,
+        *,
+        mode: str = "logprob",
+        rubric: str | None = None,
+        max_new_tokens: int | None = None,
+        max_retries: int = 0,
+        seed: int | None = None,
+    ) -> Comparison:
+        try:
+            if mode == "logprob":
+                return await self._compare_logprob(prompt, first, second, rubric, ctx)
+            return await self._compare_cot(
+                prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed
+            )
+        except EngineDead:  # not a per-item cause: the request fails, the server exits
+            raise
+        except Exception as exc:
+            return Comparison(None, "invalid", error=_describe(exc))
+
+    async def _compare_logprob(self, prompt, first, second, rubric, ctx) -> Comparison:
+        out = await self._generate(
+            lambda: templates.pairwise_logprob(prompt, first, second, rubric),
+            ctx,
+            max_tokens=1,
+            top_logprobs=self.settings.top_logprobs,
+        )
+        pa = self._label_mass(out.first_token_logprobs, "A")
+        pb = self._label_mass(out.first_token_logprobs, "B")
+        if pa + pb == 0.0:
+            return Comparison(
+                None,
+                "invalid",
+                error=f"neither A nor B is among the judge's top {self.settings.top_logprobs} next tokens "
+                f"(it began with {out.text!r})",
+                label_mass=0.0,
+            )
+        mass = pa + pb
+        if mass < self.settings.min_label_mass:
+            # P(A) = pa / (pa + pb) would rest on the tail of the distribution (and is exactly 0 or 1
+            # when only one label made the top logprobs): not a verdict.
+            return Comparison(
+                None,
+                "invalid",
+                error=low_mass_error(mass, self.settings.min_label_mass, "A and B")
+                + f" (it began with {out.text!r})",
+                label_mass=mass,
+                low_label_mass=True,
+            )
+        p = pa / mass
+        return Comparison(p, verdict_from_probability(p, self.settings.tie_margin), label_mass=mass)
+
+    async def _attempts(self, build, ctx, max_new_tokens, max_retries, seed, parse):
+        """Reason-then-answer with bounded retries; the first attempt is greedy unless configured."""
+        budget = max_new_tokens or self.settings.cot_max_new_tokens
+        text, why = "", ""
+        for attempt in range(max_retries + 1):
+            temperature = self.settings.cot_temperature if attempt == 0 else 0.7
+            out = await self._generate(
+                build,
+                ctx,
+                max_tokens=budget,
+                temperature=temperature,
+                seed=None if seed is None else seed + attempt,
+            )
+            text = out.text
+            value, why = parse(text)
+            if value is not None:
+                return value, text, attempt + 1, None
+            if out.finish_reason == "length":
+                why += f" (the reasoning was cut at max_new_tokens={budget})"
+        return None, text, max_retries + 1, why
+
+    async def _compare_cot(self, prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed):
+        if self.settings.verdict_format == "answer_tag":
+            messages = partial(templates.pairwise_answer_tag, prompt, first, second, rubric)
+            parse = templates.parse_answer_tag
+        else:
+            messages = partial(templates.pairwise_cot, prompt, first, second, rubric)
+            parse = templates.parse_verdict
+        verdict, text, attempts, why = await self._attempts(
+            messages, ctx, max_new_tokens, max_retries, seed, parse
+        )
+        if verdict is None:
+            return Comparison(None, "invalid", rationale=text, attempts=attempts, error=why)
+        return Comparison(verdict_credit(verdict), verdict, rationale=text, attempts=attempts)
+
+    async def rate(
+        self, prompt: Prompt, response: str, ctx: RequestContext, *, rubric: str | None = None
+    ) -> Rating:
+        """Expected rating under the judge's probabilities over the scale's labels (one token)."""
+        try:
+            out = await self._generate(
+                lambda: templates.pointwise_logprob(prompt, response, rubric, self.scale),
+                ctx,
+                max_tokens=1,
+                top_logprobs=self.settings.top_logprobs,
+            )
+        except EngineDead:  # not a per-item cause: the request fails, the server exits
+            raise
+        except Exception as exc:
+            return Rating(None, error=_describe(exc))
+        masses = {
+            int(label): self._label_mass(out.first_token_logprobs, label) for label in self.scale.labels
+        }
+        total = sum(masses.values())
+        if total == 0.0:
+            return Rating(
+                None,
+                error=f"no rating label {self.scale.low}..{self.scale.high} is among the judge's top "
+                f"{self.settings.top_logprobs} next tokens (it began with {out.text!r})",
+                label_mass=0.0,
+            )
+        if total < self.settings.min_label_mass:
+            return Rating(
+                None,
+                error=low_mass_error(
+                    total, self.settings.min_label_mass, f"the labels {self.scale.low}..{self.scale.high}"
+                )
+                + f" (it began with {out.text!r})",
+                label_mass=total,
+            )
+        return Rating(sum(v * m for v, m in masses.items()) / total, label_mass=total)
+
+    def list_cost(self, order: str) -> int:
+        """Engine requests of one listwise ranking of a group (before retries)."""
+        return 2 if order == "both" else 1
+
+    async def judge_list(
+        self,
+        prompt: Prompt,
+        responses: list,
+        ctx: RequestContext,
+        *,
+        order: str,
+        seed: int | None,
+        opts: dict,
+        rule: str,
+    ) -> tuple[list[PairwiseResult], list[list[int] | None]]:
+        """A whole group ranked in one generation (per order), read as every pair's verdict.
+
+        order=both shows the group forward and reversed: a pair ranked one way in one listing and
+        the other way in the other is inconsistent, and ``rule`` decides it as for pairs (average
+        of a win and a loss is a tie). A ranking that is not a strict permutation of the group is
+        invalid (retried up to max_retries), never guessed at."""
+        n = len(responses)
+        shown_orders = [list(range(n))]
+        if order == "both":
+            shown_orders.append(list(reversed(range(n))))
+        elif order == "random":
+            random.Random(seed).shuffle(shown_orders[0])
+
+        async def rank(shown: list[int]):
+            messages = partial(
+                templates.listwise_cot, prompt, [responses[i] for i in shown], opts.get("rubric")
+            )
+            try:
+                ranking, _, _, why = await self._attempts(
+                    messages,
+                    ctx,
+                    opts.get("max_new_tokens"),
+                    opts.get("max_retries", 0),
+                    seed,
+                    lambda out: templates.parse_ranking(out, n),
+                )
+            except EngineDead:
+                raise
+            except Exception as exc:
+                return None, _describe(exc)
+            return (None, why) if ranking is None else ([shown[p] for p in ranking], "")
+
+        ranked = await asyncio.gather(*[rank(shown) for shown in shown_orders])
+        rankings = [r for r, _ in ranked]
+        why = "; ".join(f"listing {k + 1}: {w}" for k, (r, w) in enumerate(ranked) if r is None)
+        place = [None if r is None else {resp: pos for pos, resp in enumerate(r)} for r in rankings]
+        results = []
+        for i, j in circular_pairs(n):
+            if responses[i] == responses[j]:
+                results.append(PairwiseResult(index=0, p_a=0.5, verdict="tie"))
+                continue
+            if why:
+                results.append(PairwiseResult(index=0, verdict="invalid", error=why))
+                continue
+            credits = [1.0 if p[i] < p[j] else 0.0 for p in place]
+            result = PairwiseResult(index=0, p_a=credits[0], verdict="A" if credits[0] else "B")
+            if len(credits) == 2:
+                result.consistent = credits[0] == credits[1]
+                if not result.consistent:
+                    result.inconsistent_rule = rule
+                    if rule == "drop":
+                        result.p_a, result.verdict = None, "invalid"
+                        result.error = "ranked differently in the two listings, dropped by inconsistent=drop"
+                    else:  # tie, or the average of a win and a loss
+                        result.p_a, result.verdict = 0.5, "tie"
+            results.append(result)
+        return results, rankings
+
+    async def rate_cot(
+        self, prompt, response, ctx, *, rubric=None, max_new_tokens=None, max_retries=0, seed=None
+    ) -> Rating:
+        try:
+            messages = partial(templates.pointwise_cot, prompt, response, rubric, self.scale)
+            score, text, attempts, why = await self._attempts(
+                messages,
+                ctx,
+                max_new_tokens,
+                max_retries,
+                seed,
+                lambda out: templates.parse_rating(out, self.scale),
+            )
+        except EngineDead:  # not a per-item cause: the request fails, the server exits
+            raise
+        except Exception as exc:
+            return Rating(None, error=_describe(exc))
+        return Rating(score, rationale=text, attempts=attempts, error=why)
