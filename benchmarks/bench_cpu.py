@@ -90,7 +90,7 @@ def run_config(cfg: Config, models: dict[str, str], data: list[dict], args) -> R
     kv = {"pairwise": 1.0, "score": 0.5}
     config = {
         "cpu_binding": cfg.binding,
-        "limits": {"max_inflight": 100_000},
+        "limits": {"max_inflight_engine_requests": 100_000},
         "judges": [
             {
                 "name": names[w][0],

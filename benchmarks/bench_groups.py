@@ -276,7 +276,7 @@ def main() -> None:
     config = {
         "judges": judge_cfgs,
         "default_judge": judge_name,
-        "limits": {"max_inflight": 100_000, "max_request_cost": 100_000},
+        "limits": {"max_inflight_engine_requests": 100_000, "max_request_cost": 100_000},
     }
     path = args.workdir / "referee.yaml"
     path.write_text(yaml.safe_dump(config))

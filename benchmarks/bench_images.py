@@ -181,7 +181,11 @@ def main() -> None:
         "judges": [
             {"name": "vlm", "kind": "generative", "model": model, "min_label_mass": 0.0, "engine": ENGINE}
         ],
-        "limits": {"max_inflight": 100_000, "max_body_bytes": 64 << 20, "max_request_cost": 100_000},
+        "limits": {
+            "max_inflight_engine_requests": 100_000,
+            "max_body_bytes": 64 << 20,
+            "max_request_cost": 100_000,
+        },
         "media": {"max_image_bytes": 4 << 20, "max_images": 64},
     }
     path = args.workdir / "referee.yaml"

@@ -684,7 +684,12 @@ def main() -> None:
         "machine": f"{os.cpu_count()} cores, native bf16 {info.native_bf16}, vllm {vllm.__version__}",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "weights": WEIGHTS,
-        "queue_consumer": {"per_job_inflight": 8, "max_inflight": 64, "read_count": 2, "block_ms": 50},
+        "queue_consumer": {
+            "per_job_inflight_messages": 8,
+            "max_inflight_messages": 64,
+            "read_count": 2,
+            "block_ms": 50,
+        },
         "server_ready_s": ready_s,
         "wall_s": time.monotonic() - started,
         "phases": phases,

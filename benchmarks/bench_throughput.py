@@ -237,7 +237,7 @@ def bench_referee(models: dict[str, str], data: list[dict], args) -> tuple[list[
             for n, k, w in judges
             if w in models  # --judges: the file's judge of each workload, as the file configures it
         ],
-        "limits": {"max_inflight": 100_000},
+        "limits": {"max_inflight_engine_requests": 100_000},
     }
     path = args.workdir / "referee.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -15,7 +15,7 @@ Everything runs on loopback, bounded in count and time (about 10 minutes on two 
    (d) clients disconnect in the middle of long chain-of-thought requests (HTTP) and queue
        messages pass their deadline while judged; ``referee_inflight_engine_requests`` must
        return to 0,
-   (e) ten times ``limits.max_inflight`` arrives at once (429 + Retry-After, never 5xx);
+   (e) ten times ``limits.max_inflight_engine_requests`` arrives at once (429 + Retry-After, never 5xx);
    per fault: requests sent, answered, answered twice, lost, 5xx, errors by code, recovery time;
 3. a schema-driven fuzz of every POST route of the server's ``/openapi.json`` (hypothesis, with a
    small JSON-schema-to-strategy translation: bodies drawn from each route's request schema, and
@@ -77,13 +77,14 @@ from referee.protocol import (  # noqa: E402
 )
 from referee.queue import QueueReferee  # noqa: E402
 
-# Limits small enough that fuzzed requests stay cheap and the burst reaches max_inflight.
+# Limits small enough that fuzzed requests stay cheap and the burst reaches max_inflight_engine_requests.
 LIMITS = {
     "max_items": 8,
     "max_group_size": 8,
     "max_text_chars": 2000,
-    "max_inflight": 32,
-    "max_waiting": 64,  # a 10x burst: 32 engine requests run, 64 wait their turn, the rest get 429
+    "max_inflight_engine_requests": 32,
+    # a 10x burst: 32 engine requests run, 64 wait their turn, the rest get 429
+    "max_waiting_engine_requests": 64,
     "max_retries": 2,
     "max_new_tokens": 256,
     "max_messages": 8,
@@ -810,7 +811,7 @@ class Run:
     # ------------------------------------------------------------ (e) 10x the in-flight limit
 
     async def fault_burst(self, phase: Phase) -> None:
-        limit = LIMITS["max_inflight"]
+        limit = LIMITS["max_inflight_engine_requests"]
         n = 10 * limit // 2  # /score of 2 items: 2 engine requests each, 10x the limit in all
         reqs = [Req(uuid.uuid4().hex, "burst", "score", time.monotonic()) for _ in range(n)]
         transport = RecordingTransport()
@@ -847,8 +848,9 @@ class Run:
         others = sum(n for s, n in every.items() if not isinstance(s, int))
         finals = Counter(r.outcome if r.outcome == "ok" else r.code for r in reqs)
         phase.notes.append(
-            f"{n} /score requests of 2 items ({2 * n} engine requests, 10x limits.max_inflight={limit}) at "
-            f"once: first answers {dict(sorted(first.items(), key=str))}; all attempts "
+            f"{n} /score requests of 2 items ({2 * n} engine requests, 10x "
+            f"limits.max_inflight_engine_requests={limit}) at once: first answers "
+            f"{dict(sorted(first.items(), key=str))}; all attempts "
             f"{dict(sorted(every.items(), key=str))}; 429s without Retry-After: {no_retry_after}; final: "
             f"{dict(finals)} after {took:.1f}s (clients retrying with the SDK's backoff)"
         )

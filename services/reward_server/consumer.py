@@ -10,7 +10,7 @@ batches. Its guarantees:
   another job is answered 403 ``wrong_job`` unjudged, and every answer is written under the
   stream's tenant and job, so a tenant reusing another's request id only ever answers itself;
 - fair sharing: each read takes at most ``read_count`` messages from every job's stream and a job
-  has at most ``per_job_inflight`` messages in this consumer at once; the service then admits
+  has at most ``per_job_inflight_messages`` messages in this consumer at once; the service then admits
   queued questions in fair-share order (tenants by weight, then jobs), waiting instead of refusing,
   so a job or tenant that floods the queue cannot starve a small one;
 - nothing lost: a message is acknowledged only after its answer is written; the messages of a
@@ -330,20 +330,24 @@ class QueueConsumer:
         s = self.settings
         # Each stream read may give read_count messages: read only as many streams as the per-tenant
         # and total caps leave room for, so a tenant with many jobs cannot take the whole consumer.
-        room = {tenant: s.per_tenant_inflight for tenant, _ in self._streams.values()}
+        room = {tenant: s.per_tenant_inflight_messages for tenant, _ in self._streams.values()}
         for stream, ids in self._inflight.items():
             if ids and stream in self._streams:
                 room[self._streams[stream][0]] -= len(ids)
-        total_room = s.max_inflight - self._total_inflight()
+        total_room = s.max_inflight_messages - self._total_inflight()
         eligible = []
         order = list(self._streams.items())
         self._turn = (getattr(self, "_turn", 0) + 1) % max(1, len(order))
         for stream, (tenant, _) in order[self._turn :] + order[: self._turn]:  # take turns first
-            if len(self._inflight[stream]) < s.per_job_inflight and room[tenant] > 0 and total_room > 0:
+            if (
+                len(self._inflight[stream]) < s.per_job_inflight_messages
+                and room[tenant] > 0
+                and total_room > 0
+            ):
                 eligible.append(stream)
                 room[tenant] -= s.read_count
                 total_room -= s.read_count
-        if not eligible or self._total_inflight() >= s.max_inflight:
+        if not eligible or self._total_inflight() >= s.max_inflight_messages:
             if self._tasks:
                 await asyncio.wait(
                     self._tasks, timeout=s.block_ms / 1000, return_when=asyncio.FIRST_COMPLETED

@@ -14,9 +14,11 @@ engine requests, its tenant and its job. Two things follow from one virtual cloc
 - **the tokeniser order.** Before an engine sees a prompt, the engine's one tokeniser thread
   templates and tokenises it; its k-th prompt waits there at ``start + k / weight`` too, so another
   job's small request is not queued behind a large request's thousands of prompts.
-- **admission.** At most ``max_inflight`` engine requests are in the engines. Past that, requests
-  wait here in tag order (up to ``max_waiting`` engine requests of HTTP requests; past that an HTTP
-  request gets 429 ``limits.max_waiting``). A tenant over its own ``max_inflight`` or
+- **admission.** At most ``max_inflight`` engine requests (``limits.max_inflight_engine_requests``)
+  are in the engines. Past that, requests wait here in tag order (up to ``max_waiting`` engine
+  requests of HTTP requests, ``limits.max_waiting_engine_requests``; past that an HTTP request gets
+  429), an HTTP request for at most ``max_wait_s`` (``limits.max_admission_wait_s``) or half the
+  time left to its deadline. A tenant over its own ``max_inflight`` or
   ``tokens_per_minute`` gets 429 naming that limit over HTTP; queued messages wait instead (the
   consumer holds them, and waiting costs them nothing).
 
@@ -282,9 +284,10 @@ class FairScheduler:
                 raise AdmissionRefused(
                     429,
                     "overloaded",
-                    f"the judge has {self.inflight} requests in flight (limits.max_inflight "
-                    f"{self.max_inflight}) and {self.waiting_cost} waiting (limits.max_waiting "
-                    f"{self.max_waiting}); retry after the delay in Retry-After",
+                    f"the judge has {self.inflight} engine requests in flight "
+                    f"(limits.max_inflight_engine_requests {self.max_inflight}) and {self.waiting_cost} "
+                    f"waiting (limits.max_waiting_engine_requests {self.max_waiting}); retry after the "
+                    "delay in Retry-After",
                     1.0,
                 )
         ticket.admitted = asyncio.get_running_loop().create_future()
@@ -306,7 +309,7 @@ class FairScheduler:
             raise AdmissionRefused(
                 429,
                 "overloaded",
-                f"waited {budget:.1f}s for the engines (limits.max_queue_wait_s, or half the request's "
+                f"waited {budget:.1f}s for the engines (limits.max_admission_wait_s, or half the request's "
                 f"deadline) with {self.inflight} engine requests in flight and {len(self._waiters)} "
                 "requests waiting; retry after the delay in Retry-After",
                 1.0,

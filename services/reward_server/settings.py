@@ -8,13 +8,16 @@ embedded SmolLM2 judge.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources import YamlConfigSettingsSource
 
@@ -28,6 +31,65 @@ from .judges.generative import GenerativeSettings
 from .judges.registry import AnyJudgeSettings
 from .judges.registry import parse_judge_settings as parse_judge_settings
 
+logger = logging.getLogger(__name__)
+
+# Settings renamed so that each name says what it counts (engine requests or queue messages) and
+# which wait it bounds. The old names are still read, in YAML, constructor arguments and REFEREE_*
+# variables, with a DeprecationWarning and a logged warning that name the new one.
+RENAMED: dict[str, dict[str, str]] = {
+    "limits": {
+        "max_inflight": "max_inflight_engine_requests",
+        "max_waiting": "max_waiting_engine_requests",
+        "max_queue_wait_s": "max_admission_wait_s",
+    },
+    "queue": {
+        "max_inflight": "max_inflight_messages",
+        "per_job_inflight": "per_job_inflight_messages",
+        "per_tenant_inflight": "per_tenant_inflight_messages",
+    },
+}
+
+
+def _renamed_message(section: str, old: str, new: str) -> str:
+    return (
+        f"{section}.{old} is deprecated and will be removed: it is now {section}.{new} "
+        f"(REFEREE_{section.upper()}__{new.upper()} in the environment)"
+    )
+
+
+def new_names(section: str, data: Any) -> Any:
+    """A section's mapping with its old option names (``RENAMED``) replaced by the new ones, each
+    with a warning naming the new name. Both names of one option in one mapping is an error."""
+    if not isinstance(data, dict) or not RENAMED[section].keys() & data.keys():
+        return data
+    data = dict(data)
+    for old, new in RENAMED[section].items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ValueError(f"{section}.{old} is the old name of {section}.{new}: give {new} only")
+        message = _renamed_message(section, old, new)
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        logger.warning("%s", message)
+        data[new] = data.pop(old)
+    return data
+
+
+def _old_name(section: str, old: str) -> property:
+    """The attribute under its old name: the new one, read or set with a DeprecationWarning."""
+    new = RENAMED[section][old]
+    message = _renamed_message(section, old, new)
+
+    def get(self: BaseModel) -> Any:
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+    def put(self: BaseModel, value: Any) -> None:
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        setattr(self, new, value)
+
+    return property(get, put, doc=f"Deprecated: {section}.{new}.")
+
 
 class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -35,10 +97,10 @@ class Limits(BaseModel):
     max_items: int = Field(256, ge=1, description="Items per /score, /pairwise or /judge request.")
     max_group_size: int = Field(64, ge=2, description="Responses per /winrate group.")
     max_text_chars: int = Field(32_000, ge=1, description="Characters per prompt or response.")
-    max_inflight: int = Field(
+    max_inflight_engine_requests: int = Field(
         4096, ge=1, description="Engine requests in the engines at once; more wait in the fair order."
     )
-    max_waiting: int = Field(
+    max_waiting_engine_requests: int = Field(
         4096,
         ge=0,
         description="Engine requests of HTTP requests waiting for the engines; past it HTTP gets 429 "
@@ -56,10 +118,11 @@ class Limits(BaseModel):
     max_body_bytes: int = Field(
         32 << 20, ge=1024, description="Request body size; larger bodies get 413 before any parsing."
     )
-    max_queue_wait_s: float = Field(
+    max_admission_wait_s: float = Field(
         30.0,
         gt=0,
-        description="Longest an HTTP request waits for the engines (at most half its deadline); then 429.",
+        description="Longest an HTTP request waits for admission to the engines (at most half its "
+        "deadline); then 429. Not the Redis queue: queued messages wait in their streams.",
     )
     request_timeout_s: float = Field(
         900.0,
@@ -67,6 +130,15 @@ class Limits(BaseModel):
         description="Deadline of an HTTP request (a client may ask for less with X-Request-Timeout); "
         "past it the request's engine work is cancelled and it gets 504.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return new_names("limits", data)
+
+    max_inflight = _old_name("limits", "max_inflight")
+    max_waiting = _old_name("limits", "max_waiting")
+    max_queue_wait_s = _old_name("limits", "max_queue_wait_s")
 
 
 class QueueSettings(BaseModel):
@@ -80,9 +152,11 @@ class QueueSettings(BaseModel):
     prefix: str = "referee"
     consumer_name: str | None = Field(None, description="Default: host name and process id.")
     read_count: int = Field(2, ge=1, description="Messages taken from each job's stream per read.")
-    per_job_inflight: int = Field(8, ge=1, description="A job's messages being judged in this consumer.")
-    max_inflight: int = Field(64, ge=1, description="All messages being judged in this consumer.")
-    per_tenant_inflight: int = Field(
+    per_job_inflight_messages: int = Field(
+        8, ge=1, description="A job's messages being judged in this consumer."
+    )
+    max_inflight_messages: int = Field(64, ge=1, description="All messages being judged in this consumer.")
+    per_tenant_inflight_messages: int = Field(
         32,
         ge=1,
         description="A tenant's messages being judged in this consumer (all its jobs): no tenant can "
@@ -129,6 +203,15 @@ class QueueSettings(BaseModel):
         description="On shutdown, time left to messages being judged; unfinished ones are handed back to "
         "the group without costing a delivery. Keep it below the pod's terminationGracePeriodSeconds.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return new_names("queue", data)
+
+    max_inflight = _old_name("queue", "max_inflight")
+    per_job_inflight = _old_name("queue", "per_job_inflight")
+    per_tenant_inflight = _old_name("queue", "per_tenant_inflight")
 
 
 class TenantSettings(BaseModel):
@@ -313,7 +396,31 @@ class ServerSettings(BaseSettings):
             if not Path(path).is_file():
                 raise FileNotFoundError(f"REFEREE_CONFIG={path} does not name a file")
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
-        return tuple(sources)
+        return tuple(_NewNames(source) for source in sources)
+
+
+class _NewNames(PydanticBaseSettingsSource):
+    """A settings source whose old option names (``RENAMED``) are read as the new ones before the
+    sources are merged: a new name in one source and the old one in another then follow the
+    sources' precedence (an environment variable over the YAML file) instead of clashing."""
+
+    def __init__(self, source: PydanticBaseSettingsSource) -> None:
+        super().__init__(source.settings_cls)
+        self.source = source
+        self.__name__ = type(source).__name__
+
+    def _set_current_state(self, state: dict[str, Any]) -> None:
+        self.source._set_current_state(state)
+
+    def _set_settings_sources_data(self, states: dict[str, dict[str, Any]]) -> None:
+        self.source._set_settings_sources_data(states)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = self.source()
+        return {key: new_names(key, value) if key in RENAMED else value for key, value in data.items()}
 
 
 def load_settings(config: Path | str | None = None, **overrides) -> ServerSettings:

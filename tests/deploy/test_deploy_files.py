@@ -152,7 +152,7 @@ def _assert_scales_on_the_backlog_of_every_job(scaled: dict, docs: list[dict]) -
     query = trigger["metadata"]["query"]
     assert f"max({_metric_name(metrics.QUEUE_BACKLOG)})" in query  # a global figure: max, not sum
     assert f"sum({_metric_name(metrics.QUEUE_INFLIGHT)})" in query
-    assert int(trigger["metadata"]["threshold"]) == QueueSettings().max_inflight
+    assert int(trigger["metadata"]["threshold"]) == QueueSettings().max_inflight_messages
     assert trigger["metadata"]["serverAddress"].startswith("http")
     assert "requests:" not in yaml.safe_dump(scaled)  # no stream named: streams are per job
     server = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "referee-server")

@@ -123,7 +123,7 @@ async def test_killed_consumer_messages_are_reclaimed_and_answered_exactly_once(
             "url": REDIS_URL,
             "prefix": redis_prefix,
             "consumer_name": "consumer-a",
-            "per_job_inflight": 16,
+            "per_job_inflight_messages": 16,
             **TEST_QUEUE,
         },
     }
@@ -223,7 +223,7 @@ async def test_a_flooding_job_does_not_starve_a_small_one(server_url, redis_pref
         f"{len(flood_ids)} flood messages answered when the small job's last answer came"
     )
     # The small job was served beside the flood, not behind it: when its last answer came, most of
-    # the flood was still unanswered (each consumer holds at most per_job_inflight of a job's
+    # the flood was still unanswered (each consumer holds at most per_job_inflight_messages of a job's
     # messages, and fair queuing gives the small job half of the engine beside them).
     assert answered_before_small_done < len(flood_ids) / 2
     assert last_wait > 5 * max(waits)  # the small job did not wait behind the backlog

@@ -255,7 +255,7 @@ async def test_a_message_lost_by_redis_is_sent_again_with_the_same_request_id(ow
 
 async def test_a_resent_message_already_answered_is_not_judged_twice(own_redis):
     """Duplicates (a re-send racing the original) are answered once: the result key decides."""
-    settings = QueueSettings(url=own_redis.url, prefix="t", per_job_inflight=1, read_count=1, **FAST)
+    settings = QueueSettings(url=own_redis.url, prefix="t", per_job_inflight_messages=1, read_count=1, **FAST)
     service = EchoService()
     async with QueueReferee(own_redis.url, job_id="a", prefix="t", timeout=30) as q:
         rid = await q.send("score", ScoreRequest(items=ITEMS))

@@ -290,7 +290,7 @@ def test_overload_answers_429_with_retry_after(client, server_url):
     items = [{"prompt": QUESTION, "response_a": GOOD, "response_b": BAD}] * 40  # 80 engine requests each
     # Reasoning keeps each admitted request in the engine for seconds, and the six are released
     # together, so the later ones find two requests (160 slots) in flight and one waiting (80, the
-    # whole of limits.max_waiting) whatever the timing.
+    # whole of limits.max_waiting_engine_requests) whatever the timing.
     body = {"items": items, "order": "both", "mode": "cot", "max_new_tokens": 8}
     start = threading.Barrier(6)
 
@@ -304,7 +304,7 @@ def test_overload_answers_429_with_retry_after(client, server_url):
     assert 200 in codes and 429 in codes, codes
     rejected = next(r for r in responses if r.status_code == 429)
     assert rejected.headers["Retry-After"] and rejected.json()["error"] == "overloaded"
-    assert "limits.max_waiting" in rejected.json()["message"]
+    assert "limits.max_waiting_engine_requests" in rejected.json()["message"]
     assert codes.count(200) >= 3  # two admitted at once, and the one that waited its turn
 
 

@@ -98,7 +98,7 @@ async def test_past_capacity_requests_wait_in_tag_order_and_http_is_refused_when
         with pytest.raises(AdmissionRefused) as err:  # the HTTP waiting room (2) is taken
             async with s.admit("http2", "j", 1, wait=False):
                 pass
-        assert err.value.code == "overloaded" and "limits.max_waiting" in err.value.message
+        assert err.value.code == "overloaded" and "limits.max_waiting_engine_requests" in err.value.message
     await asyncio.gather(*tasks, waiting)
     # Weighted: a (weight 2) gets two turns for b's one, though all of b's arrived first.
     assert order[:6].count("a") == 4, order
