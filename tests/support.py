@@ -40,6 +40,7 @@ TEST_LIMITS = {
     "max_items": 64,
     "max_group_size": 16,
     "max_text_chars": 20_000,
+    "max_request_chars": 300_000,
     "max_inflight_engine_requests": 160,
     "max_waiting_engine_requests": 80,
     "max_admission_wait_s": 300,

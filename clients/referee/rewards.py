@@ -13,16 +13,21 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "SINGLE_RESPONSE",
+    "GroupTally",
     "bradley_terry",
+    "bradley_terry_fit",
+    "bradley_terry_win_rates",
     "circular_pairs",
     "group_advantages",
     "group_by_prompt",
     "prompt_key",
     "shape_reward",
+    "tally_group",
     "verdict_credit",
     "win_rates",
 ]
@@ -179,6 +184,57 @@ def group_advantages(values: Sequence[float | None], eps: float = 1e-6) -> list[
     mean = sum(defined) / len(defined)
     std = math.sqrt(sum((v - mean) ** 2 for v in defined) / len(defined))
     return [None if v is None else (v - mean) / (std + eps) for v in values]
+
+
+@dataclass
+class GroupTally:
+    """A group's comparisons folded into win rates (see ``tally_group``)."""
+
+    win_matrix: list[list[float | None]]
+    win_rates: list[float | None]
+    strengths: list[float | None] | None  # Bradley-Terry strengths, when that estimate was asked for
+    ties: int
+    invalid: int
+    errors: list[str]
+
+
+def tally_group(
+    n: int,
+    pairs: Sequence[tuple[int, int]],
+    outcomes: Sequence[tuple[float | None, str, str | None]],
+    *,
+    soft: bool = False,
+    estimate: str = "observed",
+) -> GroupTally:
+    """Fold the judged pairs of a group of ``n`` into its win matrix and win rates.
+
+    ``outcomes`` are (P(first of the pair wins), verdict, error) per pair, from the first's side.
+    A pair's credit is its verdict's (1, 1/2, 0), or with ``soft`` its probability; an invalid
+    verdict is counted apart, named in ``errors`` and left out of the matrix, never turned into a
+    tie. ``estimate``: ``observed`` (Pref-GRPO's wins / comparisons made) or ``bradley_terry`` (each
+    response's expected win rate against all others under a fit of the comparisons made, for
+    sparse schedules), which also returns the fitted strengths.
+    """
+    if len(pairs) != len(outcomes):
+        raise ValueError(f"{len(pairs)} pairs but {len(outcomes)} outcomes")
+    if estimate not in ("observed", "bradley_terry"):
+        raise ValueError(f"unknown estimate {estimate!r}: use observed or bradley_terry")
+    matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
+    ties = invalid = 0
+    errors: list[str] = []
+    for (i, j), (p_first, verdict, error) in zip(pairs, outcomes, strict=True):
+        credit = p_first if soft else verdict_credit(verdict)
+        if verdict == "invalid" or credit is None:
+            invalid += 1
+            errors.append(f"responses {i} vs {j}: {error or 'invalid verdict'}")
+            continue
+        ties += verdict == "tie"
+        matrix[i][j], matrix[j][i] = credit, 1.0 - credit
+    if estimate == "bradley_terry":
+        rates, strengths = bradley_terry_win_rates(matrix), bradley_terry_fit(matrix)
+    else:
+        rates, strengths = win_rates(matrix), None
+    return GroupTally(matrix, rates, strengths, ties, invalid, errors)
 
 
 def shape_reward(reward: float, reference: float, transform: str) -> float:

@@ -41,13 +41,15 @@ def cache_key(*parts: Any) -> str:
 
 
 class JudgmentCache:
-    def __init__(self, max_entries: int = 100_000, ttl_s: float = 3600.0) -> None:
+    def __init__(
+        self, max_entries: int = 100_000, ttl_s: float = 3600.0, redis=None, prefix: str = "referee"
+    ) -> None:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self._local: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self._inflight: dict[str, asyncio.Future] = {}
-        self.redis = None  # set when the queue is on: answers shared between replicas
-        self.prefix = "referee"
+        self.redis = redis  # with the queue on: answers shared between replicas
+        self.prefix = prefix
         self.hits = 0
         self.misses = 0
 

@@ -24,24 +24,19 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from referee.protocol import Message, ScoreItem, ScoreRequest, WinRateRequest
 from referee.rewards import group_by_prompt
 
-from .judges import ClassifierJudge, RequestContext
-from .service import ClientError, JudgeService
-from .slime_api import Gatherer, GroupOptions, gathered_win_rate
-from .tenancy import Caller, authenticate
+from .deps import Gatherer, Service, Who
+from .errors import ClientError
+from .questions import ClassifyQuestion
+from .questions import split_queries as _split
+from .slime_api import GroupOptions, gathered_win_rate
+from .tenancy import authenticate
 
-
-def _service(request: Request) -> JudgeService:
-    return request.app.state.service
-
-
-Service = Annotated[JudgeService, Depends(_service)]
-Who = Annotated[Caller, Depends(authenticate)]
 router = APIRouter(tags=["compatibility"], dependencies=[Depends(authenticate)])
 
 
@@ -57,34 +52,9 @@ class OpenRLHFResponse(BaseModel):
     extra_logs: dict[str, list[float]]
 
 
-def _lstrip_all(text: str, prefix: str | None) -> str:
-    while prefix and text.startswith(prefix):
-        text = text[len(prefix) :]
-    return text
-
-
-def _split(queries: list[str], prompts: list[str] | None, bos: str | None = None) -> list[tuple[str, str]]:
-    """(prompt, response) of each query. Leading BOS texts are not compared: OpenRLHF's decoded
-    query carries a BOS more than the prompt when the tokenizer added one to a templated prompt."""
-    if prompts is None:
-        raise ClientError(
-            422, "invalid_request", "a generative judge needs `prompts` to tell prompt from response"
-        )
-    if len(prompts) != len(queries):
-        raise ClientError(422, "invalid_request", f"{len(queries)} queries but {len(prompts)} prompts")
-    pairs = []
-    for k, (query, prompt) in enumerate(zip(queries, prompts, strict=True)):
-        bare_query, bare_prompt = _lstrip_all(query, bos), _lstrip_all(prompt, bos)
-        if not bare_query.startswith(bare_prompt):
-            raise ClientError(422, "invalid_request", f"query[{k}] does not start with prompts[{k}]")
-        cut = len(query) - len(bare_query) + len(bare_prompt)
-        pairs.append((query[:cut], query[cut:]))
-    return pairs
-
-
 def _require_nonempty(texts: list[str], what: str) -> None:
-    """An empty text is the caller's mistake (a 4xx), not the engine's: vLLM refuses an empty prompt,
-    which would come back as a 502 that clients retry in vain."""
+    """An empty query is the caller's mistake (a 4xx), not the engine's: vLLM refuses an empty
+    prompt, which would come back as a 502 that clients retry in vain."""
     empty = [k for k, t in enumerate(texts) if not t]
     if empty:
         raise ClientError(422, "invalid_request", f"{what} {empty[:10]} empty: give text to judge")
@@ -119,10 +89,12 @@ async def get_reward(
     ] = 120.0,
     incomplete: Annotated[Literal["judge", "error"], Query()] = "judge",
     order: Annotated[Literal["single", "random", "both"], Query()] = "both",
+    cache: Annotated[
+        bool | None, Query(description="Use the judgment cache (default: the server's cache.default).")
+    ] = None,
 ) -> OpenRLHFResponse:
     j = service.judge_for(judge, "score")
-    service.check_items(len(req.query))
-    service.check_texts((f"query[{k}]", q) for k, q in enumerate(req.query))
+    service.check_items(len(req.query))  # the queries fan out into questions, each checked in full
     _require_nonempty(req.query, "query")
     if reward == "winrate" and group_size is not None:
         # Gathered across calls: each query waits for the rest of its prompt's group.
@@ -155,7 +127,10 @@ async def get_reward(
             *[
                 service.winrate(
                     WinRateRequest(
-                        judge=j.name, prompt=pairs[idx[0]][0], responses=[pairs[i][1] for i in idx]
+                        judge=j.name,
+                        prompt=pairs[idx[0]][0],
+                        responses=[pairs[i][1] for i in idx],
+                        cache=cache,
                     ),
                     **caller.who(),
                 )
@@ -166,21 +141,15 @@ async def get_reward(
             for i, rate in zip(idx, answer.win_rates, strict=True):
                 values[i], errors[i] = rate, None if rate is not None else "; ".join(answer.errors)
         rewards = _require_all(values, errors, "compare")
-    elif isinstance(j, ClassifierJudge):
+    elif "formatted_text" in j.abilities:
         # The prompt part is the trainer's own chat template (special tokens parsed); the response
         # part is the policy's text, user data. Without `prompts` the query is one formatted text.
-        parts = (
-            [(q, "") for q in req.query]
-            if req.prompts is None
-            else _split(req.query, req.prompts, j.engine.tokenizer.bos_token)
-        )
-        ctx = RequestContext()
-        async with service.admit(len(req.query), ctx, **caller.who()):
-            ratings = await asyncio.gather(*[j.rate_text(p, ctx, response=r) for p, r in parts])
-        rewards = _require_all([r.score for r in ratings], [r.error for r in ratings], "score")
+        q = ClassifyQuestion(judge=j.name, texts=req.query, prompts=req.prompts, where="query", cache=cache)
+        answer = await service.ask(q, **caller.who())
+        rewards = _require_all([r.score for r in answer.ratings], [r.error for r in answer.ratings], "score")
     else:
         items = [ScoreItem(prompt=p, response=r) for p, r in _split(req.query, req.prompts)]
-        out = await service.score(ScoreRequest(judge=j.name, items=items), **caller.who())
+        out = await service.score(ScoreRequest(judge=j.name, items=items, cache=cache), **caller.who())
         rewards = _require_all([r.score for r in out.results], [r.error for r in out.results], "score")
     return OpenRLHFResponse(rewards=rewards, scores=rewards, extra_logs={f"referee/{reward}": rewards})
 
@@ -211,6 +180,11 @@ class ClassificationRequest(BaseModel):
         True, description="As vLLM, for `input`: add the tokenizer's special tokens (BOS), once."
     )
     user: str | None = Field(None, description="As vLLM and OpenAI: the caller's label, not used.")
+    cache: bool | None = Field(
+        None,
+        description="referee: use the judgment cache for these scores (default: the server's "
+        "cache.default); usage.cached counts the scores it answered.",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> ClassificationRequest:
@@ -254,32 +228,22 @@ class ClassificationResponse(BaseModel):
 
 @router.post("/classify", response_model=ClassificationResponse, summary="vLLM-compatible classification")
 async def classify(req: ClassificationRequest, service: Service, caller: Who) -> ClassificationResponse:
-    name = req.model
-    if name is not None and name not in service.judges:  # also accept the judge's configured model
-        name = next((n for n, j in service.judges.items() if j.settings.model == name), name)
-    j = service.judge_for(name, "score")
-    if not isinstance(j, ClassifierJudge):
-        raise ClientError(400, "unsupported", f"judge {j.name!r} is not a classifier; /classify needs one")
     activation = req.wants_activation
-    ctx = RequestContext()
     if req.messages is not None:
-        service.check_texts((f"messages[{k}].content", m.content) for k, m in enumerate(req.messages))
-        async with service.admit(1, ctx, **caller.who()):
-            ratings = [
-                await j.rate_messages([m.model_dump() for m in req.messages], ctx, activation=activation)
-            ]
+        q = ClassifyQuestion(
+            judge=req.model, messages=req.messages, activation=activation, cache=req.cache, by_model=True
+        )
     else:
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        service.check_items(len(texts))
-        service.check_texts((f"input[{k}]", t) for k, t in enumerate(texts))
-        _require_nonempty(texts, "input")
-        async with service.admit(len(texts), ctx, **caller.who()):
-            ratings = await asyncio.gather(
-                *[
-                    j.rate_text(t, ctx, activation=activation, add_special_tokens=req.add_special_tokens)
-                    for t in texts
-                ]
-            )
+        q = ClassifyQuestion(
+            judge=req.model,
+            texts=[req.input] if isinstance(req.input, str) else req.input,
+            activation=activation,
+            add_special_tokens=req.add_special_tokens,
+            cache=req.cache,
+            by_model=True,
+        )
+    answer = await service.ask(q, **caller.who())
+    j, ratings = answer.judge, answer.ratings
     scores = _require_all([r.score for r in ratings], [r.error for r in ratings], "classify")
     return ClassificationResponse(
         id=f"classify-{uuid.uuid4().hex}",
@@ -289,7 +253,11 @@ async def classify(req: ClassificationRequest, service: Service, caller: Who) ->
             _classification(k, s, r.objectives, activation)
             for k, (s, r) in enumerate(zip(scores, ratings, strict=True))
         ],
-        usage={"prompt_tokens": ctx.prompt_tokens, "total_tokens": ctx.prompt_tokens},
+        usage={
+            "prompt_tokens": answer.usage.prompt_tokens,
+            "total_tokens": answer.usage.prompt_tokens,
+            "cached": answer.usage.cached,
+        },
     )
 
 

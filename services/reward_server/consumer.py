@@ -63,9 +63,10 @@ from referee.protocol import REQUEST_MODELS, SCHEMA_VERSION, ErrorResponse, Queu
 from referee.scripts import TENANT_SCRIPTS
 
 from . import metrics
+from .errors import ClientError
 from .fairness import DEADLINE
 from .media import blob_limits
-from .service import ClientError, JudgeService
+from .service import JudgeService
 from .settings import QueueSettings
 
 logger = logging.getLogger(__name__)

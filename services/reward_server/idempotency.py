@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from .service import ClientError
+from .errors import ClientError
 
 T = TypeVar("T", bound=BaseModel)
 

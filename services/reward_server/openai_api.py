@@ -18,62 +18,22 @@ import json
 import time
 import uuid
 from contextlib import AsyncExitStack
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from referee.protocol import Content, TextPart, content_text
+from referee.protocol import Content
 
-from . import metrics
+from .deps import Service, Who
 from .engine import EngineDead
-from .judges import GenerativeJudge, RequestContext
-from .service import ClientError, JudgeService
+from .errors import ClientError
+from .http_errors import openai_error, stream_error
+from .questions import GenerateQuestion
+from .service import JudgeService
 from .tenancy import Caller, authenticate
-from .tokens import image_marker
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-}
-
-
-def openai_path(path: str) -> bool:
-    """Routes whose errors take OpenAI's shape: /v1/... and verl's /verl/v1/..."""
-    return path.startswith(("/v1/", "/verl/v1/"))
-
-
-def openai_error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    body = {
-        "error": {
-            "message": message,
-            "type": ERROR_TYPES.get(status, "api_error"),
-            "param": None,
-            "code": code,
-        }
-    }
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _stream_error(status: int, code: str, message: str) -> str:
-    """An error after a stream has begun (its status is already 200): an event, as vLLM sends."""
-    error = {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": None, "code": code}
-    return f"data: {json.dumps({'error': error})}\n\n"
-
-
-def _service(request: Request) -> JudgeService:
-    return request.app.state.service
-
-
-Service = Annotated[JudgeService, Depends(_service)]
-Who = Annotated[Caller, Depends(authenticate)]
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(authenticate)])
 
 
@@ -121,26 +81,6 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
-def _judge(service: JudgeService, model: str) -> GenerativeJudge:
-    named = [
-        j
-        for j in service.judges.values()
-        if model in (j.name, j.settings.model, getattr(j.engine, "model_path", None))
-    ]
-    for judge in named:  # judges sharing one model's engine: the generative one answers chats
-        if isinstance(judge, GenerativeJudge):
-            return judge
-    if named:
-        raise ClientError(
-            400,
-            "model_not_supported",
-            f"model {model!r} is a {named[0].kind} judge; chat completions need a generative judge "
-            f"({[j.name for j in service.judges.values() if isinstance(j, GenerativeJudge)]})",
-        )
-    service.judge_for(None, "judge")  # 503 while loading or stopping
-    raise ClientError(404, "model_not_found", f"no model {model!r}; GET /v1/models lists them")
-
-
 def _params(service: JudgeService, req: _Sampling, logprobs: int | None) -> dict:
     limit = service.limits.max_new_tokens
     max_tokens = req.max_completion_tokens or req.max_tokens or min(limit, 256)
@@ -148,7 +88,6 @@ def _params(service: JudgeService, req: _Sampling, logprobs: int | None) -> dict
         raise ClientError(
             400, "too_large", f"max_tokens={max_tokens} is over the limit of {limit} (limits.max_new_tokens)"
         )
-    service.check_items(req.n)
     params = {"max_tokens": max_tokens, "n": req.n}
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "stop"):
         if (value := getattr(req, name)) is not None:
@@ -156,25 +95,6 @@ def _params(service: JudgeService, req: _Sampling, logprobs: int | None) -> dict
     if logprobs is not None:
         params["logprobs"] = logprobs
     return params
-
-
-def _chat_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages for the model's chat template; images marked where they go (see ``tokens``)."""
-    out = []
-    for m in messages:
-        role = "system" if m.role == "developer" else m.role
-        if m.content is None or isinstance(m.content, str):
-            out.append({"role": role, "content": m.content or ""})
-            continue
-        text, images = [], []
-        for part in m.content:
-            if isinstance(part, TextPart):
-                text.append(part.text)
-            else:
-                text.append(image_marker(len(images)))
-                images.append(part._image)
-        out.append({"role": role, "content": "".join(text), **({"images": images} if images else {})})
-    return out
 
 
 def _token_logprobs(tokenizer, choice, top: int) -> list[dict]:
@@ -202,23 +122,24 @@ def _token_logprobs(tokenizer, choice, top: int) -> list[dict]:
     return rows
 
 
-async def _run(service: JudgeService, caller: Caller, judge: GenerativeJudge, ids, images, params, stream):
-    """Admit the request (n engine requests, the caller's fair share), then the engine's outputs."""
-    ctx = RequestContext()
+async def _run(service: JudgeService, caller: Caller, q: GenerateQuestion, stream: bool):
+    """The question through the pipeline up to admission (the caller's fair share), then the
+    engine's outputs; the admission is held until the outputs are consumed (``stack``)."""
     stack = AsyncExitStack()
-    await stack.enter_async_context(service.admit(params["n"], ctx, **caller.who()))
-    ctx.engine_requests += params["n"]
-    ctx.prompt_tokens += len(ids)
-    stream_of = judge.engine.generate_stream(
-        ids, params, images=images or None, delta=stream, **ctx.engine_args()
-    )
+    judge, ctx = await stack.enter_async_context(service.session(q, **caller.who()))
+    try:
+        await q.tokens(judge, ctx)
+    except BaseException:
+        await stack.aclose()
+        raise
+    stream_of = q.outputs(judge, ctx, delta=stream)
 
     async def outputs():
         try:
             async for out in stream_of:
                 yield out
         finally:
-            for _ in range(params["n"]):
+            for _ in range(q.params["n"]):
                 ctx.engine_done()
 
     # The first output (or the engine's refusal, e.g. a prompt longer than the model's context)
@@ -238,7 +159,7 @@ async def _run(service: JudgeService, caller: Caller, judge: GenerativeJudge, id
         async for out in gen:
             yield out
 
-    return ctx, stack, replay()
+    return judge, ctx, stack, replay()
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -250,13 +171,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def _complete(
-    request,
     service,
     caller,
-    judge,
-    ids,
-    images,
-    params,
+    q: GenerateQuestion,
     *,
     chat: bool,
     top: int | None,
@@ -266,8 +183,8 @@ async def _complete(
 ):
     created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     obj = "chat.completion" if chat else "text_completion"
-    ctx, stack, outputs = await _run(service, caller, judge, ids, images, params, stream)
-    tokenizer = judge.engine.tokenizer
+    judge, ctx, stack, outputs = await _run(service, caller, q, stream)
+    tokenizer, params, ids = judge.engine.tokenizer, q.params, q.ids
 
     if not stream:
         final = None
@@ -283,7 +200,7 @@ async def _complete(
         for c in final.outputs:
             completion_tokens += len(c.token_ids)
         ctx.completion_tokens += completion_tokens
-        metrics.record_tokens(judge.name, ctx)
+        service.record(q, judge, ctx, q.outcome(None, None))
         for c in final.outputs:
             logprobs = None
             if top is not None:
@@ -341,11 +258,11 @@ async def _complete(
                             delta["text"] = c.text
                         yield event([delta])
         except EngineDead as exc:
-            yield _stream_error(503, "unavailable", str(exc))
+            yield stream_error(503, "unavailable", str(exc))
         except Exception as exc:
-            yield _stream_error(400, "invalid_request", f"the engine refused the request: {exc}")
+            yield stream_error(400, "invalid_request", f"the engine refused the request: {exc}")
         ctx.completion_tokens += completion_tokens
-        metrics.record_tokens(judge.name, ctx)
+        service.record(q, judge, ctx, q.outcome(None, None))
         if include_usage:
             yield event([], _usage(len(ids), completion_tokens))
         yield "data: [DONE]\n\n"
@@ -354,48 +271,27 @@ async def _complete(
 
 
 @router.post("/chat/completions", summary="OpenAI chat completions, served by a generative judge")
-async def chat_completions(req: ChatCompletionRequest, request: Request, service: Service, caller: Who):
+async def chat_completions(req: ChatCompletionRequest, service: Service, caller: Who):
     try:
-        judge = _judge(service, req.model)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = _params(service, req, None if top is None else max(top, 1))
-        named = [(f"messages[{k}].content", m.content) for k, m in enumerate(req.messages)]
-        if len(req.messages) > service.limits.max_messages:
-            raise ClientError(
-                413,
-                "too_large",
-                f"{len(req.messages)} messages, over limits.max_messages={service.limits.max_messages}",
-            )
-        service.check_texts((w, content_text(c)) for w, c in named if c is not None)
-        await service.prepare_media(judge, named, caller.tenant)
-        messages = _chat_messages(req.messages)
-        images: list = []
-        ids = await judge.engine.tokenize(
-            lambda: judge.engine.chat_ids(messages, generation_prompt=True, images=images),
-            service.scheduler.now(),
-        )
+        q = GenerateQuestion(model=req.model, params=params, messages=req.messages)
         include = bool(req.stream_options and req.stream_options.include_usage)
         return await _complete(
-            request, service, caller, judge, ids, images, params,
-            chat=True, top=top, stream=req.stream, include_usage=include,
-        )  # fmt: skip
+            service, caller, q, chat=True, top=top, stream=req.stream, include_usage=include
+        )
     except ClientError as exc:
         return openai_error(exc.status, exc.code, exc.message, exc.headers)
 
 
 @router.post("/completions", summary="OpenAI text completions, served by a generative judge")
-async def completions(req: CompletionRequest, request: Request, service: Service, caller: Who):
+async def completions(req: CompletionRequest, service: Service, caller: Who):
     try:
-        judge = _judge(service, req.model)
         params = _params(service, req, req.logprobs)
-        service.check_texts([("prompt", req.prompt)])
-        ids = await judge.engine.tokenize(
-            lambda: judge.engine.text_ids(req.prompt, True), service.scheduler.now()
-        )
+        q = GenerateQuestion(model=req.model, params=params, prompt=req.prompt)
         include = bool(req.stream_options and req.stream_options.include_usage)
         return await _complete(
-            request, service, caller, judge, ids, [], params,
-            chat=False, top=req.logprobs, stream=req.stream, include_usage=include,
+            service, caller, q, chat=False, top=req.logprobs, stream=req.stream, include_usage=include,
             echo=req.prompt if req.echo else "",
         )  # fmt: skip
     except ClientError as exc:

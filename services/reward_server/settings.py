@@ -97,6 +97,12 @@ class Limits(BaseModel):
     max_items: int = Field(256, ge=1, description="Items per /score, /pairwise or /judge request.")
     max_group_size: int = Field(64, ge=2, description="Responses per /winrate group.")
     max_text_chars: int = Field(32_000, ge=1, description="Characters per prompt or response.")
+    max_request_chars: int = Field(
+        2_000_000,
+        ge=1,
+        description="Characters of all the texts of one request together (prompts, responses, rubric, "
+        "chat messages), whatever its route: the tokeniser's work one request can ask for.",
+    )
     max_inflight_engine_requests: int = Field(
         4096, ge=1, description="Engine requests in the engines at once; more wait in the fair order."
     )

@@ -18,31 +18,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict
 
 from referee.protocol import Message, ScoreItem, ScoreRequest, WinRateRequest
 
+from .deps import Gatherer, Service, Who
+from .errors import ClientError
 from .gathering import GroupGatherer, GroupIncomplete
-from .service import ClientError, JudgeService
+from .service import JudgeService
 from .tenancy import Caller, authenticate
 
-
-def _service(request: Request) -> JudgeService:
-    return request.app.state.service
-
-
-def gatherer(request: Request) -> GroupGatherer:
-    """The app's one gatherer (groups are shared by every route that gathers)."""
-    found = getattr(request.app.state, "gatherer", None)
-    if found is None:
-        found = request.app.state.gatherer = GroupGatherer()
-    return found
-
-
-Service = Annotated[JudgeService, Depends(_service)]
-Who = Annotated[Caller, Depends(authenticate)]
-Gatherer = Annotated[GroupGatherer, Depends(gatherer)]
 router = APIRouter(tags=["compatibility"], dependencies=[Depends(authenticate)])
 
 

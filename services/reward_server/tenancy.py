@@ -19,7 +19,8 @@ from fastapi import Request
 from referee.auth import OPEN_TENANT, hash_key
 
 from . import metrics
-from .service import DEFAULT_JOB, ClientError
+from .errors import ClientError
+from .service import DEFAULT_JOB
 from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)

@@ -26,17 +26,12 @@ from fastapi import APIRouter, Body, Depends, Request
 from pydantic import ValidationError
 
 from . import openai_api
-from .judges import GenerativeJudge
-from .service import ClientError, JudgeService
-from .tenancy import Caller, authenticate
+from .deps import Service, Who
+from .errors import ClientError
+from .http_errors import openai_error
+from .service import JudgeService
+from .tenancy import authenticate
 
-
-def _service(request: Request) -> JudgeService:
-    return request.app.state.service
-
-
-Service = Annotated[JudgeService, Depends(_service)]
-Who = Annotated[Caller, Depends(authenticate)]
 router = APIRouter(prefix="/verl", tags=["compatibility"], dependencies=[Depends(authenticate)])
 
 
@@ -48,9 +43,9 @@ def chat_model(service: JudgeService) -> str:
     """The judge a chat request without ``model`` goes to."""
     default = service.settings.default_judge
     judge = service.judges.get(default)
-    if judge is None or isinstance(judge, GenerativeJudge):  # (not loaded yet: /v1 answers 503)
+    if judge is None or "chat" in judge.abilities:  # (not loaded yet: /v1 answers 503)
         return default
-    generative = sorted(n for n, j in service.judges.items() if isinstance(j, GenerativeJudge))
+    generative = sorted(n for n, j in service.judges.items() if "chat" in j.abilities)
     if len(generative) == 1:
         return generative[0]
     raise ClientError(
@@ -74,9 +69,7 @@ async def chat_completions(
         req = OptionalModelChatRequest.model_validate(body)
         model = req.model or chat_model(service)
     except ValidationError as exc:
-        return openai_api.openai_error(400, "invalid_request", _invalid(exc))
+        return openai_error(400, "invalid_request", _invalid(exc))
     except ClientError as exc:
-        return openai_api.openai_error(exc.status, exc.code, exc.message, exc.headers)
-    return await openai_api.chat_completions(
-        req.model_copy(update={"model": model}), request, service, caller
-    )
+        return openai_error(exc.status, exc.code, exc.message, exc.headers)
+    return await openai_api.chat_completions(req.model_copy(update={"model": model}), service, caller)
