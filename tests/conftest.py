@@ -224,6 +224,7 @@ def tenant_server(tmp_path_factory, tiny_classifier_dir, tiny_vlm_dir, tiny_clip
         "cache": TEST_CACHE,
         "queue": {"enabled": True, "url": REDIS_URL, "prefix": prefix, **TEST_QUEUE},
         "tenants": tenants,
+        "operators": ["team-d"],  # sees every tenant's figures at /metrics
         "judges": [
             {
                 "name": "tiny-rm",

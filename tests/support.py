@@ -56,7 +56,13 @@ TEST_LIMITS = {
 TEST_CACHE = {"default": False}
 
 # Image limits small enough to reach with small files.
-TEST_MEDIA = {"max_image_bytes": 200_000, "max_image_pixels": 1_000_000, "max_images": 12, "blob_ttl_s": 600}
+TEST_MEDIA = {
+    "max_image_bytes": 200_000,
+    "max_image_pixels": 1_000_000,
+    "max_request_pixels": 3_000_000,
+    "max_images": 12,
+    "blob_ttl_s": 600,
+}
 
 
 def _free_port() -> int:

@@ -111,6 +111,7 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.settings = settings
     app.state.authenticator = Authenticator(settings)
     app.include_router(routes.judging)
     app.include_router(compat.router)

@@ -27,7 +27,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from referee.protocol import BlobInfo, ImagePart, ImageURLPart, Message, TextPart
 
@@ -56,8 +56,22 @@ class Decoded:
     height: int
 
 
-def decode_image(raw: bytes, where: str, settings: MediaSettings) -> Decoded:
-    """Decode an image file under the limits (blocking: run it in a thread for large files)."""
+@dataclass
+class Probed:
+    """An image whose header has been read and checked; its pixels are not decoded yet."""
+
+    image: Any  # a PIL image opened lazily
+    where: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def probe_image(raw: bytes, where: str, settings: MediaSettings) -> Probed:
+    """Read an image file's header and check it against the limits, without decoding its pixels."""
     from PIL import Image
 
     if len(raw) > settings.max_image_bytes:
@@ -89,12 +103,25 @@ def decode_image(raw: bytes, where: str, settings: MediaSettings) -> Decoded:
             f"{where}: the image is {width}x{height} = {width * height} pixels, over the limit of "
             f"{settings.max_image_pixels} (media.max_image_pixels); resize it",
         )
+    return Probed(img, where, width, height)
+
+
+def load_image(probed: Probed) -> Decoded:
+    """Decode a probed image's pixels (blocking: run it in a thread)."""
+    img = probed.image
     try:
         img.load()
         rgb = img.convert("RGB")
     except Exception as exc:
-        raise MediaError(422, "bad_media", f"{where}: the image could not be decoded ({exc})") from None
-    return Decoded(rgb, MEDIA_TYPES[img.format], width, height)
+        raise MediaError(
+            422, "bad_media", f"{probed.where}: the image could not be decoded ({exc})"
+        ) from None
+    return Decoded(rgb, MEDIA_TYPES[img.format], probed.width, probed.height)
+
+
+def decode_image(raw: bytes, where: str, settings: MediaSettings) -> Decoded:
+    """Check and decode an image file under the limits (blocking: run it in a thread)."""
+    return load_image(probe_image(raw, where, settings))
 
 
 def _b64(text: str, where: str) -> bytes:
@@ -283,14 +310,33 @@ def request_parts(named: Iterable[tuple[str, object]]) -> list[tuple[str, ImageP
     return found
 
 
-async def resolve(
+@dataclass
+class MediaPlan:
+    """A request's images, fetched and checked (headers, counts, the pixel budget) but not decoded:
+    what ``decode`` turns into pixels once the request has been admitted."""
+
+    parts: list[tuple[str, Any]]
+    keys: list[str]
+    probed: dict[str, Probed]
+
+    @property
+    def images(self) -> int:
+        return len(self.probed)
+
+    @property
+    def pixels(self) -> int:
+        return sum(p.pixels for p in self.probed.values())
+
+
+async def probe(
     parts: list[tuple[str, ImagePart | ImageURLPart]],
     store: BlobStore,
     tenant: str,
     settings: MediaSettings,
-) -> int:
-    """Attach the decoded image to every part (``part._image``); each distinct image is decoded
-    once. Returns the number of distinct images. MediaError names the first bad item."""
+) -> MediaPlan:
+    """Fetch each distinct image of a request once (inline, or an upload of this tenant's), read its
+    header and check the limits, the request's pixel budget included, before anything is decoded.
+    MediaError names the first bad item."""
     raws: dict[str, tuple[str, bytes]] = {}
     keys: list[str] = []
     for where, part in parts:
@@ -318,11 +364,39 @@ async def resolve(
                 )
             raws[key] = (where, raw)
         keys.append(key)
-    decoded: dict[str, Decoded] = {}
+    probed: dict[str, Probed] = {}
+    total = 0
     for key, (where, raw) in raws.items():
-        decoded[key] = await asyncio.to_thread(decode_image, raw, where, settings)
-    for key, d in decoded.items():
-        d.image.info["referee_sha256"] = key  # the judgment cache keys an image by its content
-    for (_, part), key in zip(parts, keys, strict=True):
+        probed[key] = p = probe_image(raw, where, settings)
+        total += p.pixels
+        if total > settings.max_request_pixels:
+            raise MediaError(
+                413,
+                "too_large",
+                f"this request's distinct images hold more than {settings.max_request_pixels} pixels "
+                f"together (media.max_request_pixels; {where} brings it to {total}); send fewer or "
+                "smaller images per request",
+            )
+    return MediaPlan(parts, keys, probed)
+
+
+async def decode(plan: MediaPlan) -> int:
+    """Decode every distinct image of the plan once and attach it to its parts (``part._image``).
+    Returns the number of distinct images."""
+    decoded: dict[str, Decoded] = {}
+    for key, probed in plan.probed.items():
+        decoded[key] = await asyncio.to_thread(load_image, probed)
+        decoded[key].image.info["referee_sha256"] = key  # the judgment cache keys an image by content
+    for (_, part), key in zip(plan.parts, plan.keys, strict=True):
         part._image = decoded[key].image
-    return len(raws)
+    return len(decoded)
+
+
+async def resolve(
+    parts: list[tuple[str, ImagePart | ImageURLPart]],
+    store: BlobStore,
+    tenant: str,
+    settings: MediaSettings,
+) -> int:
+    """``probe`` then ``decode``: every part gets its decoded image. Returns the distinct images."""
+    return await decode(await probe(parts, store, tenant, settings))

@@ -14,6 +14,7 @@ raises its own exception types (``BadRequestError``, ``RateLimitError``, ...).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -82,12 +83,8 @@ class CompletionRequest(_Sampling):
 
 
 def _params(service: JudgeService, req: _Sampling, logprobs: int | None) -> dict:
-    limit = service.limits.max_new_tokens
-    max_tokens = req.max_completion_tokens or req.max_tokens or min(limit, 256)
-    if max_tokens > limit:
-        raise ClientError(
-            400, "too_large", f"max_tokens={max_tokens} is over the limit of {limit} (limits.max_new_tokens)"
-        )
+    """The request's sampling parameters as vLLM takes them (their bounds: ``GenerateQuestion.check``)."""
+    max_tokens = req.max_completion_tokens or req.max_tokens or min(service.limits.max_new_tokens, 256)
     params = {"max_tokens": max_tokens, "n": req.n}
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "stop"):
         if (value := getattr(req, name)) is not None:
@@ -204,7 +201,8 @@ async def _complete(
         for c in final.outputs:
             logprobs = None
             if top is not None:
-                content = _token_logprobs(tokenizer, c, top)
+                # n x max_tokens x (top + 1) objects: built off the event loop
+                content = await asyncio.to_thread(_token_logprobs, tokenizer, c, top)
                 logprobs = {"content": content} if chat else {
                     "tokens": [r["token"] for r in content],
                     "token_logprobs": [r["logprob"] for r in content],

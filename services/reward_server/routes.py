@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from referee.protocol import (
     BlobInfo,
@@ -172,6 +172,23 @@ def queue_status(app) -> dict | None:
     return status
 
 
-@ops.get("/metrics", dependencies=[Depends(authenticate)])
-async def prometheus_metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+class _TenantView:
+    """The metrics registry as one tenant may see it: samples labelled with another tenant left out."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+
+    def collect(self):
+        for family in REGISTRY.collect():
+            family.samples = [s for s in family.samples if s.labels.get("tenant", self.tenant) == self.tenant]
+            yield family
+
+
+@ops.get("/metrics")
+async def prometheus_metrics(request: Request, caller: Who) -> Response:
+    """Prometheus metrics. With keys, a tenant sees its own tenant's labelled figures only (other
+    tenants' names and usage are theirs); the tenants listed in ``operators`` see everything."""
+    settings = request.app.state.settings
+    if not settings.auth or caller.tenant in settings.operators:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(_TenantView(caller.tenant)), media_type=CONTENT_TYPE_LATEST)

@@ -217,12 +217,15 @@ class JudgeService:
         except media.MediaError as exc:
             raise ClientError(exc.status, exc.code, exc.message) from None
 
-    async def prepare_media(self, judge: Judge, named: Iterable[tuple[str, object]], tenant: str) -> int:
-        """Check that the judge sees the request's images, then decode each distinct one once
-        (inline, or an upload of this tenant's). Returns the number of distinct images."""
+    async def check_media(
+        self, judge: Judge, named: Iterable[tuple[str, object]], tenant: str
+    ) -> media.MediaPlan | None:
+        """Check that the judge sees the request's images, fetch each distinct one once (inline, or
+        an upload of this tenant's) and check its header and the request's pixel budget; nothing
+        is decoded yet (``decode_media``, once the request is admitted)."""
         parts = media.request_parts(named)
         if not parts:
-            return 0
+            return None
         if "image" not in judge.media:
             raise ClientError(
                 422,
@@ -231,7 +234,16 @@ class JudgeService:
                 "only; send text, or name a judge whose /judges entry lists media: [image]",
             )
         try:
-            n = await media.resolve(parts, self.blobs, tenant, self.settings.media)
+            return await media.probe(parts, self.blobs, tenant, self.settings.media)
+        except media.MediaError as exc:
+            raise ClientError(exc.status, exc.code, exc.message) from None
+
+    async def decode_media(self, judge: Judge, plan: media.MediaPlan | None) -> int:
+        """Decode the checked images (after admission: a request refused costs no decoding)."""
+        if plan is None:
+            return 0
+        try:
+            n = await media.decode(plan)
         except media.MediaError as exc:
             raise ClientError(exc.status, exc.code, exc.message) from None
         metrics.IMAGES.labels(judge.name).inc(n)
@@ -329,23 +341,26 @@ class JudgeService:
                 "per request (limits.max_request_chars); split it into smaller requests",
             )
         self._check_generation(*q.generation())
+        q.check(self.limits)
 
     @asynccontextmanager
     async def session(
         self, q: Question, *, tenant: str = OPEN_TENANT, job: str = DEFAULT_JOB, queued: bool = False
     ):
         """Everything before a question runs: choose the judge, normalise content, check limits,
-        the route's and the judge kind's own checks, decode media, then hold its cost in the fair
-        order. Yields (judge, context); the caller runs the question inside."""
+        the route's and the judge kind's own checks, check media (headers and budgets), then hold
+        its cost in the fair order and decode the media. Yields (judge, context); the caller runs
+        the question inside."""
         judge = q.choose(self)
         q.normalise()
         self.check_limits(q)
         q.prepare(judge)
         self._validate(judge, q.judged())
-        await self.prepare_media(judge, q.contents(), tenant)
+        images = await self.check_media(judge, q.contents(), tenant)
         cost = self._cost(q.cost(judge))
         ctx = self.context(q.cache, tenant)
         async with self.admit(cost, ctx, tenant=tenant, job=job, queued=queued):
+            await self.decode_media(judge, images)
             yield judge, ctx
 
     def record(self, q: Question, judge: Judge, ctx: RequestContext, outcome: Outcome | None) -> None:

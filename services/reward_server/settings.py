@@ -115,6 +115,19 @@ class Limits(BaseModel):
     max_retries: int = Field(3, ge=0, description="Upper bound on a request's cot retries.")
     max_new_tokens: int = Field(2048, ge=1, description="Upper bound on a request's reasoning budget.")
     max_messages: int = Field(64, ge=1, description="Chat messages per prompt.")
+    max_stop_strings: int = Field(
+        16,
+        ge=0,
+        description="OpenAI-style requests: `stop` strings per request (vLLM checks every one of them on "
+        "every generated token in the API process; OpenAI's own API allows 4).",
+    )
+    max_stop_chars: int = Field(256, ge=1, description="Characters of one `stop` string.")
+    max_logprob_entries: int = Field(
+        200_000,
+        ge=1,
+        description="OpenAI-style requests: n x max_tokens x (top log-probabilities + 1), the "
+        "log-probability entries one answer may carry (each becomes a JSON object).",
+    )
     max_request_cost: int = Field(
         4096,
         ge=1,
@@ -288,6 +301,12 @@ class MediaSettings(BaseModel):
         4096 * 4096, ge=64, description="One image's width x height (413 above; decompression bombs)."
     )
     max_images: int = Field(64, ge=1, description="Distinct images in one request (413 above).")
+    max_request_pixels: int = Field(
+        64 << 20,
+        ge=64,
+        description="Pixels of one request's distinct images together (413 above), checked from their "
+        "headers before anything is decoded: 64 Mi pixels are about 200 MB of RGB.",
+    )
     formats: list[Literal["PNG", "JPEG", "WEBP"]] = Field(
         default_factory=lambda: ["PNG", "JPEG", "WEBP"], description="Accepted image formats (422 else)."
     )
@@ -345,6 +364,11 @@ class ServerSettings(BaseSettings):
     tenants_file: Path | None = Field(
         None, description="A secrets file of more tenants (``tenants: [...]``), e.g. a mounted Secret."
     )
+    operators: list[str] = Field(
+        default_factory=list,
+        description="Tenants whose keys see every tenant's figures at /metrics (give the monitoring "
+        "scraper its own tenant and key). Any other key sees the samples of its own tenant only.",
+    )
     allow_open: bool = Field(
         False,
         description="Allow a server without tenants to bind a non-loopback address (anyone can use it).",
@@ -380,6 +404,9 @@ class ServerSettings(BaseSettings):
         hashes = [h for t in self.tenants for h in t.keys]
         if len(set(hashes)) != len(hashes):
             raise ValueError("the same key is given to two tenants (or twice to one)")
+        unknown = [o for o in self.operators if o not in tenant_names]
+        if unknown:
+            raise ValueError(f"operators {unknown} are not configured tenants ({tenant_names})")
         return self
 
     @property

@@ -30,11 +30,12 @@ SYSTEM = (
 
 _BLOCK_NAMES = ("CONVERSATION", "RESPONSE A", "RESPONSE B", "RESPONSE", "RUBRIC")
 # A delimiter as a reader sees it, in folded text (see ``_fold``): any run of two or more angle
-# brackets before or after a block name, an optional slash, any spacing, and any separator or
-# none between RESPONSE and its letter.
+# brackets before or after a block name, or a block name between single brackets as a tag
+# (``</RESPONSE A>``), an optional slash, any spacing, and any separator or none between RESPONSE
+# and its letter.
 _NAME = r"(?:CONVERSATION|RUBRIC|RESPONSE(?:[\s_\-.:]*[AB](?![A-Z0-9]))?)"
 _DELIMITER = re.compile(
-    rf"<{{2,}}\s*/?\s*{_NAME}\s*>*|/?\s*{_NAME}\s*>{{2,}}",
+    rf"<{{2,}}\s*/?\s*{_NAME}\s*>*|/?\s*{_NAME}\s*>{{2,}}|<\s*/?\s*{_NAME}\s*>",
     re.IGNORECASE,
 )
 # Letters and signs that look like the ones in a delimiter but that compatibility normalisation

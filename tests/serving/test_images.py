@@ -246,6 +246,18 @@ def test_limits_on_files_and_counts(http):
     assert r.status_code == 422 and r.json()["error"] == "bad_media"
 
 
+def test_a_request_over_the_pixel_budget_is_refused_before_decoding(http):
+    """Four solid-colour images of a million pixels each: a few kB on the wire, 12 MB of RGB once
+    decoded. Over media.max_request_pixels together, they are refused from their headers."""
+    big = [[part(png((k * 40, 0, 0), size=(1000, 1000)))] for k in range(4)]
+    body = {"judge": VLM, "prompt": "q", "responses": big, "opponents": 1, "order": "single"}
+    r = http.post("/winrate", json=body)
+    assert r.status_code == 413 and "media.max_request_pixels" in r.json()["message"], r.text
+    assert "responses[3]" in r.json()["message"]
+    r = http.post("/winrate", json={**body, "responses": big[:2]})  # within the budget: judged
+    assert r.status_code == 200, r.text
+
+
 def test_a_text_only_judge_refuses_images_naming_the_item(http):
     r = http.post(
         "/score",

@@ -5,6 +5,7 @@ idempotency and accounting, and the open mode's refusal to listen on a public ad
 from __future__ import annotations
 
 import concurrent.futures as cf
+import re
 import subprocess
 import sys
 import threading
@@ -141,6 +142,19 @@ def test_metrics_account_engine_work_by_tenant(tenant_server):
         x for x in text.splitlines() if x.startswith('referee_tenant_engine_requests_total{tenant="team-a"}')
     )
     assert float(line.split()[-1]) >= 3
+
+
+def test_a_tenant_sees_only_its_own_figures_at_metrics_and_an_operator_sees_all(tenant_server):
+    ts = tenant_server
+    assert _score(ts, "team-a").status_code == 200 and _score(ts, "team-b").status_code == 200
+
+    def tenants_seen(as_tenant: str) -> set[str]:
+        text = httpx.get(f"{ts.url}/metrics", headers=ts.headers(as_tenant)).text
+        return set(re.findall(r'tenant="([^"]+)"', text))
+
+    assert tenants_seen("team-a") == {"team-a"}
+    assert tenants_seen("team-b") == {"team-b"}
+    assert {"team-a", "team-b"} <= tenants_seen("team-d")  # the operator (settings.operators)
 
 
 def _serve(tmp_path, host, *extra, env=None):

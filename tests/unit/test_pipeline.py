@@ -95,7 +95,9 @@ def _questions(text: str, n: int):
             judge=None, messages=[Message(role="user", content=[TextPart(text=text)])] * min(n, 4)
         ),
         "generate": GenerateQuestion(
-            model="m", params={"n": 1}, messages=[Message(role="user", content=text)] * min(n, 4)
+            model="m",
+            params={"n": 1, "max_tokens": 8},
+            messages=[Message(role="user", content=text)] * min(n, 4),
         ),
     }
 
@@ -126,7 +128,7 @@ def test_too_many_chat_messages_are_refused_in_any_prompt(service):
         ScoreQuestion(ScoreRequest(items=[ScoreItem(prompt=many, response="r")])),
         WinRateQuestion(WinRateRequest(prompt=many, responses=["a", "b"])),
         ClassifyQuestion(judge=None, messages=many),
-        GenerateQuestion(model="m", params={"n": 1}, messages=many),
+        GenerateQuestion(model="m", params={"n": 1, "max_tokens": 8}, messages=many),
     ):
         with pytest.raises(ClientError) as refused:
             service.check_limits(q)
@@ -198,3 +200,64 @@ async def test_a_classifier_scores_text_parts_as_their_text(harness):
     )
     assert plain.results[0].error is None and parts.results[0].error is None, parts.results[0].error
     assert parts.results[0].score == plain.results[0].score
+
+
+# ---------------------------------------------------------------- the OpenAI face's bounds
+
+
+def _generate(**params) -> GenerateQuestion:
+    return GenerateQuestion(model="m", params={"n": 1, "max_tokens": 16, **params}, prompt="Say hi.")
+
+
+@pytest.mark.parametrize(
+    ("params", "limit"),
+    [
+        ({"stop": ["x"] * 17}, "limits.max_stop_strings"),
+        ({"stop": "y" * 257}, "limits.max_stop_chars"),
+        ({"n": 8, "max_tokens": 2048, "logprobs": 20}, "limits.max_logprob_entries"),
+        ({"max_tokens": 4096}, "limits.max_new_tokens"),
+    ],
+)
+def test_openai_style_requests_are_bounded(service, params, limit):
+    service.check_limits(_generate(stop=["a", "b"], logprobs=5))  # within every bound
+    with pytest.raises(ClientError) as refused:
+        service.check_limits(_generate(**params))
+    assert refused.value.status == 400 and limit in refused.value.message
+
+
+# ---------------------------------------------- images: checked before admission, decoded after
+
+
+def _png(size, color) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+async def test_a_request_over_the_pixel_budget_is_refused_before_any_image_is_decoded(monkeypatch):
+    from reward_server import media
+    from reward_server.settings import MediaSettings
+
+    settings = MediaSettings(max_image_pixels=1_000_000, max_request_pixels=2_500_000, max_images=8)
+    loaded = []
+    real_load = media.load_image
+    monkeypatch.setattr(media, "load_image", lambda p: loaded.append(p.where) or real_load(p))
+    store = media.MemoryBlobStore(settings)
+    # solid colours: a few hundred bytes each, a million pixels each once decoded
+    images = [ImagePart(data=_png((1000, 1000), (k, 0, 0))) for k in range(3)]
+    parts = [(f"responses[{k}]", p) for k, p in enumerate(images)]
+    with pytest.raises(media.MediaError) as refused:
+        await media.probe(parts, store, "t", settings)
+    assert refused.value.status == 413 and "media.max_request_pixels" in refused.value.message
+    assert "responses[2]" in refused.value.message
+    assert loaded == []  # nothing decoded
+
+    plan = await media.probe(parts[:2], store, "t", settings)  # within the budget: checked, not decoded
+    assert (plan.images, plan.pixels, loaded) == (2, 2_000_000, [])
+    assert await media.decode(plan) == 2
+    assert loaded == ["responses[0]", "responses[1]"] and images[0]._image.size == (1000, 1000)

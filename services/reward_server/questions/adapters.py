@@ -245,6 +245,46 @@ class GenerateQuestion(Question):
     def generation(self) -> tuple[int | None, int]:
         return None, 0  # max_tokens is checked by the OpenAI adapter, in OpenAI's terms
 
+    def check(self, limits) -> None:
+        """Bounds that keep the API process responsive: vLLM checks every stop string on every
+        generated token there, and every log-probability becomes a JSON object."""
+        p = self.params
+        if p["max_tokens"] > limits.max_new_tokens:
+            raise ClientError(
+                400,
+                "too_large",
+                f"max_tokens={p['max_tokens']} is over the limit of {limits.max_new_tokens} "
+                "(limits.max_new_tokens)",
+            )
+        stop = p.get("stop")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > limits.max_stop_strings:
+            raise ClientError(
+                400,
+                "too_large",
+                f"`stop` has {len(stops)} strings, over the limit of {limits.max_stop_strings} "
+                "(limits.max_stop_strings); send fewer",
+            )
+        for k, s in enumerate(stops):
+            if len(s) > limits.max_stop_chars:
+                raise ClientError(
+                    400,
+                    "too_large",
+                    f"stop[{k}] has {len(s)} characters, over the limit of {limits.max_stop_chars} "
+                    "(limits.max_stop_chars)",
+                )
+        top = p.get("logprobs")
+        if top is not None:
+            entries = p["n"] * p["max_tokens"] * (top + 1)
+            if entries > limits.max_logprob_entries:
+                raise ClientError(
+                    400,
+                    "too_large",
+                    f"n={p['n']} x max_tokens={p['max_tokens']} x (logprobs {top} + 1) = {entries} "
+                    f"log-probabilities, over the limit of {limits.max_logprob_entries} "
+                    "(limits.max_logprob_entries); ask for fewer tokens, choices or top log-probabilities",
+                )
+
     def cost(self, judge: Judge) -> Cost:
         return Cost(self.params["n"])
 

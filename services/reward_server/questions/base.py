@@ -140,6 +140,9 @@ class Question:
         """(max_new_tokens, max_retries) asked for; checked against the limits."""
         return getattr(self.request, "max_new_tokens", None), getattr(self.request, "max_retries", 0)
 
+    def check(self, limits) -> None:
+        """The route's own limits (``settings.Limits``), beyond those every question has (ClientError)."""
+
     def prepare(self, judge: Judge) -> None:
         """The route's own checks against the chosen judge (ClientError), before anything is spent."""
 
