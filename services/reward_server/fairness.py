@@ -21,9 +21,19 @@ engine requests, its tenant and its job. Two things follow from one virtual cloc
   time left to its deadline. A tenant over its own ``max_inflight`` or
   ``tokens_per_minute`` gets 429 naming that limit over HTTP; queued messages wait instead (the
   consumer holds them, and waiting costs them nothing).
+- **shares.** With several tenants configured, a tenant without a ``max_inflight`` of its own holds
+  at most ``tenant_share`` of the capacity (``limits.tenant_share``, default one half), and each
+  tenant's HTTP requests take at most that share of the waiting room: one tenant cannot hold
+  everything, so another's request finds room at once. A request larger than its tenant's share
+  gets 413 (split it). A tenant at its share waits in its part of the waiting room.
+- **dispatch.** A request is admitted as soon as it fits, on arrival as on every release, in tag
+  order. A request that fits may go ahead of an earlier-tagged one waiting for more room only if
+  it is another tenant's, keeps its tenant within its weighted fair share of the capacity among the
+  busy tenants, and the one waiting has not yet been passed by its own cost in engine requests:
+  small requests are not held behind a large one, and the large one is not starved by them.
 
 With no tenants configured every request belongs to the open tenant, and the same rules share the
-engines between its jobs.
+engines between its jobs (no share applies: there is no other tenant to keep room for).
 """
 
 from __future__ import annotations
@@ -49,6 +59,13 @@ DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("referee
 WAIT_FRACTION = 0.5
 PRIORITY_SCALE = 1000  # vLLM priorities are integers: tags in thousandths of an engine request
 TOKEN_WINDOW_S = 60.0
+# The part of the engines' capacity, and of the HTTP waiting room, that one tenant without a
+# max_inflight of its own may hold when several tenants are configured (limits.tenant_share). One
+# half: whatever one tenant sends, half the capacity stays for the others, so a second tenant's
+# request (up to half the capacity) is admitted at once; and a lone busy tenant still keeps the
+# engines full, since half of limits.max_inflight_engine_requests (2048 of 4096) is far more than an
+# engine's running batch (the rest waits inside the engine in priority order anyway).
+DEFAULT_TENANT_SHARE = 0.5
 
 
 class AdmissionRefused(Exception):
@@ -75,6 +92,7 @@ class Ticket:
     admitted: asyncio.Future | None = field(default=None, repr=False)
     seq: int = 0
     wait_counted: bool = False  # counted in waiting_cost (an HTTP request waiting)
+    passed: int = 0  # engine requests of later-tagged requests admitted ahead of it while it waited
     previous_finish: float | None = None  # its flow's finish tag before it was tagged
 
     def next_priority(self) -> int:
@@ -113,15 +131,21 @@ class FairScheduler:
         *,
         isolate_cache: bool = False,
         max_wait_s: float | None = None,
+        tenant_share: float | None = DEFAULT_TENANT_SHARE,
     ) -> None:
+        """``tenant_share``: the part of ``max_inflight`` a tenant without a ``max_inflight`` of its
+        own may hold, and the part of ``max_waiting`` every tenant's HTTP requests may take; it
+        applies when more than one tenant is configured (``policies``), None turns it off."""
         self.max_inflight = max_inflight
         self.max_wait_s = max_wait_s
         self.max_waiting = max_waiting
         self.policies = policies or {}
         self.isolate_cache = isolate_cache
+        self.tenant_share = tenant_share if len(self.policies) > 1 else None
         self.inflight = 0  # engine requests admitted, all tenants
         self.waiting_cost = 0  # engine requests of HTTP requests waiting for admission
         self._tenant_inflight: dict[str, int] = {}
+        self._tenant_waiting: dict[str, int] = {}  # engine requests of a tenant's HTTP requests waiting
         self._running: set[Ticket] = set()
         self._waiters: list[Ticket] = []
         self._finish: dict[tuple[str, str], float] = {}  # flow -> finish tag of its last request
@@ -182,16 +206,50 @@ class FairScheduler:
 
     # ------------------------------------------------------------ limits
 
-    def _fits(self, ticket: Ticket) -> bool:
-        limit = self.policy(ticket.tenant).max_inflight
-        mine = self._tenant_inflight.get(ticket.tenant, 0)
-        return self.inflight + ticket.cost <= self.max_inflight and (
-            limit is None or mine + ticket.cost <= limit
+    def _share_of(self, total: int) -> int:
+        assert self.tenant_share is not None
+        return max(1, math.ceil(self.tenant_share * total))
+
+    def inflight_limit(self, tenant: str) -> int | None:
+        """The engine requests ``tenant`` may have in flight: its own ``max_inflight``, else its share
+        of the capacity when several tenants are configured, else no limit of its own."""
+        limit = self.policy(tenant).max_inflight
+        if limit is None and self.tenant_share is not None:
+            limit = self._share_of(self.max_inflight)
+        return limit
+
+    def waiting_limit(self) -> int | None:
+        """The engine requests of one tenant's HTTP requests that may wait for admission."""
+        return None if self.tenant_share is None else self._share_of(self.max_waiting)
+
+    def _limit_name(self, tenant: str) -> str:
+        if self.policy(tenant).max_inflight is not None:
+            return f"its max_inflight of {self.policy(tenant).max_inflight}"
+        return (
+            f"its share of {self.inflight_limit(tenant)} (limits.tenant_share {self.tenant_share:g} of "
+            f"limits.max_inflight_engine_requests {self.max_inflight})"
         )
 
     def _tenant_full(self, ticket: Ticket) -> bool:
-        limit = self.policy(ticket.tenant).max_inflight
+        limit = self.inflight_limit(ticket.tenant)
         return limit is not None and self._tenant_inflight.get(ticket.tenant, 0) + ticket.cost > limit
+
+    def _busy_weight(self) -> float:
+        """The weights of the tenants with requests running or waiting, together."""
+        return sum(self.policy(t).weight for t, jobs in self._busy_jobs.items() if jobs)
+
+    def _may_pass(self, ticket: Ticket, head: Ticket, held_back: set[str], busy_weight: float) -> bool:
+        """Whether ``ticket``, which fits, may be admitted ahead of ``head``, the first waiter in tag
+        order that the free capacity cannot take: only another tenant's request (a tenant's own
+        requests keep their order), within its tenant's fair share (its weight's part of the
+        capacity among the busy tenants), and only until ``head`` has been passed by its own cost in
+        engine requests (so that it cannot be starved)."""
+        fair_share = self.max_inflight * self.policy(ticket.tenant).weight / busy_weight
+        return (
+            ticket.tenant not in held_back
+            and head.passed + ticket.cost <= head.cost
+            and self._tenant_inflight.get(ticket.tenant, 0) + ticket.cost <= fair_share
+        )
 
     def _tokens_used(self, tenant: str, now: float) -> int:
         window = self._tokens.get(tenant)
@@ -231,13 +289,28 @@ class FairScheduler:
         ``wait``: a queued message waits for its tenant's limits; an HTTP request is refused with
         ``AdmissionRefused`` (429, naming the limit) instead. Both wait for the engines' capacity."""
         policy = self.policy(tenant)
-        if policy.max_inflight is not None and cost > policy.max_inflight:
+        limit = self.inflight_limit(tenant)
+        if cost > self.max_inflight:
             raise AdmissionRefused(
                 413,
                 "too_large",
-                f"this request needs {cost} engine requests, over tenant {tenant!r}'s max_inflight of "
-                f"{policy.max_inflight}; split it",
+                f"this request needs {cost} engine requests, over the in-flight limit of "
+                f"{self.max_inflight} (limits.max_inflight_engine_requests); split it",
             )
+        if limit is not None and cost > limit:
+            if policy.max_inflight is not None:
+                message = (
+                    f"this request needs {cost} engine requests, over tenant {tenant!r}'s max_inflight of "
+                    f"{policy.max_inflight}; split it"
+                )
+            else:
+                message = (
+                    f"this request needs {cost} engine requests, over tenant {tenant!r}'s share of "
+                    f"{limit} in flight (limits.tenant_share {self.tenant_share:g} of "
+                    f"limits.max_inflight_engine_requests {self.max_inflight}); split it, or ask the "
+                    "operator for a max_inflight of the tenant's own"
+                )
+            raise AdmissionRefused(413, "too_large", message)
         while (delay := self._token_wait(tenant)) > 0:
             if not wait:
                 metrics.TENANT_REFUSED.labels(tenant, "tokens_per_minute").inc()
@@ -264,37 +337,21 @@ class FairScheduler:
             self._release(ticket)
 
     async def _acquire(self, ticket: Ticket, wait: bool) -> None:
-        if not self._waiters and self._fits(ticket):
-            self._start(ticket)
+        # A request that fits is admitted now, in the same order as on every release.
+        self._waiters.append(ticket)
+        self._dispatch()
+        if ticket in self._running:
             return
         if not wait:
-            if self._tenant_full(ticket):
-                limit = self.policy(ticket.tenant).max_inflight
-                metrics.TENANT_REFUSED.labels(ticket.tenant, "max_inflight").inc()
-                raise AdmissionRefused(
-                    429,
-                    "rate_limited",
-                    f"tenant {ticket.tenant!r} has {self._tenant_inflight.get(ticket.tenant, 0)} engine "
-                    f"requests in flight, at its max_inflight of {limit}; retry after the delay in "
-                    "Retry-After",
-                    1.0,
-                )
-            if self.waiting_cost + ticket.cost > self.max_waiting:
-                metrics.TENANT_REFUSED.labels(ticket.tenant, "max_waiting").inc()
-                raise AdmissionRefused(
-                    429,
-                    "overloaded",
-                    f"the judge has {self.inflight} engine requests in flight "
-                    f"(limits.max_inflight_engine_requests {self.max_inflight}) and {self.waiting_cost} "
-                    f"waiting (limits.max_waiting_engine_requests {self.max_waiting}); retry after the "
-                    "delay in Retry-After",
-                    1.0,
-                )
-        ticket.admitted = asyncio.get_running_loop().create_future()
-        self._waiters.append(ticket)
-        if not wait:
+            try:
+                self._check_waiting_room(ticket)
+            except AdmissionRefused:
+                self._waiters.remove(ticket)
+                raise
             self.waiting_cost += ticket.cost
+            self._tenant_waiting[ticket.tenant] = self._tenant_waiting.get(ticket.tenant, 0) + ticket.cost
         ticket.wait_counted = not wait
+        ticket.admitted = asyncio.get_running_loop().create_future()
         metrics.ADMISSION_WAITING.set(len(self._waiters))
         budget = self._wait_budget(wait)
         try:
@@ -330,10 +387,53 @@ class FairScheduler:
             budget = self.max_wait_s if budget is None else min(budget, self.max_wait_s)
         return budget
 
+    def _check_waiting_room(self, ticket: Ticket) -> None:
+        """Why an HTTP request that cannot start now may not wait either (raises), if it may not: its
+        tenant at its own max_inflight, its tenant's share of the waiting room taken, or the waiting
+        room full."""
+        tenant, policy = ticket.tenant, self.policy(ticket.tenant)
+        mine = self._tenant_inflight.get(tenant, 0)
+        if policy.max_inflight is not None and mine + ticket.cost > policy.max_inflight:
+            metrics.TENANT_REFUSED.labels(tenant, "max_inflight").inc()
+            raise AdmissionRefused(
+                429,
+                "rate_limited",
+                f"tenant {tenant!r} has {mine} engine requests in flight, at its max_inflight of "
+                f"{policy.max_inflight}; retry after the delay in Retry-After",
+                1.0,
+            )
+        share, waiting = self.waiting_limit(), self._tenant_waiting.get(tenant, 0)
+        if share is not None and waiting + ticket.cost > share:
+            metrics.TENANT_REFUSED.labels(tenant, "waiting_share").inc()
+            raise AdmissionRefused(
+                429,
+                "rate_limited",
+                f"tenant {tenant!r} has {waiting} engine requests waiting for admission, at its share of "
+                f"the waiting room ({share}: limits.tenant_share {self.tenant_share:g} of "
+                f"limits.max_waiting_engine_requests {self.max_waiting}) with {mine} in flight; retry "
+                "after the delay in Retry-After",
+                1.0,
+            )
+        if self.waiting_cost + ticket.cost > self.max_waiting:
+            metrics.TENANT_REFUSED.labels(tenant, "max_waiting").inc()
+            raise AdmissionRefused(
+                429,
+                "overloaded",
+                f"the judge has {self.inflight} engine requests in flight "
+                f"(limits.max_inflight_engine_requests {self.max_inflight}) and {self.waiting_cost} "
+                f"waiting (limits.max_waiting_engine_requests {self.max_waiting}); retry after the "
+                "delay in Retry-After",
+                1.0,
+            )
+
     def _unwait(self, ticket: Ticket) -> None:
         self._waiters.remove(ticket)
         if ticket.wait_counted:
+            ticket.wait_counted = False
             self.waiting_cost -= ticket.cost
+            self._tenant_waiting[ticket.tenant] -= ticket.cost
+            if not self._tenant_waiting[ticket.tenant]:
+                del self._tenant_waiting[ticket.tenant]
         metrics.ADMISSION_WAITING.set(len(self._waiters))
 
     def _start(self, ticket: Ticket) -> None:
@@ -356,14 +456,24 @@ class FairScheduler:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Admit waiters in tag order while they fit; one held back by its tenant's limit does not
-        hold back other tenants, one too large for the free capacity holds back everything after it
-        (so large requests are not starved by small ones)."""
+        """Admit waiters in tag order while they fit. One held back by its tenant's limit does not
+        hold back other tenants. One too large for the free capacity (the head) holds back what
+        comes after it, except another tenant's request that fits and may pass it (``_may_pass``):
+        small requests are not queued behind a large one, and the large one is not starved."""
+        head: Ticket | None = None
+        held_back: set[str] = set()  # tenants with a request waiting for capacity: theirs keep order
+        busy_weight = self._busy_weight()  # every waiter's tenant is busy: not zero when it is read
         for ticket in sorted(self._waiters, key=lambda t: (t.start, t.seq)):
-            if self.inflight + ticket.cost > self.max_inflight:
-                break
             if self._tenant_full(ticket):
                 continue
+            if self.inflight + ticket.cost > self.max_inflight:
+                head = head or ticket
+                held_back.add(ticket.tenant)
+                continue
+            if head is not None:
+                if not self._may_pass(ticket, head, held_back, busy_weight):
+                    continue
+                head.passed += ticket.cost
             self._unwait(ticket)
             self._start(ticket)
             if ticket.admitted is not None and not ticket.admitted.done():
@@ -374,6 +484,7 @@ class FairScheduler:
             "inflight": self.inflight,
             "waiting": len(self._waiters),
             "tenants": {t: n for t, n in self._tenant_inflight.items() if n},
+            "tenants_waiting": dict(self._tenant_waiting),
         }
 
 

@@ -112,6 +112,23 @@ class Limits(BaseModel):
         description="Engine requests of HTTP requests waiting for the engines; past it HTTP gets 429 "
         "(queued messages wait in their streams instead).",
     )
+    tenant_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="With several tenants: the part of max_inflight_engine_requests a tenant without a "
+        "max_inflight of its own may hold (a larger request gets 413), and the part of "
+        "max_waiting_engine_requests each tenant's HTTP requests may take (then 429). Always: the part "
+        "of the open gathered groups one tenant may hold. One half: whatever one tenant sends, the "
+        "other half stays free for the others.",
+    )
+    max_gathered_bytes: int = Field(
+        256 << 20,
+        ge=1024,
+        description="One tenant's samples waiting for their groups to fill (gathered win rates: "
+        "/slime/reward, /get_reward with group_size), prompt and response bytes in UTF-8; past it "
+        "429. As media.tenant_blob_bytes: a bound on what one tenant makes the server hold.",
+    )
     max_retries: int = Field(3, ge=0, description="Upper bound on a request's cot retries.")
     max_new_tokens: int = Field(2048, ge=1, description="Upper bound on a request's reasoning budget.")
     max_messages: int = Field(64, ge=1, description="Chat messages per prompt.")
@@ -246,7 +263,10 @@ class TenantSettings(BaseModel):
     )
     weight: float = Field(1.0, gt=0, description="Its share of the engine relative to other busy tenants.")
     max_inflight: int | None = Field(
-        None, ge=1, description="Engine requests in flight for this tenant; more waits (queue) or gets 429."
+        None,
+        ge=1,
+        description="Engine requests in flight for this tenant; more waits (queue) or gets 429. Default: "
+        "with several tenants, its share of the capacity (limits.tenant_share); alone, no limit.",
     )
     max_queued: int | None = Field(
         None, ge=1, description="Messages waiting in all of this tenant's job streams; more are refused."

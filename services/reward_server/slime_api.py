@@ -8,7 +8,9 @@ text or chat messages; its label (a reference answer, for rule-based rewards) is
 ``?reward=score`` (default) rates the sample with the judge: a classifier's logit, a generative
 judge's expected rating. ``?reward=winrate&group_size=N`` gathers the samples of one prompt (per
 tenant and job) until N arrived, judges the group once (``/winrate``, with ``order`` and
-``opponents`` as there), and answers each call with its own win rate; see ``gathering``.
+``opponents`` as there), and answers each call with its own win rate; see ``gathering``. A sample is
+checked (the judge, its texts' limits) before it is kept waiting, and what one tenant keeps waiting
+is bounded (``limits.tenant_share`` of the open groups, ``limits.max_gathered_bytes``).
 A sample the judge could not score gets 502 with the reason (slime then retries and raises:
 it has no way to receive "no reward", and a silent 0 would be the worst reward).
 """
@@ -16,6 +18,7 @@ it has no way to receive "no reward", and a silent 0 would be the worst reward).
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -25,7 +28,8 @@ from referee.protocol import Message, ScoreItem, ScoreRequest, WinRateRequest
 
 from .deps import Gatherer, Service, Who
 from .errors import ClientError
-from .gathering import GroupGatherer, GroupIncomplete
+from .gathering import GatherRefused, GroupGatherer, GroupIncomplete, TenantBounds
+from .questions import prompt_texts
 from .service import JudgeService
 from .tenancy import Caller, authenticate
 
@@ -48,6 +52,20 @@ class GroupOptions(BaseModel):
     incomplete: Literal["judge", "error"] = "judge"
     order: Literal["single", "random", "both"] = "both"
     opponents: int | None = None
+
+
+def check_sample(service: JudgeService, prompt, response: str) -> None:
+    """The limits a gathered sample's texts must keep, checked before it waits for its group (its
+    group's /winrate checks them again, with the group's totals)."""
+    limit = service.limits.max_messages
+    if not isinstance(prompt, str) and len(prompt) > limit:
+        raise ClientError(
+            413,
+            "too_large",
+            f"prompt has {len(prompt)} chat messages, over the limit of {limit} (limits.max_messages); "
+            "shorten the conversation",
+        )
+    service.check_texts([*prompt_texts("prompt", prompt), ("response", response)])
 
 
 async def gathered_win_rate(
@@ -74,8 +92,16 @@ async def gathered_win_rate(
             "too_large",
             f"group_size={size} is over limits.max_group_size={service.limits.max_group_size}",
         )
+    service.judge_for(judge, "winrate")  # a judge that cannot answer is refused now, not after waiting
+    check_sample(service, prompt, response)
     key_prompt = prompt if isinstance(prompt, str) else json.dumps([m.model_dump() for m in prompt])
     key = (caller.tenant, caller.job, judge, key_prompt, size, options.order, options.opponents)
+    limits = service.limits
+    bounds = TenantBounds(
+        groups=max(1, math.ceil(limits.tenant_share * gather.max_open)),
+        nbytes=limits.max_gathered_bytes,
+        share=limits.tenant_share,
+    )
 
     async def judge_group(responses: list[str]) -> list[float | None]:
         req = WinRateRequest(
@@ -92,13 +118,16 @@ async def gathered_win_rate(
             timeout_s=min(options.group_timeout_s, service.limits.request_timeout_s),
             judge=judge_group,
             incomplete=options.incomplete,
+            tenant=caller.tenant,
+            nbytes=len(key_prompt.encode()) + len(response.encode()),
+            bounds=bounds,
         )
+    except GatherRefused as exc:
+        raise ClientError(429, exc.code, exc.message, {"Retry-After": "5"}) from None
     except GroupIncomplete as exc:
         raise ClientError(504, "group_incomplete", str(exc)) from None
     except ValueError as exc:
         raise ClientError(409, "group_mismatch", str(exc)) from None
-    except OverflowError as exc:
-        raise ClientError(429, "overloaded", str(exc), {"Retry-After": "5"}) from None
     if rate is None:
         raise ClientError(502, "unscorable", "none of this response's comparisons gave a valid verdict")
     return rate

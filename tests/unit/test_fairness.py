@@ -11,8 +11,11 @@ import pytest
 from reward_server.fairness import PRIORITY_SCALE, AdmissionRefused, FairScheduler, TenantPolicy
 
 
-def _scheduler(max_inflight=1000, max_waiting=1000, **policies) -> FairScheduler:
-    return FairScheduler(max_inflight, max_waiting, {k: TenantPolicy(**v) for k, v in policies.items()})
+def _scheduler(max_inflight=1000, max_waiting=1000, tenant_share=None, **policies) -> FairScheduler:
+    """A scheduler for the rules of order and limits; the default tenant share (which applies when
+    several tenants are configured) only where a test turns it on."""
+    policies = {k: TenantPolicy(**v) for k, v in policies.items()}
+    return FairScheduler(max_inflight, max_waiting, policies, tenant_share=tenant_share)
 
 
 async def _priorities(scheduler, tenant, job, n):
@@ -222,3 +225,167 @@ def test_the_tokeniser_worker_runs_the_lowest_priority_first_and_skips_cancelled
     assert waiting.cancelled() and worker.submit(0, lambda: None).cancelled()
     worker._thread.join(timeout=5)
     assert not worker._thread.is_alive() and "after shutdown" not in ran
+
+
+# ------------------------------------------------------------ no tenant holds everything
+
+
+async def _held(s, tenant, cost, job="j"):
+    """Enter an admission of ``cost`` and keep it held (the caller leaves it with ``__aexit__``)."""
+    cm = s.admit(tenant, job, cost, wait=False)
+    return cm, await cm.__aenter__()
+
+
+async def _settle(task, turns=20):
+    """Let the loop run a few turns without anything being released (no timing)."""
+    for _ in range(turns):
+        if task.done():
+            return
+        await asyncio.sleep(0)
+
+
+async def test_a_tenant_without_limits_holds_at_most_its_share_and_another_is_admitted_at_once():
+    # Two tenants, neither with a max_inflight: A's two large requests cannot take all the capacity.
+    s = FairScheduler(100, 100, {"a": TenantPolicy(), "b": TenantPolicy()})
+    held, _ = await _held(s, "a", 50)  # half the capacity: A's default share
+    second = asyncio.ensure_future(_enter_and_leave(s, "a", 50, wait=False))
+    await _settle(second)
+    assert not second.done() and s.status()["waiting"] == 1  # waits for A's own room
+    small = asyncio.ensure_future(_enter_and_leave(s, "b", 1, wait=False))
+    await _settle(small)
+    assert small.done() and small.exception() is None  # admitted while A's requests are held
+    await held.__aexit__(None, None, None)
+    await _settle(second)
+    assert second.done() and second.exception() is None
+    assert s.inflight == 0 and s.waiting_cost == 0
+
+
+async def test_a_request_that_fits_is_admitted_while_a_large_one_waits_for_room():
+    # A may hold everything (its own max_inflight): its second large request waits for capacity;
+    # B's one-item request fits beside it and is admitted without anything being released.
+    s = FairScheduler(100, 200, {"a": TenantPolicy(max_inflight=200), "b": TenantPolicy()})
+    held, _ = await _held(s, "a", 60)
+    large = asyncio.ensure_future(_enter_and_leave(s, "a", 60, wait=False))
+    await _settle(large)
+    assert not large.done()
+    small = asyncio.ensure_future(_enter_and_leave(s, "b", 1, wait=False))
+    await _settle(small)
+    assert small.done() and small.exception() is None
+    await held.__aexit__(None, None, None)
+    await _settle(large)
+    assert large.done() and large.exception() is None
+
+
+async def _history(s, tenant, cost):
+    """Run one request of ``cost`` to its end: the tenant's finish tag moves on by ``cost``."""
+    async with s.admit(tenant, "j", cost, wait=False):
+        pass
+
+
+async def test_a_later_request_passes_a_large_waiting_one_only_within_its_fair_share():
+    s = _scheduler(100, 1000, a={}, b={}, c={})
+    held, _ = await _held(s, "a", 40)  # keeps the order going (no idle reset)
+    await _history(s, "b", 45)  # b has been served more than a: its next tags come after a's
+    large = asyncio.ensure_future(_enter_and_leave(s, "a", 70, wait=False))  # 40 + 70 > 100: waits
+    await _settle(large)
+    assert not large.done()
+    passing = []
+    for _ in range(6):  # b's requests, tagged after a's large one, fit beside it
+        task = asyncio.ensure_future(_held(s, "b", 10))
+        await _settle(task)
+        if not task.done():
+            passing.append(task)
+            break
+        passing.append(task)
+    # b passes while it stays within its fair share (half of 100, a and b busy): five of 10, not six
+    assert [t.done() for t in passing] == [True] * 5 + [False]
+    assert s.status()["tenants"] == {"a": 40, "b": 50}
+    own = asyncio.ensure_future(_enter_and_leave(s, "a", 1, wait=False))  # a's own keep their order
+    await _settle(own)
+    assert not own.done()
+    for task in passing[:5]:
+        cm, _ = task.result()
+        await cm.__aexit__(None, None, None)
+    await held.__aexit__(None, None, None)
+    for task in (large, own, passing[5]):
+        await _settle(task)
+    assert large.done() and own.done() and passing[5].done()
+    cm, _ = passing[5].result()
+    await cm.__aexit__(None, None, None)
+    assert s.inflight == 0 and s.status()["waiting"] == 0
+
+
+async def test_a_large_waiting_request_is_passed_by_at_most_its_own_cost_then_goes_first():
+    s = _scheduler(100, 1000, a={}, b={})
+    held, _ = await _held(s, "a", 40)
+    await _history(s, "b", 45)
+    large = asyncio.ensure_future(_enter_and_leave(s, "a", 70, wait=False))
+    await _settle(large)
+    passed = 0
+    while True:  # b's small requests, one at a time, each run to its end as soon as it is admitted
+        task = asyncio.ensure_future(_held(s, "b", 10))
+        await _settle(task)
+        if not task.done():
+            break
+        cm, _ = task.result()
+        await cm.__aexit__(None, None, None)
+        passed += 10
+    assert passed == 70  # the large request's own cost: then nothing more goes ahead of it
+    assert not large.done() and s.status()["waiting"] == 2
+    await held.__aexit__(None, None, None)  # room for the large one: admitted, then what fits
+    assert s.status()["tenants"] == {"a": 70, "b": 10} and s.status()["waiting"] == 0
+    await _settle(large)
+    await _settle(task)
+    cm, _ = task.result()
+    await cm.__aexit__(None, None, None)
+    assert s.inflight == 0
+
+
+async def test_each_tenant_has_a_share_of_the_waiting_room():
+    s = FairScheduler(10, 10, {"a": TenantPolicy(), "b": TenantPolicy(), "c": TenantPolicy()})
+    held, _ = await _held(s, "a", 5)  # a's share of the capacity (half of 10)
+    a_waiting = [asyncio.ensure_future(_enter_and_leave(s, "a", 1, wait=False)) for _ in range(5)]
+    await _settle(a_waiting[-1])
+    assert s.status()["tenants_waiting"] == {"a": 5}
+    with pytest.raises(AdmissionRefused) as err:  # a's sixth waiting request: over its half of the room
+        await _enter_and_leave(s, "a", 1, wait=False)
+    assert err.value.status == 429 and err.value.code == "rate_limited"
+    assert "limits.tenant_share" in err.value.message and "waiting room" in err.value.message
+    b_held, _ = await _held(s, "b", 5)  # b is admitted at once beside a's flood
+    b_waiting = [asyncio.ensure_future(_enter_and_leave(s, "b", 1, wait=False)) for _ in range(5)]
+    await _settle(b_waiting[-1])
+    assert not any(t.done() for t in b_waiting)  # waiting, not refused
+    with pytest.raises(AdmissionRefused) as err:  # the room is full now: c is told the judge is busy
+        await _enter_and_leave(s, "c", 1, wait=False)
+    assert err.value.code == "overloaded"
+    await held.__aexit__(None, None, None)
+    await b_held.__aexit__(None, None, None)
+    await asyncio.gather(*a_waiting, *b_waiting)
+    assert s.inflight == 0 and s.waiting_cost == 0 and s.status()["tenants_waiting"] == {}
+
+
+async def test_a_request_over_the_tenant_share_is_413_and_one_tenant_alone_has_no_share():
+    s = FairScheduler(
+        100, 100, {"a": TenantPolicy(), "b": TenantPolicy(), "big": TenantPolicy(max_inflight=100)}
+    )
+    with pytest.raises(AdmissionRefused) as err:
+        await _enter_and_leave(s, "a", 51, wait=True)
+    assert err.value.status == 413 and "share of 50" in err.value.message
+    assert "limits.tenant_share" in err.value.message
+    await _enter_and_leave(s, "big", 100, wait=False)  # its own max_inflight replaces the share
+    await _enter_and_leave(s, "a", 50, wait=False)
+    for alone in (FairScheduler(100, 100), FairScheduler(100, 100, {"only": TenantPolicy()})):
+        assert alone.inflight_limit("only") is None
+        await _enter_and_leave(alone, "only", 100, wait=False)  # nobody else to keep room for
+
+
+async def test_a_queued_message_over_its_tenant_share_waits_for_its_own_room():
+    s = FairScheduler(10, 0, {"a": TenantPolicy(), "b": TenantPolicy()})
+    held, _ = await _held(s, "a", 5)
+    queued = asyncio.ensure_future(_enter_and_leave(s, "a", 1, wait=True))
+    await _settle(queued)
+    assert not queued.done()  # waits (queued messages are not refused), though 5 are free
+    await _enter_and_leave(s, "b", 5, wait=False)  # the other half is b's
+    await held.__aexit__(None, None, None)
+    await _settle(queued)
+    assert queued.done() and queued.exception() is None

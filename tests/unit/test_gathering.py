@@ -100,3 +100,136 @@ def test_a_caller_that_goes_away_does_not_cancel_the_group():
         return await stays
 
     assert run(main()) == "b" and seen == [["a", "b"]]
+
+
+# ---------------------------------------------------------------- bounds per tenant, and leaving
+
+
+async def _turns(n=5):
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_one_tenants_open_groups_are_bounded_and_another_tenant_still_gathers():
+    from reward_server.gathering import GatherRefused, TenantBounds
+
+    async def judge(members):
+        return members
+
+    async def main():
+        g = GroupGatherer(max_open=100)
+        bounds = TenantBounds(groups=3, nbytes=1000)
+        flood = [
+            asyncio.ensure_future(
+                g.submit(
+                    ("a", k), "x", size=2, timeout_s=60, judge=judge, tenant="a", nbytes=10, bounds=bounds
+                )
+            )
+            for k in range(3)
+        ]
+        await _turns()
+        assert g.usage("a") == (3, 30)
+        with pytest.raises(GatherRefused) as err:  # a fourth open group of tenant a
+            await g.submit(("a", 9), "x", size=2, timeout_s=60, judge=judge, tenant="a", bounds=bounds)
+        assert err.value.code == "rate_limited" and "limits.tenant_share" in str(err.value)
+        # a sample joining one of a's open groups is not a new group: taken
+        joined = g.submit(
+            ("a", 0), "y", size=2, timeout_s=60, judge=judge, tenant="a", nbytes=10, bounds=bounds
+        )
+        assert await joined == "y"
+        # tenant b gathers as before, while a's other groups stay open
+        b = [
+            g.submit(("b", 0), m, size=2, timeout_s=60, judge=judge, tenant="b", bounds=bounds) for m in "pq"
+        ]
+        assert await asyncio.gather(*b) == ["p", "q"]
+        assert g.usage("a") == (2, 20) and g.usage("b") == (0, 0)
+        for task in flood:
+            task.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
+        return g
+
+    g = run(main())
+    assert g.open_groups == 0 and g.usage("a") == (0, 0)
+
+
+def test_one_tenants_buffered_bytes_are_bounded_and_the_message_names_the_limit():
+    from reward_server.gathering import GatherRefused, TenantBounds
+
+    async def judge(members):
+        return members
+
+    async def main():
+        g = GroupGatherer()
+        bounds = TenantBounds(groups=100, nbytes=100)
+        held = asyncio.ensure_future(
+            g.submit("p", "x", size=3, timeout_s=60, judge=judge, tenant="a", nbytes=60, bounds=bounds)
+        )
+        await _turns()
+        with pytest.raises(GatherRefused) as err:
+            await g.submit("p", "y", size=3, timeout_s=60, judge=judge, tenant="a", nbytes=41, bounds=bounds)
+        assert err.value.code == "rate_limited" and "limits.max_gathered_bytes (100)" in str(err.value)
+        assert g.usage("a") == (1, 60)  # the refused sample left nothing behind
+        other = asyncio.ensure_future(
+            g.submit("q", "z", size=3, timeout_s=60, judge=judge, tenant="b", nbytes=99, bounds=bounds)
+        )
+        await _turns()
+        assert g.usage("b") == (1, 99)
+        held.cancel()
+        other.cancel()
+        await asyncio.gather(held, other, return_exceptions=True)
+        return g
+
+    g = run(main())
+    assert g.usage("a") == (0, 0) and g.usage("b") == (0, 0) and g.open_groups == 0
+
+
+def test_a_sample_whose_caller_goes_away_leaves_its_open_group():
+    judged = []
+
+    async def judge(members):
+        judged.append(list(members))
+        return members
+
+    async def main():
+        g = GroupGatherer()
+        gone = asyncio.ensure_future(
+            g.submit("p", "a", size=2, timeout_s=60, judge=judge, tenant="t", nbytes=5)
+        )
+        await _turns()
+        assert g.usage("t") == (1, 5)
+        gone.cancel()  # the client disconnected before the group was complete
+        await asyncio.gather(gone, return_exceptions=True)
+        assert g.open_groups == 0 and g.usage("t") == (0, 0) and g.withdrawn == 1
+        # the group fills with the samples of callers still there, not with the one that left
+        out = await asyncio.gather(*[g.submit("p", m, size=2, timeout_s=60, judge=judge) for m in "bc"])
+        return out
+
+    assert run(main()) == ["b", "c"] and judged == [["b", "c"]]
+
+
+def test_a_sample_whose_deadline_passes_leaves_its_group_and_gets_an_error():
+    import time
+
+    from reward_server.fairness import DEADLINE
+
+    async def judge(members):
+        return members
+
+    async def main():
+        g = GroupGatherer()
+        stays = asyncio.ensure_future(
+            g.submit("p", "a", size=3, timeout_s=60, judge=judge, tenant="t", nbytes=5)
+        )
+        await _turns()
+        token = DEADLINE.set(time.monotonic())  # this call's deadline: already passed
+        try:
+            with pytest.raises(GroupIncomplete, match="deadline"):
+                await g.submit("p", "late", size=3, timeout_s=60, judge=judge, tenant="t", nbytes=7)
+        finally:
+            DEADLINE.reset(token)
+        assert g.usage("t") == (1, 5) and g.withdrawn == 1  # the late one is gone, the group stays
+        rest = [g.submit("p", m, size=3, timeout_s=60, judge=judge) for m in "bc"]
+        return await asyncio.gather(stays, *rest), g
+
+    out, g = run(main())
+    assert out == ["a", "b", "c"] and g.open_groups == 0
