@@ -348,3 +348,15 @@ def snippets(page: str) -> list[Snippet]:
 
 def snippet(page: str, index: int = 0) -> Snippet:
     return snippets(page)[index]
+
+
+def served_dtype(client, judge: str) -> str | None:
+    """The dtype a served judge's engine runs in (``/judges``)."""
+    return {j["name"]: j["dtype"] for j in client.get("/judges").json()["judges"]}[judge]
+
+
+# How far two answers of the same engine to the same input may differ when they were computed in
+# different batches or with and without prefix-cache hits: float32 engines on the CPU build repeat
+# their answers to about 1e-6; bfloat16 ones do not (the reduction order changes with the batch),
+# and a probability near a tie moved by up to a few hundredths in the tests here.
+RECOMPUTE_TOLERANCE = {"float32": 1e-6, "bfloat16": 0.05}

@@ -91,6 +91,7 @@ class JudgeService:
             policies,
             isolate_cache=settings.auth,
             max_wait_s=self.limits.max_admission_wait_s,
+            tenant_share=self.limits.tenant_share,
         )
         self.blobs: media.BlobStore = blobs or media.MemoryBlobStore(settings.media)
         cache = settings.cache

@@ -161,3 +161,40 @@ def test_the_request_character_budget_is_checked_for_queued_messages(server_url,
 
     error = asyncio.run(send())
     assert "limits.max_request_chars" in str(error)
+
+
+# ---------------------------------------------------------------- the OpenAI face's bounds
+
+
+def test_a_flood_of_stop_strings_is_refused_before_the_engine(client):
+    """vLLM checks every stop string on every generated token in the API process: 50,000 of them
+    (a 450 kB body, under every size limit) are refused at once, and the server keeps answering."""
+    body = {
+        "model": "smollm2",
+        "prompt": "Say hi.",
+        "max_tokens": 8,
+        "n": 2,
+        "stop": [f"s{k}" for k in range(50_000)],
+    }
+    before = metric(client, "referee_engine_requests_total", judge="smollm2")
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "limits.max_stop_strings" in r.json()["error"]["message"]
+    assert metric(client, "referee_engine_requests_total", judge="smollm2") == before  # never reached it
+    assert client.get("/healthz").status_code == 200
+    ok = client.post("/v1/completions", json={**body, "stop": ["\n", "."]})
+    assert ok.status_code == 200, ok.text
+
+
+def test_log_probability_volume_is_bounded(client):
+    body = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "n": 64,
+        "max_tokens": 256,
+        "logprobs": True,
+        "top_logprobs": 20,
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and "limits.max_logprob_entries" in r.json()["error"]["message"], r.text
