@@ -24,16 +24,20 @@ from transformers import AutoTokenizer
 from referee.embedded import resolve_model
 
 from .engine_types import Completion, EngineDead
-from .hardware import cpu_info, device_type, engine_environment, resolve_dtype
+from .hardware import (
+    EngineDefaults,
+    cpu_info,
+    device_type,
+    engine_defaults,
+    engine_environment,
+    resolve_dtype,
+)
 from .judge_settings import EngineSettings
 from .tokens import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
-# The CPU build's default engine step: fairness between jobs beside a flood for a small share of
-# throughput (see EngineSettings.max_num_batched_tokens and BENCHMARKS.md's step-budget section).
-CPU_STEP_TOKENS = 256
 T = TypeVar("T")
 
 
@@ -158,6 +162,58 @@ def model_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def engine_args(
+    path: str,
+    settings: EngineSettings,
+    runner: str,
+    device: str,
+    dtype: str,
+    *,
+    engines_on_device: int = 1,
+    devices: list[int] | None = None,
+) -> tuple[dict, EngineDefaults]:
+    """vLLM's ``AsyncEngineArgs`` for one engine, and the platform defaults it got (with why).
+
+    Settings left unset get the platform's defaults (``hardware.engine_defaults``); ``devices``
+    (or the engine's own ``gpus``) become vLLM's ``device_ids``, indices into the visible GPUs."""
+    chosen = engine_defaults(
+        device,
+        runner,
+        enforce_eager=settings.enforce_eager,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        engines_on_device=engines_on_device,
+    )
+    prefix_caching = settings.enable_prefix_caching
+    if prefix_caching is None:
+        # Generative judges see the same system prompt and question many times (every pair of
+        # a win-rate group shares it), which prefix caching turns into one prefill.
+        prefix_caching = runner == "generate"
+    kwargs: dict = dict(
+        model=path,
+        runner=runner,
+        dtype=dtype,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=chosen.gpu_memory_utilization,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        enforce_eager=chosen.enforce_eager,
+        enable_prefix_caching=prefix_caching,
+        seed=settings.seed,
+        scheduling_policy=settings.scheduling_policy,
+    )
+    if settings.kv_cache_memory_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_memory_gib * GiB)
+    if settings.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = settings.max_num_seqs
+    if chosen.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = chosen.max_num_batched_tokens
+    gpus = settings.gpus if settings.gpus is not None else devices
+    if gpus is not None and device != "cpu":
+        kwargs["device_ids"] = list(gpus)
+    kwargs.update(settings.extra)
+    return kwargs, chosen
+
+
 class Engine:
     """An async vLLM engine for one model, with the model's own tokenizer for prompt building."""
 
@@ -175,6 +231,7 @@ class Engine:
         self.max_model_len: int = llm.model_config.max_model_len
         self.dtype: str = str(llm.model_config.dtype).removeprefix("torch.")
         self.dtype_reason = dtype_reason
+        self.choices: dict[str, str] = {}  # platform-dependent settings: what it got and why
         self.image_placeholder = _image_placeholder(llm) if runner == "generate" else None
         self.media: list[str] = ["image"] if self.image_placeholder else []
 
@@ -185,57 +242,40 @@ class Engine:
         settings: EngineSettings,
         runner: Literal["generate", "pooling"],
         cpu_bind: str | None = None,
+        *,
+        engines_on_device: int = 1,
+        devices: list[int] | None = None,
     ) -> Engine:
         """Start an engine; ``cpu_bind`` is the CPU build's ``VLLM_CPU_OMP_THREADS_BIND`` for it
-        (None: vLLM's own choice)."""
+        (None: vLLM's own choice); ``devices`` the GPUs it is placed on and ``engines_on_device``
+        how many engines share them (``memory_plan.place_engines``; ``engine.gpus`` wins)."""
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         path = resolve_model(model)
-        dtype, why = resolve_dtype(settings.dtype)
-        prefix_caching = settings.enable_prefix_caching
-        if prefix_caching is None:
-            # Generative judges see the same system prompt and question many times (every pair of
-            # a win-rate group shares it), which prefix caching turns into one prefill.
-            prefix_caching = runner == "generate"
-        kwargs = dict(
-            model=path,
-            runner=runner,
-            dtype=dtype,
-            max_model_len=settings.max_model_len,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            tensor_parallel_size=settings.tensor_parallel_size,
-            enforce_eager=settings.enforce_eager,
-            enable_prefix_caching=prefix_caching,
-            seed=settings.seed,
-            scheduling_policy=settings.scheduling_policy,
-        )
-        if settings.kv_cache_memory_gib is not None:
-            kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_memory_gib * GiB)
-        if settings.max_num_seqs is not None:
-            kwargs["max_num_seqs"] = settings.max_num_seqs
         device = device_type()
-        step = settings.max_num_batched_tokens
-        if step is None and device == "cpu" and runner == "generate":
-            step = CPU_STEP_TOKENS  # (a pooling model's one forward pass per input is left to vLLM)
-        if step is not None:
-            kwargs["max_num_batched_tokens"] = step
-        kwargs.update(settings.extra)
+        dtype, why = resolve_dtype(settings.dtype)
+        kwargs, chosen = engine_args(
+            path, settings, runner, device, dtype, engines_on_device=engines_on_device, devices=devices
+        )
+        placed = f"; GPUs {kwargs['device_ids']}" if "device_ids" in kwargs else ""
         if device == "cpu":
             bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_bind or "auto (vLLM's default)"
             logger.info(
-                "starting vLLM engine for %s (%s) on the CPU: %s; dtype %s (%s); worker cores %s",
-                path, runner, cpu_info().describe(), dtype, why, bind,
+                "starting vLLM engine for %s (%s) on the CPU: %s; dtype %s (%s); worker cores %s; %s",
+                path, runner, cpu_info().describe(), dtype, why, bind, chosen.describe(),
             )  # fmt: skip
         else:
             logger.info(
-                "starting vLLM engine for %s (%s) on %s; dtype %s (%s)", path, runner, device, dtype, why
-            )
+                "starting vLLM engine for %s (%s) on %s%s; dtype %s (%s); %s",
+                path, runner, device, placed, dtype, why, chosen.describe(),
+            )  # fmt: skip
         with engine_environment(cpu_bind if device == "cpu" else None):
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         tokenizer = AutoTokenizer.from_pretrained(path)
         engine = cls(llm, tokenizer, path, runner, why)
         engine.fingerprint = model_fingerprint(path)
+        engine.choices = dict(chosen.reasons)
         return engine
 
     @property

@@ -1,6 +1,7 @@
-"""What the machine runs well: the engine dtype and the cores an engine's worker is bound to.
+"""What the machine runs well: the engine dtype, the engine defaults of each platform (CUDA graphs,
+memory fraction, step budget) and the cores an engine's worker is bound to.
 
-The one place that decides both, so that the server, the embedded judge, the test fixtures, the
+The one place that decides them, so that the server, the embedded judge, the test fixtures, the
 demo and the benchmarks make the same choice.
 
 dtype: on vLLM's CPU build, bfloat16 is fast only where the processor has native bf16 arithmetic
@@ -8,6 +9,11 @@ dtype: on vLLM's CPU build, bfloat16 is fast only where the processor has native
 vLLM falls back to torch's reference path, and a bf16 matrix product ran about 44 times slower than
 float32 on an AVX2 EPYC. So ``dtype: auto`` means bfloat16 where it is native and float32 otherwise.
 An explicit dtype is always kept; accelerator builds keep the model's own dtype (vLLM's ``auto``).
+
+Platform defaults (``engine_defaults``): an engine setting left unset (None) gets its platform's
+value. On the CPU build: eager mode (no CUDA graphs or torch.compile: start-up time), 0.1 of host
+RAM, a 256-token step for generative judges (fairness beside a flood; BENCHMARKS.md). On CUDA: CUDA
+graphs on, 0.9 of the GPU divided among the engines placed on it, vLLM's own step budget.
 
 Cores: vLLM's CPU build binds each engine's worker to cores through ``VLLM_CPU_OMP_THREADS_BIND``
 (default ``auto``: one core per worker, the rest reserved for other processes). The policy here
@@ -82,6 +88,75 @@ def dtype_rule(requested: str, device: str, info: CpuInfo | None) -> tuple[str, 
     if info.native_bf16:
         return "bfloat16", "the CPU has native bf16"
     return "float32", f"the CPU has no native bf16 ({info.capability}); bf16 would run on a slow path"
+
+
+# The CPU build's default engine step: fairness between jobs beside a flood for a small share of
+# throughput (see EngineSettings.max_num_batched_tokens and BENCHMARKS.md's step-budget section).
+CPU_STEP_TOKENS = 256
+CPU_MEMORY_FRACTION = 0.1  # of host RAM on the CPU build
+GPU_MEMORY_TOTAL = 0.9  # of one GPU, shared by the engines placed on it (vLLM's own default, for one)
+
+
+@dataclass(frozen=True)
+class EngineDefaults:
+    """What an engine gets for its platform-dependent settings, and why (for the start log and
+    ``/judges``)."""
+
+    enforce_eager: bool
+    gpu_memory_utilization: float
+    max_num_batched_tokens: int | None  # None: vLLM's own
+    reasons: dict[str, str]
+
+    def describe(self) -> str:
+        return "; ".join(f"{k} {v}" for k, v in self.reasons.items())
+
+
+def engine_defaults(
+    platform: str,
+    runner: str,
+    *,
+    enforce_eager: bool | None = None,
+    gpu_memory_utilization: float | None = None,
+    max_num_batched_tokens: int | None = None,
+    engines_on_device: int = 1,
+) -> EngineDefaults:
+    """The platform rule: configured values (not None) are kept, the others get ``platform``'s
+    default ("cpu" for the CPU build, "cuda", ...). ``engines_on_device``: the engines placed on
+    this engine's GPU(s), which share its default memory fraction."""
+    cpu = platform == "cpu"
+    reasons: dict[str, str] = {}
+    if enforce_eager is not None:
+        eager = enforce_eager
+        reasons["enforce_eager"] = f"{eager} (set explicitly)"
+    else:
+        eager = cpu
+        reasons["enforce_eager"] = (
+            "True (CPU build: no CUDA graphs, start-up time)"
+            if cpu
+            else f"False ({platform}: CUDA graphs and torch.compile for decoding speed)"
+        )
+    if gpu_memory_utilization is not None:
+        fraction = gpu_memory_utilization
+        reasons["gpu_memory_utilization"] = f"{fraction} (set explicitly)"
+    elif cpu:
+        fraction = CPU_MEMORY_FRACTION
+        reasons["gpu_memory_utilization"] = f"{fraction} (CPU build: of host RAM)"
+    else:
+        n = max(1, engines_on_device)
+        fraction = round(GPU_MEMORY_TOTAL / n, 4)
+        reasons["gpu_memory_utilization"] = f"{fraction} ({platform}: {GPU_MEMORY_TOTAL} of the GPU" + (
+            f" shared by {n} engines placed on it)" if n > 1 else ", one engine on it)"
+        )
+    if max_num_batched_tokens is not None:
+        step = max_num_batched_tokens
+        reasons["max_num_batched_tokens"] = f"{step} (set explicitly)"
+    elif cpu and runner == "generate":
+        step = CPU_STEP_TOKENS
+        reasons["max_num_batched_tokens"] = f"{step} (CPU build, generative: fairness beside a flood)"
+    else:
+        step = None
+        reasons["max_num_batched_tokens"] = "vLLM's own" + (" (pooling model)" if cpu else f" ({platform})")
+    return EngineDefaults(eager, fraction, step, reasons)
 
 
 def device_type() -> str:

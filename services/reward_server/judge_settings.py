@@ -25,14 +25,28 @@ class EngineSettings(BaseModel):
         "or AMX), float32 elsewhere; on accelerators the model's own dtype. An explicit value wins.",
     )
     max_model_len: int = Field(4096, ge=64)
-    gpu_memory_utilization: float = Field(
-        0.1, gt=0, le=1, description="Fraction of accelerator memory (of host RAM on the CPU build)."
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Fraction of accelerator memory (of host RAM on the CPU build). Default: the "
+        "platform's (0.1 of host RAM on the CPU build; on a GPU 0.9 divided among the engines placed "
+        "on it).",
     )
     kv_cache_memory_gib: float | None = Field(
         None, gt=0, description="Fixed KV-cache size; overrides gpu_memory_utilization when set."
     )
     tensor_parallel_size: int = Field(1, ge=1)
-    enforce_eager: bool = True
+    gpus: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="GPUs this engine runs on (indices into the visible GPUs, as many as "
+        "tensor_parallel_size). Default: engines spread over the visible GPUs.",
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="CUDA graphs off. Default: the platform's (true on the CPU build, false on a GPU).",
+    )
     enable_prefix_caching: bool | None = Field(None, description="Default: on for generative judges.")
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(

@@ -5,7 +5,15 @@ import os
 
 import pytest
 
-from reward_server.hardware import CpuInfo, cpu_bind_for, cpu_info, dtype_rule, engine_environment
+from reward_server.hardware import (
+    CpuInfo,
+    cpu_bind_for,
+    cpu_info,
+    dtype_rule,
+    engine_defaults,
+    engine_environment,
+)
+from reward_server.judge_settings import EngineSettings
 from reward_server.settings import DEFAULT_JUDGE, ServerSettings
 
 
@@ -76,3 +84,53 @@ def test_this_machine_is_described():
     info = cpu_info()
     assert info.cores >= 1 and info.capability
     assert ("native bf16 yes" in info.describe()) == info.native_bf16
+
+
+def test_platform_defaults_on_the_cpu_build_are_todays_choices():
+    gen = engine_defaults("cpu", "generate")
+    assert (gen.enforce_eager, gen.gpu_memory_utilization, gen.max_num_batched_tokens) == (True, 0.1, 256)
+    pool = engine_defaults("cpu", "pooling", engines_on_device=3)  # host RAM is not divided
+    assert (pool.enforce_eager, pool.gpu_memory_utilization, pool.max_num_batched_tokens) == (True, 0.1, None)
+    assert "CPU build" in gen.reasons["enforce_eager"] and "of host RAM" in gen.describe()
+
+
+def test_platform_defaults_on_cuda_use_graphs_vllms_step_and_share_the_gpu():
+    one = engine_defaults("cuda", "generate")
+    assert (one.enforce_eager, one.gpu_memory_utilization, one.max_num_batched_tokens) == (False, 0.9, None)
+    three = engine_defaults("cuda", "pooling", engines_on_device=3)
+    assert (
+        three.gpu_memory_utilization == 0.3
+        and "shared by 3 engines" in three.reasons["gpu_memory_utilization"]
+    )
+    assert "CUDA graphs" in three.reasons["enforce_eager"]
+
+
+def test_explicit_engine_settings_win_on_every_platform():
+    for platform in ("cpu", "cuda"):
+        got = engine_defaults(
+            platform, "generate", enforce_eager=True, gpu_memory_utilization=0.42, max_num_batched_tokens=512
+        )
+        assert (got.enforce_eager, got.gpu_memory_utilization, got.max_num_batched_tokens) == (
+            True,
+            0.42,
+            512,
+        )
+        assert all("set explicitly" in why for why in got.reasons.values())
+
+
+def test_engine_args_resolve_unset_settings_by_platform_and_place_on_gpus():
+    from reward_server.engine import engine_args
+
+    unset = EngineSettings()
+    assert unset.enforce_eager is None and unset.gpu_memory_utilization is None
+    cpu, _ = engine_args("/m", unset, "generate", "cpu", "float32", devices=[1])
+    assert cpu["enforce_eager"] is True and cpu["gpu_memory_utilization"] == 0.1
+    assert cpu["max_num_batched_tokens"] == 256 and "device_ids" not in cpu
+    gpu, chosen = engine_args("/m", unset, "generate", "cuda", "auto", engines_on_device=2, devices=[1])
+    assert gpu["enforce_eager"] is False and gpu["gpu_memory_utilization"] == 0.45
+    assert "max_num_batched_tokens" not in gpu and gpu["device_ids"] == [1]
+    assert chosen.reasons["enforce_eager"].startswith("False")
+    pinned, _ = engine_args(
+        "/m", EngineSettings(gpus=[2, 3], tensor_parallel_size=2), "pooling", "cuda", "auto"
+    )
+    assert pinned["device_ids"] == [2, 3]
