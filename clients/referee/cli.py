@@ -56,6 +56,60 @@ def serve(
     run_server(config, host, port, queue, allow_open=allow_open)
 
 
+config_app = typer.Typer(help="Judges files: check one before serving it.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("check")
+def config_check(
+    config: Annotated[
+        Path, typer.Argument(help="YAML file of judges and limits.", exists=True, dir_okay=False)
+    ],
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="The GPUs to plan for, e.g. 1x80GiB, 2x24GB or 80GiB,40GiB (default: this machine's)."
+        ),
+    ] = None,
+) -> None:
+    """Check a judges file: its settings, where each engine would run and whether it fits in GPU
+    memory, from the models' own files (loads nothing; exit 1 if it cannot start)."""
+    try:
+        from pydantic import ValidationError
+
+        from reward_server.cli import settings_problems
+        from reward_server.memory_plan import PlanError, parse_gpus, plan, visible_gpus
+        from reward_server.settings import load_settings
+    except ImportError as exc:
+        console.print(f"[red]the server is not installed ({exc}); install referee[cpu] or referee[gpu][/red]")
+        raise typer.Exit(1) from exc
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pydantic-settings on the yaml_file key
+            settings = load_settings(config)
+    except ValidationError as exc:
+        typer.echo(f"{config}: invalid settings\n{settings_problems(exc)}", err=True)
+        raise typer.Exit(1) from exc
+    try:
+        sizes = parse_gpus(gpus) if gpus else visible_gpus()
+        if not sizes:
+            typer.echo(
+                "no GPU visible here: say which to plan for with --gpus, e.g. --gpus 1x80GiB", err=True
+            )
+            raise typer.Exit(1)
+        result = plan(settings, sizes)
+    except PlanError as exc:
+        typer.echo(f"{config}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(result.render())
+    if not result.ok:
+        typer.echo(f"{config}: the judges do not fit their GPUs", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{config}: fits" + (" (some judges not checked)" if result.unchecked else ""))
+
+
 @app.command()
 def judges(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
     """List the judges the server has loaded."""

@@ -22,6 +22,15 @@ def test_gpu_judges_file_is_valid_settings():
     assert {j.kind for j in settings.judges} == {"classifier", "generative"}
 
 
+def test_gpu_judges_file_fits_one_80gb_gpu_by_the_memory_plan():
+    from reward_server.memory_plan import parse_gpus, plan
+
+    settings = ServerSettings(**yaml.safe_load((REPO / "deploy" / "judges.gpu.yaml").read_text()))
+    result = plan(settings, parse_gpus("1x80GiB"))
+    assert result.ok and not result.unchecked, result.render()
+    assert {e.name for e in result.engines} == {"skywork-rm", "qwen-judge", "vlm-judge"}
+
+
 def test_kubernetes_manifests_parse_and_use_the_server_routes():
     docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "reward-server.yaml").read_text()))
     kinds = {d["kind"]: d for d in docs}
