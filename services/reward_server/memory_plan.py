@@ -321,6 +321,7 @@ class EnginePlan:
     fit_fraction: float | None = None
     source: str = ""
     problem: str | None = None
+    sharing: int = 1  # engines on its most shared GPU (itself included)
 
     @property
     def name(self) -> str:
@@ -337,6 +338,14 @@ class Plan:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def placement(self, judge: str) -> tuple[list[int], int]:
+        """``(GPUs, engines sharing them)`` for the engine of ``judge``: ``Engine.start``'s
+        ``devices`` and ``engines_on_device``."""
+        for e in self.engines:
+            if judge in e.judges:
+                return e.gpus, e.sharing
+        raise KeyError(judge)
 
     def check(self) -> Plan:
         if self.problems:
@@ -374,6 +383,7 @@ def plan(settings, gpus: list[int], footprints: dict[str, Footprint | None] | No
         )
         fraction = chosen.gpu_memory_utilization
         row = EnginePlan(spec.judges, spec.model, where, fraction, chosen.reasons["gpu_memory_utilization"])
+        row.sharing = n
         smallest = min(gpus[g] for g in where)
         row.given_bytes = int(fraction * smallest)
         out.engines.append(row)

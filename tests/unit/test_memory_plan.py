@@ -237,3 +237,32 @@ def test_referee_config_check_passes_the_shipped_gpu_file_and_refuses_a_small_gp
         app, ["config", "check", str(REPO / "deploy" / "judges.gpu.yaml"), "--gpus", "1x24GiB"]
     )
     assert small.exit_code == 1 and "fits from gpu_memory_utilization" in small.output
+
+
+def test_the_placement_becomes_each_engines_vllm_device_ids(tmp_path):
+    from reward_server.engine import engine_args
+
+    qwen = _model(tmp_path, "qwen", QWEN25_7B, total_size=15231233024)
+    tp2 = {"tensor_parallel_size": 2}
+    settings = ServerSettings(
+        judges=[
+            {"name": "a", "kind": "generative", "model": qwen, "engine": tp2},
+            {"name": "b", "kind": "classifier", "model": qwen, "engine": tp2},
+        ]
+    )
+    result = plan(settings, parse_gpus("4x80GiB")).check()
+    args = {}
+    for cfg in settings.judges:
+        gpus, sharing = result.placement(cfg.name)
+        kwargs, _ = engine_args(
+            qwen, cfg.engine, "generate", "cuda", "auto", engines_on_device=sharing, devices=gpus
+        )
+        args[cfg.name] = (
+            kwargs["device_ids"],
+            kwargs["tensor_parallel_size"],
+            kwargs["gpu_memory_utilization"],
+        )
+    assert args == {
+        "a": ([0, 1], 2, 0.9),
+        "b": ([2, 3], 2, 0.9),
+    }  # two TP=2 judges no longer stack on GPUs 0-1
