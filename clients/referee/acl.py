@@ -4,40 +4,56 @@ Every tenant gets a Redis user named after it whose password is its API key. Red
 store a password as ``#<sha256 hex>``, the very hash the tenants file stores (``sha256:<hex>``), so
 the rules come from the tenants file without knowing any key. A tenant's user may:
 
-- read and write the keys of its own namespace, ``{prefix}:t:{tenant}:*`` (its jobs, request
-  streams, replies, result markers, dead letters);
+- read the keys of its own namespace, ``{prefix}:t:{tenant}:*`` (its jobs, request streams,
+  replies, result markers, dead letters), and pop its answers from its reply lists;
 - read, never write, the two keys the consumers publish: ``{prefix}:limits`` and ``{prefix}:judges``;
-- run only the commands ``QueueReferee`` uses (``TENANT_COMMANDS``), and no Pub/Sub channel.
+- write only what the senders' scripts (``referee.scripts``) write, each command on its own keys
+  only (ACL selectors, ``TENANT_WRITES``): ``XADD`` on its request streams, ``ZADD`` on its jobs set,
+  ``SET`` and ``PEXPIRE`` on its uploads (``blob:*``), ``INCRBY`` and ``PEXPIRE`` on its upload
+  counter. No other write: no key of another name, none of another type under these names, nothing
+  in its replies, result markers or dead letters;
+- run only the commands ``QueueReferee`` uses (``TENANT_COMMANDS`` and those writes), and no
+  Pub/Sub channel.
 
 So tenant A can neither read B's prompts (B's streams) nor B's answers, nor push a forged answer
-onto B's reply list, nor change the limits. The consumers log in as ``referee-server``
-(``SERVER_COMMANDS`` on ``{prefix}:*``). Redis' ``default`` user is switched off unless asked.
+onto B's reply list, nor answer or dead-letter its own messages, nor change the limits. The
+consumers log in as ``referee-server`` (``SERVER_COMMANDS`` on ``{prefix}:*``). Redis' ``default``
+user is switched off unless asked.
 
 Scripts: a tenant may run a Lua script only with ``EVALSHA``, i.e. one already in Redis' script
 cache; it has no ``SCRIPT`` (``LOAD``, ``FLUSH``, ``KILL``...), no ``EVAL`` and no ``FUNCTION`` or
-``FCALL``. A Lua script runs to its end while every other client waits, so a tenant able to load
-one could block Redis for all tenants with ``while true do end``. The consumers load the scripts
-senders need (``referee.scripts.TENANT_SCRIPTS``) on every connect. The script cache is shared by
-all users, and a script runs with its caller's rights: a tenant may run the consumers' scripts too,
-but they can only touch what its own user may. Only trusted code may log in as a user with
-``SCRIPT LOAD`` (the server's; and the ``default`` user, off here, which has every right when on).
+``FCALL``. ``EVAL`` would be a hole, not a convenience: it runs any Lua, and a Lua script runs to its
+end while every other client waits (``while true do end`` blocks Redis for all tenants; only
+``SCRIPT KILL`` or a restart ends it) and may build strings in Lua's own memory, which ``maxmemory``
+does not bound. The consumers load the scripts senders need (``referee.scripts.TENANT_SCRIPTS``) on
+every connect; the SDK computes their SHA1s, so it never needs ``EVAL``. Redis cannot confine
+``EVALSHA`` to chosen scripts: a tenant may run any cached script, the consumers' own among them.
+That grants nothing, because Redis runs a script with its caller's rights: every command a script
+calls is checked against the tenant's user like a command sent by hand. Which is also why ``EVALSHA``
+cannot be the only way to write: the send script's ``XADD`` and the upload script's ``SET`` are
+commands the tenant may send by hand too, without the scripts' checks (message size, backlog caps,
+upload size, budget and TTL). Only trusted code may log in as a user with ``SCRIPT LOAD`` (the
+server's; and the ``default`` user, off here, which has every right when on).
 
-What ACLs do not bound: a tenant may ``XADD`` to its own request streams directly, not through the
-send script, and so skip the per-job cap (``max_backlog``) and its own cap on waiting messages
-(``max_queued``); likewise it may ``SET`` keys of its own namespace directly and so skip the upload
-limits of the ``BLOB`` script (``media.max_image_bytes``, ``media.tenant_blob_bytes``). That stays
-within its own namespace: it cannot touch another tenant's streams,
-and the consumers still serve it at its fair share only (fair-share admission by tenant weight),
-so others are not starved of the judge. But memory is shared, and what bounds it is Redis itself:
-run it with ``maxmemory`` and ``maxmemory-policy noeviction``, so that a flood ends in ``OOM``
-refusals (for every sender, retried until their deadlines, until the consumers drain the flood)
-rather than in evicted keys or a killed Redis. A tenant's jobs set (which it may write) is bounded
-where it matters: the consumers poll its ``max_jobs_per_tenant`` most recent jobs only, and the
-send script counts those only, so listing millions of jobs slows nobody but the tenant.
+What the ACL guarantees, then: a tenant writes only streams it reads from, its jobs set, its uploads
+and its upload counter, each with one command, in its own namespace. What it does not: the size and
+number of those writes. What the consumers bound after the fact (``reward_server.consumer``): a
+message over ``queue.max_message_bytes``, not UTF-8, not JSON or of any other shape is dead-lettered
+at its first delivery without being loaded, answered, and deleted; uploads are given the upload TTL,
+removed when over ``media.max_image_bytes`` and, newest first, while the tenant's uploads exceed
+``media.tenant_blob_bytes``; streams no job lists, and keys of the wrong type, are removed. What
+stays unbounded but by Redis itself: how fast and how much a tenant writes by hand between two of
+the consumers' passes, and its backlog past ``max_backlog``/``max_queued`` (entries of normal size
+that it ``XADD``s itself; served at its fair share only, so others are not starved of the judge).
+Run Redis with ``maxmemory`` and ``maxmemory-policy noeviction`` (a full Redis refuses writes, the
+senders retry until their deadlines and the consumers keep removing what they may), and with
+``proto-max-bulk-len`` near the largest message or upload (one command's value then cannot be
+hundreds of megabytes). A tenant's jobs set is bounded where it matters: the consumers poll its
+``max_jobs_per_tenant`` most recent jobs only, and the send script counts those only.
 
-``acl_rules`` makes the lines of an ACL file (``aclfile``), ``apply_acl`` sends them to a running
-Redis with ``ACL SETUSER`` (``referee redis-acl``), ``remove_users`` deletes users. Nothing here
-imports redis: the functions take a client.
+Selectors need Redis 7.0 or later. ``acl_rules`` makes the lines of an ACL file (``aclfile``),
+``apply_acl`` sends them to a running Redis with ``ACL SETUSER`` (``referee redis-acl``),
+``remove_users`` deletes users. Nothing here imports redis: the functions take a client.
 """
 
 from __future__ import annotations
@@ -52,35 +68,40 @@ from .keys import DEFAULT_PREFIX, Keys, check_prefix
 
 SERVER_USER = "referee-server"
 
-# What QueueReferee sends: the send script by EVALSHA only (the consumers load it; no SCRIPT, EVAL or
-# FUNCTION: a tenant must not run a script of its own, see above; the script itself runs HGET, XLEN,
-# ZRANGE, XADD and ZADD, all checked against the user's rights), BLPOP for the answer, XRANGE and
-# EXISTS for its lost-message check, GET and EXISTS for the judges, PING.
+# What QueueReferee sends besides its writes, on the keys of its namespace: the senders' scripts
+# by EVALSHA only (the consumers load them; no SCRIPT, EVAL or FUNCTION: a tenant must not run a
+# script of its own, see above), BLPOP for the answer, XRANGE and EXISTS for its lost-message check,
+# GET and EXISTS for the judges, HGET for the limits, PING; and what the scripts read (HGET, XLEN,
+# ZSCORE, ZCARD, ZREVRANGE, EXISTS, GET: a script's commands are checked against its caller's user).
 # redis-py also sends CLIENT SETINFO on connect: left out on purpose (Redis 7.0 has no such
 # subcommand, so an ACL naming it would not load; redis-py ignores its refusal).
 TENANT_COMMANDS = (
     "ping",
     "evalsha",
     "hget",
-    "xadd",
     "xlen",
     "xrange",
-    "zadd",
-    "zrange",
-    "zrevrange",
     "zscore",
     "zcard",
+    "zrevrange",
     "blpop",
     "exists",
     "get",
-    # uploads (the BLOB script): the image, the tenant's byte counter, their expiry
-    "set",
-    "incrby",
-    "pexpire",
+)
+
+# The only writes a tenant's user may make, each on the keys of its namespace named here (after
+# ``{prefix}:t:{tenant}:``) and nowhere else: what the send script (SEND) and the upload script
+# (BLOB) write, since Redis checks a script's commands against its caller's rights.
+TENANT_WRITES = (
+    ("requests:*", ("xadd",)),  # a message, on its job's stream (SEND)
+    ("jobs", ("zadd",)),  # the job, in the jobs set (SEND)
+    ("blob:*", ("set", "pexpire")),  # an upload and its TTL (BLOB)
+    ("blob-bytes", ("incrby", "pexpire")),  # the upload counter and its TTL (BLOB)
 )
 
 # What the consumers send (reward_server.consumer), scripts' own commands included; SCRIPT LOAD
-# and SCRIPT EXISTS keep the senders' scripts in Redis' script cache.
+# and SCRIPT EXISTS keep the senders' scripts in Redis' script cache; SCAN, TYPE, PTTL and STRLEN
+# find what tenants wrote by hand (never reading a value).
 SERVER_COMMANDS = (
     "ping",
     "evalsha",
@@ -96,6 +117,10 @@ SERVER_COMMANDS = (
     "expire",
     "pexpire",
     "incrby",
+    "scan",
+    "type",
+    "pttl",
+    "strlen",
     "rpush",
     "hset",
     "hdel",
@@ -142,11 +167,16 @@ def _name_and_hashes(tenant: Any) -> tuple[str, list[str]]:
 
 
 def tenant_rule(name: str, hex_hashes: Iterable[str], prefix: str = DEFAULT_PREFIX) -> str:
-    """The ACL file line of one tenant."""
+    """The ACL file line of one tenant: its reads on its namespace, then one selector per write
+    (``(~<keys> +<command>...)``: the command on those keys only)."""
     keys = Keys(check_prefix(prefix), name)
     parts = ["user", name, "on", "resetchannels", *(f"#{h}" for h in hex_hashes), f"~{keys.pattern}"]
     parts += [f"%R~{key}" for key in keys.shared_keys]
     parts += ["-@all", *(f"+{c}" for c in TENANT_COMMANDS)]
+    parts += [
+        f"(~{keys.namespace}{where} {' '.join(f'+{c}' for c in commands)})"
+        for where, commands in TENANT_WRITES
+    ]
     return " ".join(parts)
 
 
@@ -190,7 +220,13 @@ def acl_rules(
 
 
 def _parse(line: str) -> tuple[str, list[str]] | None:
-    tokens = line.split()
+    """A ``user`` line's name and rules, a selector (``(...)``, spaces and all) as one rule."""
+    tokens: list[str] = []
+    for token in line.split():
+        if tokens and tokens[-1].startswith("(") and not tokens[-1].endswith(")"):
+            tokens[-1] += " " + token
+        else:
+            tokens.append(token)
     if len(tokens) < 2 or tokens[0] != "user":
         return None
     return tokens[1], tokens[2:]

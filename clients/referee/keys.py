@@ -100,11 +100,16 @@ class Keys:
         """Stream of this tenant's messages that could not be judged, with their error."""
         return f"{self.namespace}dead-letter"
 
+    @property
+    def blobs_prefix(self) -> str:
+        """What this tenant's uploaded images' key names start with (the digest follows)."""
+        return f"{self.namespace}blob:"
+
     def blob(self, digest: str) -> str:
         """An uploaded image's bytes, by the hex SHA-256 of its file (expires)."""
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ValueError(f"{digest!r} is not a hex SHA-256 digest")
-        return f"{self.namespace}blob:{digest}"
+        return self.blobs_prefix + digest
 
     @property
     def blob_bytes(self) -> str:

@@ -12,12 +12,16 @@ tenant, ``anonymous``; against consumers that require keys it fails at once with
 refusals (``WRONGPASS``, ``NOAUTH``, ``NOPERM``) are raised as 401 and 403 ``APIError``s, not
 retried.
 
-Faults: while Redis is unreachable (restarting, loading its append-only file) sends and waits are
-retried with jittered backoff until the request's timeout, then ``QueueUnavailable`` is raised; no
-redis-py exception escapes. A message that Redis lost (a restart that dropped its last writes) is
-noticed while waiting — neither in the stream nor answered — and sent again with the same request
-id, which the consumers answer at most once. Each message carries a deadline (now + ``timeout``):
-a consumer that reaches it later answers ``expired`` without judging it.
+Faults: while Redis is unreachable (restarting, loading its append-only file) or full (out of
+memory, until the consumers drain it) sends and waits are retried with jittered backoff until the
+request's timeout, then ``QueueUnavailable`` is raised; no redis-py exception escapes. A message
+that Redis lost (a restart that dropped its last writes) is noticed while waiting — neither in the
+stream nor answered — and sent again with the same request id, which the consumers answer at most
+once. Each message carries a deadline (now + ``timeout``): a consumer that reaches it later answers
+``expired`` without judging it.
+
+Size: a message over the consumers' ``max_message_bytes`` (published in Redis; the server's
+``queue.max_message_bytes``) is refused before it is sent, with a 413 ``too_large`` ``BadRequest``.
 
 Scripts: a message is appended by a Lua script (``referee.scripts.SEND``) run with ``EVALSHA`` and
 the SHA1 computed here. Tenants may not load scripts (``referee.acl``): the consumers load it on
@@ -48,6 +52,7 @@ from redis.exceptions import (
     AuthenticationError,
     NoPermissionError,
     NoScriptError,
+    OutOfMemoryError,
     RedisError,
     ResponseError,
 )
@@ -74,13 +79,14 @@ from .protocol import (
     WinRateRequest,
     WinRateResponse,
 )
-from .scripts import BLOB, BLOB_SHA, SEND, SEND_SHA
+from .scripts import BLOB, BLOB_SHA, DEFAULT_MAX_MESSAGE_BYTES, SEND, SEND_SHA
 
 T = TypeVar("T", bound=BaseModel)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BACKLOG = 10_000  # the server's QueueSettings.max_backlog default
+_ALWAYS_SMALL_ENOUGH = 64 << 10  # the least QueueSettings.max_message_bytes may be: no need to check
 _POLL_S = 2.0
 _MAX_CONNECTIONS = 10_000  # Redis' own default maxclients
 
@@ -95,8 +101,8 @@ def _transient(exc: RedisError) -> bool:
     ``ConnectionError`` too, but permanent."""
     if _refusal(exc) is not None:
         return False
-    return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) or (
-        isinstance(exc, ResponseError) and str(exc).startswith("OOM")
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, OutOfMemoryError)) or (
+        isinstance(exc, ResponseError) and "used memory > 'maxmemory'" in str(exc)  # inside a script
     )
 
 
@@ -188,6 +194,7 @@ class QueueReferee:
         # Only the open tenant's user may be allowed SCRIPT LOAD; a tenant's never is (referee.acl).
         self._may_load: bool = self.open
         self._sent: dict[str, tuple[str, str]] = {}  # request id -> (entry id, message JSON), unanswered
+        self._max_message_bytes: int | None = None  # the consumers' published limit, read when needed
         self.last_reply: QueueReply | None = None
         self.resent = 0  # messages sent again after Redis lost them
 
@@ -234,9 +241,35 @@ class QueueReferee:
             body=body,
         )
         raw = msg.model_dump_json()
+        await self._check_size(raw, msg.request_id)
         entry = await self._append(raw, msg.request_id, msg.deadline)
         self._sent[msg.request_id] = (entry, raw)
         return msg.request_id
+
+    async def _check_size(self, raw: str, request_id: str) -> None:
+        """Refuse a message over the consumers' ``max_message_bytes`` before sending it (the send
+        script refuses it too: the limit is theirs, read from Redis once and again before refusing,
+        in case it was raised)."""
+        size = len(raw.encode())
+        if size <= _ALWAYS_SMALL_ENOUGH:
+            return
+        if self._max_message_bytes is None or size > self._max_message_bytes:  # (again: raised since?)
+            try:
+                published = await self._redis.hget(self.keys.limits, "max_message_bytes")
+            except RedisError:  # down, or refused: the send says so, and checks the size itself
+                return
+            self._max_message_bytes = int(published) if published else DEFAULT_MAX_MESSAGE_BYTES
+        if size > self._max_message_bytes:
+            raise self._too_large(request_id, size, self._max_message_bytes)
+
+    def _too_large(self, request_id: str, size: int, cap: int) -> APIError:
+        return api_error(
+            413,
+            "too_large",
+            f"request {request_id} is {size} bytes as a queued message, over the judges' limit of {cap} "
+            "(queue.max_message_bytes); it was not sent. Send fewer items per request (images go as "
+            "uploads: QueueReferee uploads inline images itself)",
+        )
 
     async def upload(self, source: Any) -> ImagePart:
         """Keep an image in Redis for this tenant (its namespace, the consumers' TTL and limits);
@@ -364,6 +397,9 @@ class QueueReferee:
                 f"the judges on this Redis prefix run without tenants and would never read tenant "
                 f"{self.tenant!r}'s streams: drop the API key (api_key=, ${ENV_KEY}) for this server",
             )
+        if outcome == 6:
+            self._max_message_bytes = int(added[2])
+            raise self._too_large(request_id, int(added[1]), int(added[2]))
         if outcome == 0:
             raise BacklogFull(
                 429,

@@ -9,6 +9,12 @@ restart, ``SCRIPT FLUSH``). A sender computes the SHA1 itself (``SEND_SHA``); un
 loaded the scripts its ``EVALSHA`` gets ``NOSCRIPT``, which ``QueueReferee`` retries until the
 request's deadline (an open sender whose user may load scripts loads them itself).
 
+Tenants' Redis users may run these scripts' write commands by hand as well: Redis runs a script with
+its caller's rights, so a script cannot do what its caller may not. The ACL therefore allows each
+write only on the keys a script writes it to (``referee.acl``), and the consumers bound after the fact
+what hand-made writes can leave there (``reward_server.consumer``): a message over the size limit is
+dead-lettered unread, an upload without its TTL or over the budget is expired or removed.
+
 Nothing here imports redis.
 """
 
@@ -16,12 +22,20 @@ from __future__ import annotations
 
 import hashlib
 
+# A queued message's largest size in bytes (its JSON) when no consumer has published
+# ``max_message_bytes`` (the server's ``QueueSettings.max_message_bytes`` default): a request at the
+# server's default limits.max_request_chars (2 million characters) fits, even at three UTF-8 bytes
+# a character.
+DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
+
 # Append a message unless the sender may not, and mark the job active. Refused: a sender without a
 # key when the consumers require keys ({2}); a sender with a key when the consumers serve no tenants
-# ({4}); a job's stream at its cap (the consumers' published cap, else the sender's: {0, length,
-# cap}); the tenant's job streams together at its max_queued ({3, total, cap}); a new job when the
-# tenant already has the consumers' max_jobs jobs ({5, jobs, cap}). XLEN counts waiting
-# and in-flight messages: consumers delete what they acknowledge. Returns {1, entry id} when sent.
+# ({4}); a message over the consumers' max_message_bytes (else DEFAULT_MAX_MESSAGE_BYTES, never
+# the sender's word: {6, size, cap}); a job's stream at its cap (the consumers' published cap, else
+# the sender's: {0, length, cap}); the tenant's job streams together at its max_queued ({3, total,
+# cap}); a new job when the tenant already has the consumers' max_jobs jobs ({5, jobs, cap}). XLEN
+# counts waiting and in-flight messages: consumers delete what they acknowledge. Returns {1, entry
+# id} when sent. The entry has one field, msg: consumers dead-letter any other shape unread.
 # KEYS: stream, jobs. ARGV: message, sender's cap, job id, now, tenant, open (1: no key), the
 # tenant's stream names' prefix, the limits hash. The limits hash is an argument, not a declared key:
 # Redis' ACL checks a script's declared keys for writing, and tenants may only read it.
@@ -33,6 +47,11 @@ if ARGV[6] == '1' and auth == '1' then
 end
 if ARGV[6] == '0' and auth == '0' then
   return {4}
+end
+local size = string.len(ARGV[1])
+local max_size = tonumber(redis.call('HGET', limits, 'max_message_bytes')) or DEFAULT_MAX_MESSAGE_BYTES
+if size > max_size then
+  return {6, size, max_size}
 end
 local cap = tonumber(redis.call('HGET', limits, 'max_backlog')) or tonumber(ARGV[2])
 local n = redis.call('XLEN', KEYS[1])
@@ -61,14 +80,16 @@ end
 local id = redis.call('XADD', KEYS[1], '*', 'msg', ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 return {1, id}
-"""
+""".replace("DEFAULT_MAX_MESSAGE_BYTES", str(DEFAULT_MAX_MESSAGE_BYTES))
 
 
 # Keep an uploaded image for its TTL, within the limits the consumers publish (never the sender's
 # word for them). Refused: no consumer has published the limits ({4}); a file over the size cap
 # ({2, size, cap}); the tenant's uploads within the TTL over its byte budget ({3, total, cap}).
 # Re-uploading a kept blob renews its TTL and costs nothing. The counter of a tenant's bytes expires
-# with its newest upload, so it over-counts (never under-counts) what is kept.
+# with its newest upload or renewal, never before a blob it counted: it over-counts (never
+# under-counts) what is kept, so a tenant's kept uploads never exceed tenant_blob_bytes (what the
+# consumers enforce on uploads made by hand).
 # KEYS: blob, the tenant's byte counter. ARGV: the bytes, the limits hash (read-only to tenants, so
 # an argument rather than a declared key, as in SEND).
 BLOB = """
@@ -84,6 +105,7 @@ if size > cap then
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
   return {1, 0, ttl}
 end
 local used = tonumber(redis.call('GET', KEYS[2])) or 0

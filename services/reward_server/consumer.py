@@ -18,9 +18,22 @@ batches. Its guarantees:
   while a live consumer refreshes the idle time of the messages it is still judging;
 - nothing answered twice: the answer is written by a script that sets the request's result key
   only if it is absent, so a reclaimed message that was already answered is just acknowledged;
-- nothing waits forever: a request that fails ``max_deliveries`` times, or cannot be read, goes to
-  the dead-letter stream with its error, and its sender gets an error answer; a message past its
-  ``deadline`` gets an ``expired`` answer (status 504) without being judged;
+- nothing waits forever: a request that fails ``max_deliveries`` times goes to the dead-letter
+  stream with its error, and its sender gets an error answer; a message past its ``deadline`` gets
+  an ``expired`` answer (status 504) without being judged;
+- bounded reads: messages are read (and reclaimed) through a script (``_READ``) that hands back a
+  message of at most ``max_message_bytes`` whole, and of any other entry (larger, or with fields
+  other than ``msg``) only its id, its size and its first ``dead_letter_msg_chars`` bytes, so no
+  entry a tenant wrote by hand can exhaust a consumer's memory or outlast its Redis timeouts; each
+  message is decoded on its own, so one that is not UTF-8 or not JSON spoils nothing else of its
+  batch. Such an entry is dead-lettered at its first delivery with its reason, its sender answered
+  (413 ``too_large``, 400 or 422) when its request id can be read from its first bytes, and
+  acknowledged;
+- one tenant's keys cannot stop the consumer: a key of the wrong type where a jobs set or a job's
+  stream belongs is skipped (and removed), and what tenants may write by hand is bounded after the
+  fact (``_sweep``, every ``cleanup_every_s`` and whenever Redis is out of memory): uploads get
+  their TTL, oversized ones and those beyond the tenant's upload budget are removed, and so are
+  streams no job lists;
 - faults: ``run()`` reconnects with jittered backoff after any Redis error and recreates the
   consumer groups, and reports its ``state`` (``/readyz``); answers are written through short
   outages rather than judged again;
@@ -29,9 +42,10 @@ batches. Its guarantees:
   ``consuming``, and checks every second that Redis still has them (a restart that redis-py rode
   out without an error, a ``SCRIPT FLUSH``), loading them again if not;
 - bounded: dead-letter entries (one stream per tenant: they hold payloads) are cut and the stream
-  capped; idle jobs and dead group members are removed; the per-job backlog cap (``max_backlog``),
-  each tenant's cap on its waiting messages (``max_queued:<tenant>``) and whether keys are required
-  (``auth``) are published for senders, which enforce them;
+  capped; idle jobs and dead group members are removed; the message size limit
+  (``max_message_bytes``), the per-job backlog cap (``max_backlog``), each tenant's cap on its
+  waiting messages (``max_queued:<tenant>``) and whether keys are required (``auth``) are published
+  for senders, which enforce them;
 - graceful stop: reading stops at once, messages being judged get ``shutdown_grace_s`` and the rest
   are handed back to the group without costing a delivery.
 """
@@ -53,14 +67,15 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.client import NEVER_DECODE
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, RedisError, ResponseError
+from redis.exceptions import NoPermissionError, NoScriptError, OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from referee.auth import OPEN_TENANT
 from referee.keys import CONSUMER_GROUP, Keys, valid_id
 from referee.protocol import REQUEST_MODELS, SCHEMA_VERSION, ErrorResponse, QueueMessage, QueueReply
-from referee.scripts import TENANT_SCRIPTS
+from referee.scripts import TENANT_SCRIPTS, sha1
 
 from . import metrics
 from .errors import ClientError
@@ -92,11 +107,122 @@ end
 return 0
 """
 
+# Read (ARGV[6] 'read': XREADGROUP '>') or reclaim (XAUTOCLAIM of entries idle ARGV[7] ms) up to
+# ARGV[3] entries of each stream of KEYS for consumer ARGV[2] of group ARGV[1]. An entry whose one
+# field is msg, of at most ARGV[4] bytes, comes back whole; of any other only its id, its size and
+# the first ARGV[5] bytes of its msg field: the consumer never loads more (the script, inside Redis,
+# does). Per stream: {error or '', then per entry its id, status (ok, too_large, shape or gone),
+# size (msg's bytes; the entry's for shape), deliveries, msg or its start}. pcall: a stream removed
+# or replaced under us (NOGROUP, WRONGTYPE) is that stream's error, not the others'.
+_READ = """
+local group, consumer, count, read = ARGV[1], ARGV[2], ARGV[3], ARGV[6] == 'read'
+local max, head = tonumber(ARGV[4]), tonumber(ARGV[5])
+local out = {}
+for i, stream in ipairs(KEYS) do
+  local reply
+  if read then
+    reply = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', stream, '>')
+  else
+    reply = redis.pcall('XAUTOCLAIM', stream, group, consumer, ARGV[7], '0-0', 'COUNT', count)
+  end
+  local result = {''}
+  local function add(id, status, size, deliveries, data)
+    for _, value in ipairs({id, status, size, deliveries, data}) do result[#result + 1] = value end
+  end
+  if type(reply) == 'table' and reply.err then
+    result[1] = reply.err
+  elseif reply then
+    local entries = read and reply[1][2] or reply[2]
+    for _, entry in ipairs(entries) do
+      local id, fields, deliveries = entry[1], entry[2], 1
+      if not read then
+        local pending = redis.call('XPENDING', stream, group, id, id, 1)
+        if pending[1] then deliveries = pending[1][4] end
+      end
+      if not fields then
+        add(id, 'gone', 0, deliveries, '')
+      elseif #fields == 2 and fields[1] == 'msg' then
+        local size = string.len(fields[2])
+        if size <= max then
+          add(id, 'ok', size, deliveries, fields[2])
+        else
+          add(id, 'too_large', size, deliveries, string.sub(fields[2], 1, head))
+        end
+      else
+        local size, start = 0, ''
+        for j = 1, #fields do
+          size = size + string.len(fields[j])
+          if j % 2 == 1 and fields[j] == 'msg' and start == '' then
+            start = string.sub(fields[j + 1], 1, head)
+          end
+        end
+        add(id, 'shape', size, deliveries, start)
+      end
+    end
+    if not read then
+      for _, id in ipairs(reply[3] or {}) do add(id, 'gone', 0, 0, '') end
+    end
+  end
+  out[i] = result
+end
+return out
+"""
+_READ_SHA = sha1(_READ)
+
+# Remove a job's stream that the tenant's jobs set does not list: written by hand (the send script
+# lists every job it writes to), it would never be read nor removed.
+_DROP_UNLISTED = """
+local listed = redis.pcall('ZSCORE', KEYS[1], ARGV[1])
+if listed == false and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"""
+
 _RETRYABLE = {429, 503}  # overloaded (while stopping) or unavailable: leave it pending, try later
 WRONG_JOB_STATUS = 403  # a message naming another job than its stream's: not judged
 EXPIRED_STATUS = 504  # an expired message's reply: the judge did not get to it before its deadline
 HAND_BACK_IDLE_MS = 10**9  # idle time given to handed-back messages: any consumer reclaims them at once
 _REQUEST_ID = re.compile(r'"request_id"\s*:\s*"([^"]{1,128})"')
+_TYPE = re.compile(r'"type"\s*:\s*"(score|pairwise|judge|winrate)"')
+_SWEEP_COUNT = 1000  # keys per SCAN call of a sweep
+# What a sweep looks at in a tenant's namespace: kind -> (the rest of the key's name, or its start
+# when it ends with ':'; the key's type).
+_SWEPT = {
+    "upload": ("blob:", "string"),
+    "counter": ("blob-bytes", "string"),
+    "stream": ("requests:", "stream"),
+    "jobs": ("jobs", "zset"),
+}
+
+
+def _named(rest: str, named: str) -> bool:
+    return rest.startswith(named) if named.endswith(":") else rest == named
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Redis refused a write because it is full (``maxmemory``, ``noeviction``)."""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and "used memory > 'maxmemory'" in str(exc)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A stream entry as ``_READ`` hands it back: the message (``status`` ``ok``) or, for an entry
+    that was not read (``too_large``: its msg over the limit; ``shape``: fields other than one msg;
+    ``gone``: deleted while pending), its start only."""
+
+    id: str
+    status: str
+    size: int
+    deliveries: int
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +264,13 @@ class QueueConsumer:
         )
         self._reply_once = self.redis.register_script(_REPLY_ONCE)
         self._drop_idle_job = self.redis.register_script(_DROP_IDLE_JOB)
+        self._drop_unlisted = self.redis.register_script(_DROP_UNLISTED)
         self._may_check_scripts = True  # SCRIPT EXISTS allowed (else SCRIPT LOAD every check)
+        self._may_sweep = True  # SCAN, TYPE, PTTL and STRLEN allowed (an older ACL file lacks them)
         self._streams: dict[str, tuple[str, str]] = {}  # active job stream -> (tenant, job)
         self._grouped: set[str] = set()  # streams whose consumer group exists
-        self._ignored: set[tuple[str, str]] = set()  # (tenant, job id) refused as key names, logged once
+        self._ignored: set[tuple[str, str]] = set()  # (tenant, job id or key) skipped, logged once
+        self._streams_seen: set[str] = set()  # job streams found by the last sweep
         self._inflight: dict[str, dict[str, int]] = defaultdict(dict)  # stream -> entry id -> deliveries
         self._tasks: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
@@ -152,6 +281,7 @@ class QueueConsumer:
         self.last_error: str | None = None
         self.reconnects = 0
         self.backlog: int | None = None  # messages not yet delivered, all job streams together
+        self.sweeps = 0  # whole passes of _sweep over the tenants' namespaces
 
     # ------------------------------------------------------------ state
 
@@ -209,6 +339,11 @@ class QueueConsumer:
                 if not isinstance(exc, RedisError):  # a bug rather than a fault: keep its traceback
                     logger.exception("queue consumer %s failed", self.name)
                 self._set_state("reconnecting", f"{type(exc).__name__}: {exc}")
+                if _out_of_memory(exc):  # removing is allowed in a full Redis: make room if tenants took it
+                    try:
+                        await self._sweep()
+                    except RedisError as sweep_error:
+                        logger.warning("sweeping a full Redis failed: %s", sweep_error)
                 delay = min(self.settings.reconnect_max_s, 0.1 * 2**failures)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay / 2 + random.uniform(0, delay / 2))
@@ -349,41 +484,97 @@ class QueueConsumer:
                 room[tenant] -= s.read_count
                 total_room -= s.read_count
         if not eligible or self._total_inflight() >= s.max_inflight_messages:
-            if self._tasks:
-                await asyncio.wait(
-                    self._tasks, timeout=s.block_ms / 1000, return_when=asyncio.FIRST_COMPLETED
-                )
-            else:
-                await asyncio.sleep(s.block_ms / 1000)
+            await self._idle()
             return
-        streams = dict.fromkeys(eligible, ">")
-        try:
-            batches = await self.redis.xreadgroup(
-                CONSUMER_GROUP, self.name, streams, count=s.read_count, block=s.block_ms
-            )
-        except ResponseError as exc:  # a stream or group removed under us: rediscover
-            if "NOGROUP" not in str(exc):
-                raise
-            self._grouped.clear()
-            await self._refresh_jobs()
-            return
-        for stream, entries in batches or []:
+        batches = await self._fetch(eligible, count=s.read_count)
+        got = False
+        for stream, entries in batches.items():
+            if not entries:
+                continue
+            got = True
             if self._stopping.is_set() or stream not in self._streams:
                 # read while stop() began (or a job forgotten meanwhile): not ours to judge
-                await self._hand_back(stream, {entry_id: 1 for entry_id, _ in entries})
+                await self._hand_back(stream, {e.id: 1 for e in entries if e.status != "gone"})
                 continue
             tenant, job = self._streams[stream]
-            for entry_id, fields in entries:
-                self._start(tenant, job, stream, entry_id, fields, deliveries=1)
+            for entry in entries:
+                self._start(tenant, job, stream, entry)
+        if not got:
+            await self._idle()
 
-    def _start(
-        self, tenant: str, job: str, stream: str, entry_id: str, fields: dict | None, deliveries: int
-    ) -> None:
-        if entry_id in self._inflight[stream]:
+    async def _idle(self) -> None:
+        """Nothing to read (or no room to): wait ``block_ms``, less if a message finishes or the
+        consumer stops. Reads do not block in Redis: they run in a script, which cannot."""
+        timeout = self.settings.block_ms / 1000
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout)
+
+    async def _fetch(
+        self, streams: list[str], *, count: int, idle_ms: int | None = None
+    ) -> dict[str, list[_Entry]]:
+        """Read (``idle_ms`` None) or reclaim up to ``count`` entries of each stream through
+        ``_READ``: whole messages within ``max_message_bytes``, the start of anything else. Its reply
+        is never decoded as a whole (``NEVER_DECODE``): each message is decoded on its own. A stream
+        whose group is gone makes the consumer look for its jobs again; one that is no longer a
+        stream is skipped."""
+        s = self.settings
+        keys_and_args = [
+            *streams,
+            CONSUMER_GROUP,
+            self.name,
+            count,
+            s.max_message_bytes,
+            s.dead_letter_msg_chars,
+            "read" if idle_ms is None else "claim",
+            idle_ms or 0,
+        ]
+
+        async def run():
+            return await self.redis.execute_command(
+                "EVALSHA", _READ_SHA, len(streams), *keys_and_args, **{NEVER_DECODE: True}
+            )
+
+        try:
+            reply = await run()
+        except NoScriptError:
+            await self.redis.script_load(_READ)
+            reply = await run()
+        batches: dict[str, list[_Entry]] = {}
+        regroup = False
+        for stream, result in zip(streams, reply, strict=True):
+            error = result[0].decode(errors="replace") if result[0] else ""
+            if error:
+                if "NOGROUP" in error:
+                    regroup = True
+                    self._grouped.discard(stream)
+                elif "WRONGTYPE" not in error:
+                    raise ResponseError(f"reading {stream}: {error}")
+                continue
+            items = result[1:]
+            batches[stream] = [
+                _Entry(
+                    items[k].decode(),
+                    items[k + 1].decode(),
+                    int(items[k + 2]),
+                    int(items[k + 3]),
+                    items[k + 4],
+                )
+                for k in range(0, len(items), 5)
+            ]
+        if regroup:  # a stream or group removed under us: rediscover
+            await self._refresh_jobs()
+        return batches
+
+    def _start(self, tenant: str, job: str, stream: str, entry: _Entry) -> None:
+        if entry.id in self._inflight[stream]:
             return
-        self._inflight[stream][entry_id] = deliveries
+        entry_id = entry.id
+        self._inflight[stream][entry_id] = entry.deliveries
         metrics.QUEUE_INFLIGHT.set(self._total_inflight())
-        task = asyncio.create_task(self._handle(tenant, job, stream, entry_id, fields, deliveries))
+        task = asyncio.create_task(self._handle(tenant, job, stream, entry))
         self._tasks.add(task)
 
         def done(t: asyncio.Task) -> None:
@@ -404,17 +595,27 @@ class QueueConsumer:
 
     # ------------------------------------------------------------ one message
 
-    async def _handle(
-        self, tenant: str, job: str, stream: str, entry_id: str, fields: dict | None, deliveries: int
-    ) -> None:
+    async def _handle(self, tenant: str, job: str, stream: str, entry: _Entry) -> None:
         """Judge one message of ``tenant``'s job ``job`` (both from its stream, never from it)."""
         keys = self.tenant_keys[tenant]
-        raw = (fields or {}).get("msg", "")
+        entry_id, deliveries = entry.id, entry.deliveries
         at = _Where(keys, job, stream, entry_id)
+        if entry.status != "ok":
+            await self._unread(at, entry)
+            return
+        try:
+            raw = entry.data.decode()
+        except UnicodeDecodeError as exc:
+            error = f"unreadable message: not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            await self._unreadable(at, entry, error, 400, "bad_request")
+            return
         try:
             msg = QueueMessage.model_validate_json(raw)
         except ValidationError as exc:
-            await self._dead_letter(at, raw, f"unreadable message: {exc}", deliveries)
+            if any(e["type"] == "json_invalid" for e in exc.errors()):
+                await self._unreadable(at, entry, f"unreadable message: {exc}", 400, "bad_request")
+            else:
+                await self._unreadable(at, entry, f"unreadable message: {exc}", 422, "invalid_request")
             return
         if await self.redis.exists(keys.result(job, msg.request_id)):
             await self._ack(stream, entry_id)  # answered before (a reclaimed or repeated message)
@@ -493,27 +694,33 @@ class QueueConsumer:
 
     async def _answer(self, at: _Where, msg: QueueMessage, status, body, error, deliveries, picked) -> None:
         """Write the answer under the stream's tenant and job (whatever the message says), once."""
+        await self._reply(at, msg.request_id, msg.type, msg.sent_at, status, body, error, deliveries, picked)
+
+    async def _reply(
+        self, at: _Where, request_id: str, type_: str, sent_at: float, status, body, error, deliveries, picked
+    ) -> None:
+        """Write an answer to ``request_id`` of the stream's tenant and job, once; acknowledge."""
         now = time.time()
         reply = QueueReply(
-            request_id=msg.request_id,
+            request_id=request_id,
             status=status,
             body=body,
             error=error,
             attempts=deliveries,
             served_by=self.name,
-            queued_s=max(0.0, picked - msg.sent_at),
+            queued_s=max(0.0, picked - sent_at),
             judged_s=now - picked,
         )
 
         async def write() -> int:
             return await self._reply_once(
-                keys=[at.keys.result(at.job, msg.request_id), at.keys.reply(at.job, msg.request_id)],
+                keys=[at.keys.result(at.job, request_id), at.keys.reply(at.job, request_id)],
                 args=[reply.model_dump_json(), self.settings.reply_ttl_s],
             )
 
         # A judgement is worth keeping through a short Redis outage: retry the write, not the work.
         written = await self._retrying(write)
-        metrics.QUEUE_MESSAGES.labels(msg.type, str(status), "answered" if written else "duplicate").inc()
+        metrics.QUEUE_MESSAGES.labels(type_, str(status), "answered" if written else "duplicate").inc()
         metrics.QUEUE_WAIT.observe(reply.queued_s)
         await self._retrying(lambda: self._ack(at.stream, at.entry_id))
 
@@ -538,12 +745,64 @@ class QueueConsumer:
             pipe.xdel(stream, entry_id)  # the answer is the record; keep the stream short
             await pipe.execute()
 
-    async def _dead_letter(
-        self, at: _Where, raw: str, error: str, deliveries: int, msg=None, status: int = 500
+    async def _dead_letter(self, at: _Where, raw: str, error: str, deliveries: int, msg, status: int) -> None:
+        """Record a message that cannot be judged in its tenant's dead-letter stream and answer its
+        sender with ``status``."""
+        limit = self.settings.dead_letter_msg_chars
+        shown = raw if len(raw) <= limit else f"{raw[:limit]}... [{len(raw) - limit} more characters cut]"
+        await self._record_dead_letter(at, msg.request_id, msg.type, error, deliveries, shown)
+        err = ErrorResponse(error="dead_letter", message=f"the request could not be judged: {error[:limit]}")
+        await self._answer(at, msg, status, None, err, deliveries, time.time())
+
+    async def _unread(self, at: _Where, entry: _Entry) -> None:
+        """An entry ``_READ`` did not hand back: over ``max_message_bytes``, or not one msg field."""
+        if entry.status == "gone":  # deleted from the stream while pending: nothing to judge
+            await self._ack(at.stream, at.entry_id)
+        elif entry.status == "too_large":
+            limit = self.settings.max_message_bytes
+            error = (
+                f"unreadable message: {entry.size} bytes, over the queue's limit of {limit} "
+                "(queue.max_message_bytes); it was not read. Send fewer items per request, and images "
+                "as uploads (QueueReferee uploads inline images)"
+            )
+            await self._unreadable(at, entry, error, 413, "too_large")
+        else:
+            error = (
+                f"unreadable message: a queued message is a stream entry with one field, msg; this one "
+                f"has others ({entry.size} bytes in all); it was not read"
+            )
+            await self._unreadable(at, entry, error, 400, "bad_request")
+
+    async def _unreadable(self, at: _Where, entry: _Entry, error: str, status: int, code: str) -> None:
+        """Dead-letter an entry that is not a message, at once (another delivery cannot mend it),
+        with its reason and its start; answer its sender with ``status`` when a request id can be
+        read from that start (the reply goes to the stream's tenant and job, whatever it says), and
+        acknowledge it."""
+        limit = self.settings.dead_letter_msg_chars
+        text = entry.data.decode(errors="replace")  # all of it when read (within the limit), else its start
+        head = text[:limit]
+        if entry.status != "ok":
+            shown = f"{head}... [{entry.size} bytes in all, not read]"
+        else:
+            shown = text if len(text) <= limit else f"{head}... [{len(text) - limit} more characters cut]"
+        found = _REQUEST_ID.search(head)
+        request_id = found.group(1) if found and valid_id(found.group(1)) else ""
+        kind = found.group(1) if (found := _TYPE.search(head)) else ""
+        await self._record_dead_letter(at, request_id, kind, error, entry.deliveries, shown)
+        if request_id:
+            err = ErrorResponse(error=code, message=error[:limit])
+            now = time.time()
+            await self._reply(
+                at, request_id, kind or "unknown", now, status, None, err, entry.deliveries, now
+            )
+        else:
+            await self._ack(at.stream, at.entry_id)
+
+    async def _record_dead_letter(
+        self, at: _Where, request_id: str, type_: str, error: str, deliveries: int, shown: str
     ) -> None:
-        """Record a message that cannot be judged in its tenant's dead-letter stream, bounded: its
-        error, ids and the start of its payload (``dead_letter_msg_chars``) in a stream of about
-        ``dead_letter_maxlen`` entries."""
+        """An entry of the tenant's dead-letter stream, bounded: its error and ids, and the start of
+        its payload (``dead_letter_msg_chars``), in a stream of about ``dead_letter_maxlen`` entries."""
         logger.error(
             "dead-lettering %s of %s/%s after %d deliveries: %s",
             at.entry_id,
@@ -552,42 +811,33 @@ class QueueConsumer:
             deliveries,
             error,
         )
-        limit = self.settings.dead_letter_msg_chars
-        request_id = (
-            msg.request_id if msg is not None else (m.group(1) if (m := _REQUEST_ID.search(raw)) else "")
-        )
         entry = {
             "tenant": at.keys.tenant,
             "job_id": at.job,
             "entry_id": at.entry_id,
             "request_id": request_id,
-            "type": msg.type if msg is not None else "",
-            "error": error[:limit],
+            "type": type_,
+            "error": error[: self.settings.dead_letter_msg_chars],
             "deliveries": deliveries,
-            "msg": raw if len(raw) <= limit else f"{raw[:limit]}... [{len(raw) - limit} more characters cut]",
+            "msg": shown,
         }
         await self.redis.xadd(
             at.keys.dead_letter, entry, maxlen=self.settings.dead_letter_maxlen, approximate=True
         )
         metrics.QUEUE_DEAD_LETTERS.inc()
-        if msg is not None:
-            err = ErrorResponse(
-                error="dead_letter", message=f"the request could not be judged: {error[:limit]}"
-            )
-            await self._answer(at, msg, status, None, err, deliveries, time.time())
-        else:
-            await self._ack(at.stream, at.entry_id)
 
     # ------------------------------------------------------------ housekeeping
 
     async def _announce(self) -> None:
-        """Publish the judges and the senders' limits: ``max_backlog`` (per job), ``auth`` (1: keys
-        required) and ``max_queued:<tenant>`` for tenants that have one."""
+        """Publish the judges and the senders' limits: ``max_message_bytes``, ``max_backlog`` (per
+        job), ``auth`` (1: keys required), the upload limits and ``max_queued:<tenant>`` for tenants
+        that have one."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.judges, self.service.describe().model_dump_json(), ex=60)
             pipe.hset(
                 self.keys.limits,
                 mapping={
+                    "max_message_bytes": self.settings.max_message_bytes,
                     "max_backlog": self.settings.max_backlog,
                     "max_jobs": self.settings.max_jobs_per_tenant,
                     "auth": 1 if self.auth else 0,
@@ -618,10 +868,15 @@ class QueueConsumer:
                     start=0,
                     num=self.settings.max_jobs_per_tenant,
                 )
-            listed = await pipe.execute()
+            listed = await pipe.execute(raise_on_error=False)
         streams: dict[str, tuple[str, str]] = {}
         for tenant, jobs in zip(self.tenants, listed, strict=True):
             keys = self.tenant_keys[tenant]
+            if isinstance(jobs, Exception):
+                if not _wrong_type(jobs):
+                    raise jobs
+                self._skip(tenant, keys.jobs, "its jobs set is not a sorted set")  # the sweep removes it
+                continue
             for job in jobs:
                 if not valid_id(job):  # written by hand: a name that could leave its namespace
                     if (tenant, job) not in self._ignored:
@@ -635,11 +890,20 @@ class QueueConsumer:
                     try:
                         await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
                     except ResponseError as exc:
+                        if _wrong_type(exc):
+                            self._skip(tenant, stream, "the job's stream is not a stream")
+                            continue
                         if "BUSYGROUP" not in str(exc):
                             raise
                     self._grouped.add(stream)
                 streams[stream] = (tenant, job)
         self._streams = streams
+
+    def _skip(self, tenant: str, key: str, why: str) -> None:
+        """Log once that a key of a tenant's is skipped (written by hand, of the wrong type)."""
+        if (tenant, key) not in self._ignored:
+            self._ignored.add((tenant, key))
+            logger.warning("tenant %s: %s is skipped: %s", tenant, key, why)
 
     async def _heartbeat(self) -> None:
         """Reset the idle time of messages this consumer is still judging, so none reclaims them."""
@@ -653,28 +917,20 @@ class QueueConsumer:
                     raise
 
     async def _reclaim(self) -> None:
-        """Take over messages left pending by consumers that stopped answering."""
+        """Take over messages left pending by consumers that stopped answering: up to
+        ``per_job_inflight_messages`` of each job at a time, read like new ones (``_fetch``)."""
         idle_ms = int(self.settings.reclaim_idle_s * 1000)
+        count = self.settings.per_job_inflight_messages
         for stream, (tenant, job) in list(self._streams.items()):
-            try:
-                _, entries, _ = await self.redis.xautoclaim(
-                    stream, CONSUMER_GROUP, self.name, idle_ms, start_id="0-0", count=64
-                )
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
+            for entry in (await self._fetch([stream], count=count, idle_ms=idle_ms)).get(stream, []):
+                if entry.id in self._inflight[stream]:
                     continue
-                raise
-            for entry_id, fields in entries:
-                if entry_id in self._inflight[stream]:
-                    continue
-                pending = await self.redis.xpending_range(stream, CONSUMER_GROUP, entry_id, entry_id, 1)
-                deliveries = pending[0]["times_delivered"] if pending else 1
-                if fields is None:  # deleted from the stream while pending: nothing to judge
-                    await self._ack(stream, entry_id)
+                if entry.status == "gone":  # deleted from the stream while pending: nothing to judge
+                    await self._ack(stream, entry.id)
                     continue
                 metrics.QUEUE_RECLAIMED.inc()
-                logger.warning("reclaimed %s of %s/%s (delivery %d)", entry_id, tenant, job, deliveries)
-                self._start(tenant, job, stream, entry_id, fields, deliveries)
+                logger.warning("reclaimed %s of %s/%s (delivery %d)", entry.id, tenant, job, entry.deliveries)
+                self._start(tenant, job, stream, entry)
 
     async def _measure_backlog(self) -> None:
         """Messages not yet delivered to any consumer, all tenants' job streams together (the
@@ -704,11 +960,16 @@ class QueueConsumer:
         """Bound what Redis keeps: forget jobs silent for ``jobs_ttl_s`` whose stream is empty (and
         delete the stream), drop job names that are not valid ids, and remove group members idle for
         ``dead_consumer_idle_s`` that hold nothing (consumers of stopped replicas; a live one
-        re-joins by reading)."""
+        re-joins by reading); then sweep what tenants wrote by hand (``_sweep``)."""
         cutoff = time.time() - self.settings.jobs_ttl_s
         for tenant in self.tenants:
             keys = self.tenant_keys[tenant]
-            idle = await self.redis.zrangebyscore(keys.jobs, "-inf", f"({cutoff}", start=0, num=1000)
+            try:
+                idle = await self.redis.zrangebyscore(keys.jobs, "-inf", f"({cutoff}", start=0, num=1000)
+            except ResponseError as exc:
+                if not _wrong_type(exc):
+                    raise
+                continue  # not a sorted set: the sweep below removes it
             for job in idle:
                 if not valid_id(job):
                     await self.redis.zrem(keys.jobs, job)
@@ -722,10 +983,118 @@ class QueueConsumer:
             try:
                 members = await self.redis.xinfo_consumers(stream, CONSUMER_GROUP)
             except ResponseError as exc:
-                if "NOGROUP" in str(exc) or "no such key" in str(exc):
+                if "NOGROUP" in str(exc) or "no such key" in str(exc) or _wrong_type(exc):
                     continue
                 raise
             for member in members:
                 if member["name"] != self.name and member["pending"] == 0 and member["idle"] > dead_ms:
                     await self.redis.xgroup_delconsumer(stream, CONSUMER_GROUP, member["name"])
                     logger.info("removed idle consumer %s from %s", member["name"], stream)
+        await self._sweep()
+
+    async def _sweep(self) -> None:
+        """Bound what tenants may write by hand in their namespaces (Redis runs the senders' scripts
+        with the tenant's own rights, so the writes they make are the tenant's to make without them;
+        ``referee.acl``): one pass of ``SCAN`` over the served tenants' keys, reading types, TTLs and
+        lengths, never a value. Uploads get at most the upload TTL; one over ``max_image_bytes`` is
+        removed, and a tenant's uploads beyond ``tenant_blob_bytes``, newest first (the upload
+        script keeps a tenant within it, so only uploads made by hand go). The upload counter gets
+        its TTL. A key of the wrong type where a job's stream, the jobs set, an upload or the counter
+        belongs is removed, and so is a job's stream that no job lists and that was there at the last
+        sweep already (the send script lists every job it writes to; a stream written by hand a
+        moment before its job is listed is left alone). Runs on a full Redis too: these commands
+        may."""
+        if not self._may_sweep:
+            return
+        limits = blob_limits(self.service)
+        base = f"{self.settings.prefix}:t:"
+        uploads: dict[str, list[tuple[int, int, str]]] = defaultdict(list)  # tenant -> (TTL, size, key)
+        seen: set[str] = set()
+        removed: dict[tuple[str, str], int] = defaultdict(int)  # (tenant, why) -> keys removed
+        cursor = 0
+        try:
+            while True:
+                cursor, names = await self.redis.scan(cursor, match=f"{base}*", count=_SWEEP_COUNT)
+                await self._sweep_keys(names, base, limits, uploads, seen, removed)
+                if int(cursor) == 0:
+                    break
+        except NoPermissionError as exc:
+            self._may_sweep = False
+            logger.warning(
+                "the server's Redis user may not sweep the tenants' namespaces (%s): what tenants write "
+                "by hand is not bounded; regenerate the ACL file (`referee redis-acl`)",
+                exc,
+            )
+            return
+        budget = limits["tenant_blob_bytes"]
+        for tenant, kept in uploads.items():
+            total, doomed = sum(size for _, size, _ in kept), []
+            for _, size, name in sorted(kept, reverse=True):  # the newest (most TTL left) first
+                if total <= budget:
+                    break
+                doomed.append(name)
+                total -= size
+            for k in range(0, len(doomed), _SWEEP_COUNT):
+                await self.redis.delete(*doomed[k : k + _SWEEP_COUNT])
+            if doomed:
+                removed[(tenant, f"uploads beyond media.tenant_blob_bytes ({budget})")] += len(doomed)
+        for (tenant, why), n in removed.items():
+            logger.warning(
+                "tenant %s: removed %d key(s) written without the senders' scripts: %s", tenant, n, why
+            )
+        self._streams_seen = seen
+        self.sweeps += 1
+
+    async def _sweep_keys(self, names, base: str, limits: dict, uploads, seen: set[str], removed) -> None:
+        """One ``SCAN`` batch of ``_sweep``."""
+        ttl_ms, max_blob = limits["blob_ttl_ms"], limits["max_image_bytes"]
+        found = []
+        for name in names:
+            tenant, _, rest = name[len(base) :].partition(":")
+            keys = self.tenant_keys.get(tenant)
+            kind = next((k for k, (named, _) in _SWEPT.items() if _named(rest, named)), None)
+            if keys is not None and kind is not None:
+                found.append((kind, keys, name))
+        if not found:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, _, name in found:
+                pipe.type(name)
+                pipe.pttl(name)
+                pipe.strlen(name)  # an error for anything but a string: then unused
+            facts = await pipe.execute(raise_on_error=False)
+        doomed, expire = [], []
+        for k, (kind, keys, name) in enumerate(found):
+            type_, ttl, size = facts[3 * k : 3 * k + 3]
+            expected = _SWEPT[kind][1]
+            if type_ == "none":  # gone meanwhile
+                continue
+            if type_ != expected:
+                doomed.append(name)
+                removed[(keys.tenant, f"a {type_} where a {expected} belongs")] += 1
+            elif kind == "stream":
+                job = keys.job_from_stream(name)
+                seen.add(name)
+                if not valid_id(job):
+                    doomed.append(name)
+                    removed[(keys.tenant, "streams of no valid job id")] += 1
+                elif name in self._streams_seen and await self._drop_unlisted(
+                    keys=[keys.jobs, name], args=[job]
+                ):
+                    removed[(keys.tenant, "streams no job lists")] += 1
+            elif kind == "upload" and int(size) > max_blob:
+                doomed.append(name)
+                removed[(keys.tenant, f"uploads over media.max_image_bytes ({max_blob})")] += 1
+            elif kind in ("upload", "counter"):
+                if int(ttl) < 0 or int(ttl) > ttl_ms:  # no TTL, or longer than uploads get
+                    expire.append(name)
+                    ttl = ttl_ms
+                if kind == "upload":
+                    uploads[keys.tenant].append((int(ttl), int(size), name))
+        if doomed or expire:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if doomed:
+                    pipe.delete(*doomed)
+                for name in expire:
+                    pipe.pexpire(name, ttl_ms)
+                await pipe.execute()

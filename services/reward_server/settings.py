@@ -204,7 +204,12 @@ class QueueSettings(BaseModel):
         description="Jobs a tenant may have active at once: the consumers poll its most recent ones "
         "only, and senders are refused a new job beyond it (published to Redis as max_jobs).",
     )
-    block_ms: int = Field(200, ge=1)
+    block_ms: int = Field(
+        200,
+        ge=1,
+        description="With nothing to read, the wait before reading again (reads run in a Redis script, "
+        "which cannot block).",
+    )
     reclaim_idle_s: float = Field(60.0, gt=0, description="Pending this long without a heartbeat: reclaimed.")
     reclaim_every_s: float = Field(5.0, gt=0)
     max_deliveries: int = Field(3, ge=1, description="Failed deliveries before the dead-letter stream.")
@@ -224,6 +229,13 @@ class QueueSettings(BaseModel):
         ge=1,
         description="Messages a job's stream may hold (waiting or being judged); a send beyond it fails "
         "with backlog_full. Published to Redis by the consumers, so senders need not be configured.",
+    )
+    max_message_bytes: int = Field(
+        8 << 20,  # referee.scripts.DEFAULT_MAX_MESSAGE_BYTES, the send script's when none is published
+        ge=64 << 10,
+        description="A queued message's largest size (bytes of its JSON). Published to Redis: the send "
+        "script refuses a larger one (413 too_large, before it is queued). One written into a stream "
+        "by hand is never read: it is dead-lettered at its first delivery and its sender answered 413.",
     )
     dead_letter_maxlen: int = Field(10_000, ge=1, description="Entries kept in the dead-letter stream (~).")
     dead_letter_msg_chars: int = Field(

@@ -4,14 +4,17 @@ Part 1 runs on the shared Redis alone (no vLLM): ACL users applied from ``acl_ru
 the test's own (and user names of its own: ACL users are global to the Redis), a consumer logged in
 as the server's user with a stand-in judge, and tenants' ``QueueReferee``s logged in as their
 users. The tests that empty Redis' script cache (``SCRIPT FLUSH``) run on a ``redis-server`` of
-their own, never the shared one. Part 2 runs against ``tenant_server`` (a real server with keys,
-tests/conftest.py).
+their own, never the shared one. The attacks of one tenant on the others (messages too large or
+not UTF-8, keys of the wrong type, filling Redis: on a redis-server of its own) are caused for real,
+as the attacker's own Redis user, against a running consumer (RELIABILITY.md has their counts before
+and after). Part 2 runs against ``tenant_server`` (a real server with keys, tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import shutil
 import time
 import uuid
@@ -27,6 +30,7 @@ from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 from referee import (
     AuthenticationError,
     BacklogFull,
+    BadRequest,
     PermissionDenied,
     QueueUnavailable,
     ScoreItem,
@@ -37,9 +41,9 @@ from referee.auth import hash_key, new_key
 from referee.keys import Keys
 from referee.protocol import JudgesResponse, QueueMessage, ScoreResponse, ScoreResult, Usage
 from referee.queue import QueueReferee
-from referee.scripts import SEND_SHA, TENANT_SCRIPTS, sha1
+from referee.scripts import DEFAULT_MAX_MESSAGE_BYTES, SEND_SHA, TENANT_SCRIPTS, sha1
 from reward_server.consumer import QueueConsumer
-from reward_server.settings import QueueSettings, TenantSettings
+from reward_server.settings import MediaSettings, QueueSettings, TenantSettings
 from tests.support import MAX_TRIES_IN_1_5_S, REDIS_URL, OwnRedis, Tries
 
 FAST = {"block_ms": 20, "reclaim_every_s": 0.1, "cleanup_every_s": 0.2, "reclaim_idle_s": 2.0}
@@ -71,18 +75,28 @@ def test_rules_give_each_tenant_its_own_namespace_and_nothing_else():
     assert rules[0] == "user default off"
     server = rules[1].split()
     assert server[:3] == ["user", "referee-server", "on"] and "~rp:*" in server and "-@all" in server
-    a = rules[2].split()
+    root, *selectors = rules[2].split(" (")
+    a = root.split()
     assert a[:3] == ["user", "team-a", "on"] and "resetchannels" in a
     assert f"#{hash_key(key_a).removeprefix('sha256:')}" in a and f"#{hash_key(key_a2)[7:]}" in a
     assert [t for t in a if "~" in t] == ["~rp:t:team-a:*", "%R~rp:limits", "%R~rp:judges"]
-    assert a.index("-@all") < a.index("+xadd") and "+@all" not in a and "+eval" not in a
+    assert a.index("-@all") < a.index("+evalsha") and "+@all" not in a and "+eval" not in a
     assert {t[1:] for t in a if t.startswith("+")} == set(TENANT_COMMANDS)
+    # Writes: each command on the keys the senders' scripts write it to, nowhere else.
+    assert selectors == [
+        "~rp:t:team-a:requests:* +xadd)",
+        "~rp:t:team-a:jobs +zadd)",
+        "~rp:t:team-a:blob:* +set +pexpire)",
+        "~rp:t:team-a:blob-bytes +incrby +pexpire)",
+    ]
+    assert not {"xadd", "zadd", "set", "incrby", "pexpire", "del", "rpush"} & set(TENANT_COMMANDS)
     # Scripts: EVALSHA of cached scripts only; nothing that loads or runs a script of its own.
     assert "+evalsha" in a
     assert not [
         t for t in a if t.startswith("+") and t[1:].split("|")[0] in ("script", "eval", "function", "fcall")
     ]
     assert not [t for t in a if t.startswith("+@") or t.startswith("+eval_") or t.startswith("+fcall")]
+    assert not [t for t in " ".join(selectors).split() if t.startswith("+@") or "eval" in t]
     assert "+script|load" in server and "+script|exists" in server
     assert key_a not in " ".join(rules)  # the key itself never appears
     assert acl_rules(tenants, disable_default=False)[0].startswith("user team-a ")
@@ -123,8 +137,8 @@ class TenantEcho:
     ready = True
     load_error = None
 
-    def __init__(self, tenants: list[TenantSettings]) -> None:
-        self.settings = SimpleNamespace(tenants=tenants)
+    def __init__(self, tenants: list[TenantSettings], media: MediaSettings | None = None) -> None:
+        self.settings = SimpleNamespace(tenants=tenants, media=media or MediaSettings())
         self.asked: list[tuple[str, str, bool]] = []
 
     def describe(self) -> JudgesResponse:
@@ -193,9 +207,15 @@ def _tenant_client(world, k: str) -> redis_sync.Redis:
 
 
 @contextlib.asynccontextmanager
-async def consuming(world, service):
-    settings = QueueSettings(url=world.server_url, prefix=world.prefix, consumer_name="c1", **FAST)
+async def consuming(world, service, prepare=None, **settings):
+    """A consumer logged in as the server's user, consuming; ``prepare(consumer)`` runs before it
+    starts; ``settings`` override the queue settings."""
+    settings = QueueSettings(
+        url=world.server_url, prefix=world.prefix, consumer_name="c1", **{**FAST, **settings}
+    )
     consumer = QueueConsumer(service, settings)
+    if prepare is not None:
+        prepare(consumer)
     task = asyncio.create_task(consumer.run())
     try:
         deadline = time.monotonic() + 10
@@ -253,7 +273,7 @@ def test_a_tenant_cannot_read_or_write_another_tenants_keys(acl_world):
         entry = a.xadd(ka.stream("job"), {"msg": "mine"})
         assert a.xrange(ka.stream("job"), entry, entry)
         assert a.xlen(ka.stream("job")) == 1 and a.zadd(ka.jobs, {"job": 1}) == 1
-        assert a.zrange(ka.jobs, 0, -1) == ["job"] and a.exists(ka.reply("job", "r")) == 0
+        assert a.zscore(ka.jobs, "job") == 1 and a.exists(ka.reply("job", "r")) == 0
         assert a.blpop([ka.reply("job", "r")], timeout=0.05) is None
         assert a.hget(ka.limits, "max_backlog") is None and a.get(ka.judges) is None
     finally:
@@ -588,6 +608,331 @@ async def test_a_server_user_without_script_exists_still_keeps_the_scripts_loade
         assert (await q.score(items=_items("ab"))).results[0].score == 2
         assert not consumer._may_check_scripts and consumer.state == "consuming"
         assert consumer.reconnects == 0
+
+
+async def test_a_server_user_from_an_older_acl_file_still_consumes_without_sweeping(scripts_world):
+    """A server user without the commands of the sweep (SCAN, TYPE, PTTL, STRLEN): the consumer
+    says so once and goes on consuming, rather than failing (and reconnecting) forever."""
+    w = scripts_world
+    w.admin.execute_command("ACL", "SETUSER", "referee-server", "-scan", "-type", "-pttl", "-strlen")
+    async with (
+        consuming(w, TenantEcho(w.tenants)) as consumer,
+        QueueReferee(w.url, job_id="j", prefix=w.prefix, api_key=w.key, timeout=30) as q,
+    ):
+        await _until(lambda: not consumer._may_sweep, "the sweep to be refused")
+        assert (await q.score(items=_items("ab"))).results[0].score == 2
+        assert consumer.state == "consuming" and consumer.reconnects == 0 and consumer.sweeps == 0
+
+
+# ---------------------------------------------------------------- part 1: one tenant against the others
+# Each test causes the attack for real, as the attacking tenant's own Redis user, against a running
+# consumer, and asserts what the other tenants see: their messages answered, the consumer consuming
+# (what /readyz reports), nothing of theirs lost, and the attacker answered and dead-lettered.
+
+LIMIT = 64 << 10  # queue.max_message_bytes in these tests
+
+
+def _message(job: str, request_id: str, response: str = "r") -> str:
+    """A queued /score message, as QueueReferee writes it."""
+    body = ScoreRequest(items=_items(response)).model_dump(mode="json", exclude_none=True)
+    msg = QueueMessage(type="score", job_id=job, request_id=request_id, sent_at=time.time(), body=body)
+    return msg.model_dump_json()
+
+
+def _reply_bytes(reply) -> int:
+    if isinstance(reply, (bytes, str)):
+        return len(reply)
+    if isinstance(reply, dict):
+        return sum(_reply_bytes(k) + _reply_bytes(v) for k, v in reply.items())
+    if isinstance(reply, (list, tuple)):
+        return sum(_reply_bytes(v) for v in reply)
+    return 8
+
+
+class Fetched:
+    """What a Redis client got back, command by command: the largest reply (strings' lengths
+    summed), i.e. the most a consumer ever loaded from Redis at once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, client) -> None:
+        self.largest = 0
+        self.commands = 0
+        inner = client.execute_command
+
+        async def measured(*args, **options):
+            reply = await inner(*args, **options)
+            self.commands += 1
+            self.largest = max(self.largest, _reply_bytes(reply))
+            return reply
+
+        monkeypatch.setattr(client, "execute_command", measured)
+
+
+async def _until(predicate, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_an_oversized_message_is_dead_lettered_unread_and_the_others_are_answered(
+    acl_world, monkeypatch
+):
+    """Tenant A writes two messages of 1 MiB, 16 times queue.max_message_bytes, straight into its
+    job streams (its ACL lets it XADD there): one waiting to be read, one that a consumer which died
+    had taken (reclaimed). The consumer never loads either; each is dead-lettered at its first
+    delivery, with its reason, and its sender answered 413; B's messages and A's own messages within
+    the limit are answered, and the consumer keeps consuming."""
+    w = acl_world
+    ka, kb = Keys(w.prefix, w.names["a"]), Keys(w.prefix, w.names["b"])
+    a = _tenant_client(w, "a")
+    big = "x" * (1 << 20)
+    fresh, reclaimed = uuid.uuid4().hex, uuid.uuid4().hex
+    a.xadd(ka.stream("big"), {"msg": _message("big", fresh, big)})
+    a.zadd(ka.jobs, {"big": time.time(), "died": time.time()})
+    # Taken by a consumer that died: pending, idle long enough to be reclaimed at once.
+    w.admin.xgroup_create(ka.stream("died"), "judges", id="0", mkstream=True)
+    a.xadd(ka.stream("died"), {"msg": _message("died", reclaimed, big)})
+    [(_, [(entry, _)])] = w.admin.xreadgroup("judges", "gone", {ka.stream("died"): ">"}, count=1)
+    w.admin.xclaim(ka.stream("died"), "judges", "gone", 0, [entry], idle=10**9, justid=True)
+    a.close()
+    service = TenantEcho(w.tenants)
+    fetched: list[Fetched] = []
+    async with (
+        consuming(
+            w,
+            service,
+            prepare=lambda c: fetched.append(Fetched(monkeypatch, c.redis)),
+            max_message_bytes=LIMIT,
+        ) as consumer,
+        QueueReferee(REDIS_URL, job_id="ok", prefix=w.prefix, api_key=w.keys["a"]) as qa,
+        QueueReferee(REDIS_URL, job_id="big", prefix=w.prefix, api_key=w.keys["a"]) as qa_big,
+        QueueReferee(REDIS_URL, job_id="died", prefix=w.prefix, api_key=w.keys["a"]) as qa_died,
+        QueueReferee(REDIS_URL, job_id="run", prefix=w.prefix, api_key=w.keys["b"]) as qb,
+    ):
+        got = await asyncio.gather(
+            *(qb.score(items=_items("b" * n)) for n in (1, 2, 3)), qa.score(items=_items("aaaa"))
+        )
+        assert [g.results[0].score for g in got] == [1, 2, 3, 4]
+        # Dead-lettered at the first delivery that reached this consumer (the reclaimed one's second),
+        # not after max_deliveries.
+        for q, rid, delivery in ((qa_big, fresh, 1), (qa_died, reclaimed, 2)):
+            with pytest.raises(BadRequest, match="max_message_bytes") as err:
+                await q.receive("score", rid, timeout=20)
+            assert err.value.status == 413 and err.value.code == "too_large"
+            assert q.last_reply.attempts == delivery
+        assert consumer.state == "consuming" and consumer.reconnects == 0
+    assert fetched[0].commands > 0 and fetched[0].largest < LIMIT  # neither payload was ever loaded
+    dead = [e for _, e in w.admin.xrange(ka.dead_letter)]
+    assert sorted(e["request_id"] for e in dead) == sorted([fresh, reclaimed])
+    assert all("max_message_bytes" in e["error"] and len(e["msg"]) < LIMIT for e in dead)
+    assert not w.admin.exists(kb.dead_letter)
+    assert w.admin.xlen(ka.stream("big")) == 0 and w.admin.xlen(ka.stream("died")) == 0  # acknowledged
+    assert w.admin.xlen(kb.stream("run")) == 0  # nothing of B's left behind
+    assert sorted(service.asked) == sorted(
+        [(w.names["b"], "run", True)] * 3 + [(w.names["a"], "ok", True)]
+    )  # the oversized ones were not judged
+
+
+async def test_a_message_that_is_not_utf8_is_dead_lettered_and_the_rest_of_its_batch_answered(acl_world):
+    """A message whose bytes are not UTF-8, written by tenant A between two good ones of its own,
+    read in one batch with B's messages: it is dead-lettered and its sender answered 400; every
+    other message of the batch is answered at its first delivery, none reclaimed, and the
+    consumer never reconnects."""
+    from reward_server import metrics
+
+    w = acl_world
+    ka, kb = Keys(w.prefix, w.names["a"]), Keys(w.prefix, w.names["b"])
+    a = _tenant_client(w, "a")
+    bad, good = uuid.uuid4().hex, [uuid.uuid4().hex, uuid.uuid4().hex]
+    a.xadd(ka.stream("mixed"), {"msg": _message("mixed", good[0])})
+    a.xadd(ka.stream("mixed"), {"msg": _message("mixed", bad, "BAD").encode().replace(b"BAD", b"\xff\xfe")})
+    a.xadd(ka.stream("mixed"), {"msg": _message("mixed", good[1], "rr")})
+    a.zadd(ka.jobs, {"mixed": time.time()})
+    a.close()
+    service = TenantEcho(w.tenants)
+    async with (
+        QueueReferee(REDIS_URL, job_id="mixed", prefix=w.prefix, api_key=w.keys["a"]) as qa,
+        QueueReferee(REDIS_URL, job_id="run", prefix=w.prefix, api_key=w.keys["b"]) as qb,
+    ):
+        sent = [await qb.send("score", ScoreRequest(items=_items("b" * n))) for n in (1, 2)]
+        reclaimed = metrics.QUEUE_RECLAIMED._value.get()
+        async with consuming(w, service, read_count=4) as consumer:  # one read takes them all
+            for rid, score in zip(sent, (1, 2), strict=True):
+                assert (await qb.receive("score", rid, timeout=20)).results[0].score == score
+                assert qb.last_reply.attempts == 1
+            for rid, score in zip(good, (1, 2), strict=True):
+                assert (await qa.receive("score", rid, timeout=20)).results[0].score == score
+                assert qa.last_reply.attempts == 1
+            with pytest.raises(BadRequest, match="UTF-8") as err:
+                await qa.receive("score", bad, timeout=20)
+            assert err.value.status == 400
+            assert consumer.state == "consuming" and consumer.reconnects == 0
+        assert metrics.QUEUE_RECLAIMED._value.get() == reclaimed
+    [(_, entry)] = w.admin.xrange(ka.dead_letter)
+    assert entry["request_id"] == bad and "UTF-8" in entry["error"]
+    assert not w.admin.exists(kb.dead_letter) and w.admin.xlen(ka.stream("mixed")) == 0
+    assert len(service.asked) == 4
+
+
+async def test_keys_of_the_wrong_type_in_a_namespace_do_not_stop_the_consumer(acl_world):
+    """A job's stream name holding a string and a jobs set that is not a sorted set: the tenants'
+    users may no longer write either, but users from an older ACL file could (made here by the
+    admin). The consumer skips them, removes them, and serves everyone else."""
+    w = acl_world
+    ka, kb, kc = (Keys(w.prefix, w.names[k]) for k in ("a", "b", "c"))
+    a, c = _tenant_client(w, "a"), _tenant_client(w, "c")
+    try:
+        for write in (
+            lambda: a.set(ka.stream("evil"), "not a stream"),
+            lambda: c.set(kc.jobs, "not a sorted set"),
+            lambda: c.xadd(kc.jobs, {"not": "a sorted set"}),
+        ):
+            with pytest.raises(NoPermissionError):
+                write()
+    finally:
+        a.close()
+        c.close()
+    w.admin.set(ka.stream("evil"), "not a stream")
+    w.admin.zadd(ka.jobs, {"evil": time.time()})
+    w.admin.set(kc.jobs, "not a sorted set")
+    service = TenantEcho(w.tenants)
+    async with (
+        consuming(w, service) as consumer,
+        QueueReferee(REDIS_URL, job_id="ok", prefix=w.prefix, api_key=w.keys["a"]) as qa,
+        QueueReferee(REDIS_URL, job_id="run", prefix=w.prefix, api_key=w.keys["b"]) as qb,
+    ):
+        assert (await qb.score(items=_items("bb"))).results[0].score == 2
+        assert (await qa.score(items=_items("aaa"))).results[0].score == 3
+        await _until(
+            lambda: w.admin.type(ka.stream("evil")) != "string" and not w.admin.exists(kc.jobs),
+            "the bad keys to go",
+        )  # (job "evil" is listed: its stream is made again, as a stream, to be read)
+        assert (await qb.score(items=_items("bbb"))).results[0].score == 3
+        assert consumer.state == "consuming" and consumer.reconnects == 0
+    assert not w.admin.exists(kb.dead_letter)
+
+
+async def test_a_sender_is_refused_a_message_over_the_published_limit_before_sending(acl_world, monkeypatch):
+    w = acl_world
+    async with consuming(w, TenantEcho(w.tenants), max_message_bytes=LIMIT):
+        pass  # published the limits
+    assert w.admin.hget(f"{w.prefix}:limits", "max_message_bytes") == str(LIMIT)
+    ka = Keys(w.prefix, w.names["a"])
+    async with QueueReferee(REDIS_URL, job_id="j", prefix=w.prefix, api_key=w.keys["a"]) as q:
+        sends = Tries(monkeypatch, q._redis, "evalsha")
+        with pytest.raises(BadRequest, match="max_message_bytes") as err:
+            await q.score(items=_items("x" * LIMIT))
+        assert err.value.status == 413 and err.value.code == "too_large"
+        assert sends.count == 0  # refused before sending
+        assert (await q.send("score", ScoreRequest(items=_items("x" * (LIMIT // 2))))) is not None
+        assert sends.count == 1
+    # A sender that skips the check: the send script refuses it, and nothing is queued.
+    a = _tenant_client(w, "a")
+    try:
+        raw = _message("k", uuid.uuid4().hex, "x" * LIMIT)
+        added = a.evalsha(
+            SEND_SHA, 2, ka.stream("k"), ka.jobs, raw, 5, "k", time.time(), w.names["a"], 0,
+            ka.streams_prefix, ka.limits,
+        )  # fmt: skip
+        assert added == [6, len(raw.encode()), LIMIT] and not a.exists(ka.stream("k"))
+    finally:
+        a.close()
+    # A limit raised since: the client reads it again rather than refusing on its old value.
+    w.admin.hset(f"{w.prefix}:limits", "max_message_bytes", 4 * LIMIT)
+    async with QueueReferee(REDIS_URL, job_id="j", prefix=w.prefix, api_key=w.keys["a"]) as q:
+        await q.send("score", ScoreRequest(items=_items("x" * (LIMIT // 2))))
+        await q.send("score", ScoreRequest(items=_items("x" * (2 * LIMIT))))
+        assert w.admin.xlen(ka.stream("j")) == 3
+
+
+def test_the_servers_message_limit_is_the_send_scripts_own_default():
+    """The send script's limit when no consumer has published one is the server's default."""
+    assert QueueSettings().max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+
+
+@pytest.fixture()
+def full_world(tmp_path):
+    """Two tenants on a throwaway redis-server whose memory a test may fill."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server")
+    server = OwnRedis(tmp_path)
+    server.start()
+    admin = redis_sync.Redis(port=server.port, decode_responses=True)
+    keys = {n: new_key(n) for n in ("team-a", "team-b")}
+    tenants = [TenantSettings(name=n, keys=[hash_key(k)]) for n, k in keys.items()]
+    password = uuid.uuid4().hex
+    apply_acl(admin, acl_rules(tenants, prefix="rf", server_password=password, disable_default=False))
+    try:
+        yield SimpleNamespace(
+            redis=server,
+            url=server.url,
+            admin=admin,
+            prefix="rf",
+            tenants=tenants,
+            keys=keys,
+            server_url=server.url.replace("redis://", f"redis://referee-server:{password}@", 1),
+        )
+    finally:
+        admin.close()
+        server.kill()
+
+
+async def test_a_tenant_cannot_fill_redis_with_keys_that_never_expire(full_world):
+    """Tenant A's user is refused every write that would leave a key without a TTL or outside the
+    key families the senders' scripts write. The writes those scripts need (an upload's bytes, a
+    job's stream) it may still make by hand: it fills Redis with uploads that never expire, over its
+    upload budget and over the size cap, and a stream no job lists. Redis is full (noeviction): B's
+    next request waits, and is answered once the consumer has bounded A's keys."""
+    w = full_world
+    ka = Keys(w.prefix, "team-a")
+    media = MediaSettings(max_image_bytes=256 << 10, tenant_blob_bytes=1 << 20, blob_ttl_s=600)
+    a = redis_sync.Redis(port=w.redis.port, username="team-a", password=w.keys["team-a"])
+    for write in (
+        lambda: a.set(f"{ka.namespace}junk", "x"),
+        lambda: a.incrby(f"{ka.namespace}counter", 1),
+        lambda: a.zadd(f"{ka.namespace}other", {"x": 1}),
+        lambda: a.xadd(ka.dead_letter, {"msg": "x"}),
+        lambda: a.set(ka.result("j", "r"), "1"),
+        lambda: a.set(ka.reply("j", "r"), "x"),
+        lambda: a.set(ka.stream("j"), "x"),
+        lambda: a.xadd(ka.jobs, {"x": "y"}),
+    ):
+        with pytest.raises(NoPermissionError):
+            write()
+    service = TenantEcho(w.tenants, media)
+    async with (
+        consuming(w, service) as consumer,
+        QueueReferee(w.url, job_id="run", prefix=w.prefix, api_key=w.keys["team-b"], timeout=60) as qb,
+        QueueReferee(w.url, job_id="up", prefix=w.prefix, api_key=w.keys["team-a"], timeout=60) as qa,
+    ):
+        assert (await qb.score(items=_items("b"))).results[0].score == 1
+        # What the upload script writes, A may write through it (twice: the second renews the TTL).
+        uploaded = b"an image's bytes" * 1000
+        assert (await qa.upload(uploaded)) == (await qa.upload(uploaded))
+        legit = ka.blob(hashlib.sha256(uploaded).hexdigest())
+        assert w.admin.strlen(legit) == len(uploaded) and int(w.admin.get(ka.blob_bytes)) == len(uploaded)
+        w.admin.config_set("maxmemory-policy", "noeviction")
+        w.admin.config_set("maxmemory", w.admin.info("memory")["used_memory"] + (4 << 20))
+        a.set(ka.blob("f" * 64), b"x" * (media.max_image_bytes + 1))  # over the size cap
+        a.xadd(ka.stream("hidden"), {"msg": "x" * 1000})  # no job lists it: never read
+        a.incrby(ka.blob_bytes, 1)  # the upload counter, without its TTL
+        with pytest.raises(redis_sync.exceptions.OutOfMemoryError):
+            for n in range(1000):  # uploads without a TTL, until Redis refuses more
+                a.set(ka.blob(f"{n:064x}"), b"x" * (200 << 10))
+        a.close()
+        # As full as a flood that goes on keeps it: not even a small message fits.
+        w.admin.config_set("maxmemory", w.admin.info("memory")["used_memory"] - (64 << 10))
+        assert (await qb.score(items=_items("bb"))).results[0].score == 2
+        swept = consumer.sweeps
+        await _until(lambda: consumer.sweeps >= swept + 2, "two whole sweeps after the flood")
+        assert (await qb.score(items=_items("bbb"))).results[0].score == 3
+        assert consumer.state == "consuming"
+    blobs = list(w.admin.scan_iter(f"{ka.namespace}blob:*"))
+    sizes = [w.admin.strlen(k) for k in blobs]
+    assert sum(sizes) <= media.tenant_blob_bytes and max(sizes) <= media.max_image_bytes
+    assert all(0 < w.admin.pttl(k) <= media.blob_ttl_s * 1000 for k in [*blobs, ka.blob_bytes])
+    assert not w.admin.exists(ka.stream("hidden"))
+    assert legit in blobs  # what A uploaded through the script is kept: the hand-made ones went first
 
 
 # ---------------------------------------------------------------- part 2: a real server with keys
