@@ -8,7 +8,8 @@ Needs only the referee client package. Writes, each file mode 0600 and git-ignor
   what ``referee redis-acl`` makes Redis' users from);
 - ``trainer-a.env``, ``trainer-b.env``: REFEREE_API_KEY of the first and second tenant;
 - ``redis-server.env``: REFEREE_REDIS_PASSWORD, the password of the server's Redis user;
-- ``reward-server.env``: REDIS_URL with that user and password.
+- ``reward-server.env``: REDIS_URL with that user and password;
+- ``hf_token``: empty, for a Hugging Face token (gated models); once written, never replaced.
 
 A key is printed nowhere: give a team its key from its env file. Existing files are kept unless
 ``--force`` (which replaces every key: restart the whole stack).
@@ -25,7 +26,8 @@ from referee.acl import SERVER_USER
 from referee.auth import hash_key, new_key
 
 SECRETS = Path(__file__).resolve().parent / "secrets"
-FILES = ("tenants.yaml", "trainer-a.env", "trainer-b.env", "redis-server.env", "reward-server.env")
+KEYS = ("tenants.yaml", "trainer-a.env", "trainer-b.env", "redis-server.env", "reward-server.env")
+FILES = (*KEYS, "hf_token")
 
 
 def _write(path: Path, text: str) -> None:
@@ -44,7 +46,7 @@ def main() -> None:
         parser.error("give at least two tenants (trainer-a and trainer-b get the first two)")
     SECRETS.mkdir(mode=0o700, exist_ok=True)
     (SECRETS / ".gitignore").write_text("*\n")
-    existing = [f for f in FILES if (SECRETS / f).exists()]
+    existing = [f for f in KEYS if (SECRETS / f).exists()]
     if existing and not args.force:
         raise SystemExit(f"{SECRETS} already has {', '.join(existing)}; --force replaces them")
     keys = {t: new_key(t) for t in tenants}
@@ -57,7 +59,9 @@ def main() -> None:
     password = secrets.token_urlsafe(32)
     _write(SECRETS / "redis-server.env", f"REFEREE_REDIS_PASSWORD={password}\n")
     _write(SECRETS / "reward-server.env", f"REDIS_URL=redis://{SERVER_USER}:{password}@redis:6379/0\n")
-    print(f"wrote {', '.join(FILES)} to {SECRETS} (tenants: {', '.join(tenants)})")
+    if not (SECRETS / "hf_token").exists():  # the operator's own token is kept, even with --force
+        _write(SECRETS / "hf_token", "")
+    print(f"wrote {', '.join(KEYS)} to {SECRETS} (tenants: {', '.join(tenants)})")
 
 
 if __name__ == "__main__":

