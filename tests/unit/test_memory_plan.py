@@ -266,3 +266,15 @@ def test_the_placement_becomes_each_engines_vllm_device_ids(tmp_path):
         "a": ([0, 1], 2, 0.9),
         "b": ([2, 3], 2, 0.9),
     }  # two TP=2 judges no longer stack on GPUs 0-1
+
+
+def test_the_check_at_start_runs_on_cuda_only_and_refuses_before_loading(tmp_path, monkeypatch):
+    from reward_server import memory_plan
+
+    settings = _judges(tmp_path, 0.2)
+    assert memory_plan.check_before_loading(settings, "cpu") is None  # host RAM: the CPU build's rule
+    monkeypatch.setattr(memory_plan, "visible_gpus", lambda: [])
+    assert memory_plan.check_before_loading(settings, "cuda") is None  # nothing to plan for
+    monkeypatch.setattr(memory_plan, "visible_gpus", lambda: parse_gpus("1x80GiB"))
+    with pytest.raises(PlanError, match=r"'vlm-judge'.*fits from gpu_memory_utilization 0\.23"):
+        memory_plan.check_before_loading(settings, "cuda")
