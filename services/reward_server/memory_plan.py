@@ -359,7 +359,7 @@ class Plan:
             fit = "" if e.fit_fraction is None else f", fits from {e.fit_fraction:.2f}"
             lines.append(
                 f"{'FAIL' if e.problem else 'ok  '} {e.name} ({e.model}) on GPU {e.gpus}: {need}, given "
-                f"{e.fraction} = {e.given_bytes / GiB:.1f} GiB ({e.fraction_why}){fit}"
+                f"{e.given_bytes / GiB:.1f} GiB by gpu_memory_utilization {e.fraction_why}{fit}"
             )
             if e.source:
                 lines.append(f"       from {e.source}")
@@ -412,6 +412,7 @@ def plan(settings, gpus: list[int], footprints: dict[str, Footprint | None] | No
         if eng.kv_cache_memory_gib is not None:
             # a fixed KV cache: vLLM takes what it needs, whatever the fraction
             row.given_bytes, fraction = need, row.fit_fraction
+            row.fraction_why = f"unused: kv_cache_memory_gib {eng.kv_cache_memory_gib} fixes the KV cache"
         elif need > row.given_bytes:
             row.problem = (
                 f"judge {row.name!r} ({spec.model}) needs {need / GiB:.1f} GiB per GPU (weights "
