@@ -183,6 +183,7 @@ return 0
 _RETRYABLE = {429, 503}  # overloaded (while stopping) or unavailable: leave it pending, try later
 WRONG_JOB_STATUS = 403  # a message naming another job than its stream's: not judged
 EXPIRED_STATUS = 504  # an expired message's reply: the judge did not get to it before its deadline
+SEND_CLOCK_MARGIN_S = 2.0  # senders' clocks against this consumer's (job scores are senders' time)
 HAND_BACK_IDLE_MS = 10**9  # idle time given to handed-back messages: any consumer reclaims them at once
 _REQUEST_ID = re.compile(r'"request_id"\s*:\s*"([^"]{1,128})"')
 _TYPE = re.compile(r'"type"\s*:\s*"(score|pairwise|judge|winrate)"')
@@ -268,6 +269,9 @@ class QueueConsumer:
         self._may_check_scripts = True  # SCRIPT EXISTS allowed (else SCRIPT LOAD every check)
         self._may_sweep = True  # SCAN, TYPE, PTTL and STRLEN allowed (an older ACL file lacks them)
         self._streams: dict[str, tuple[str, str]] = {}  # active job stream -> (tenant, job)
+        self.send_clock_margin_s = SEND_CLOCK_MARGIN_S
+        self._sent_at: dict[str, float] = {}  # job stream -> its last send (the jobs set's score)
+        self._drained_at: dict[str, float] = {}  # job stream -> when a read last found it empty
         self._grouped: set[str] = set()  # streams whose consumer group exists
         self._ignored: set[tuple[str, str]] = set()  # (tenant, job id or key) skipped, logged once
         self._streams_seen: set[str] = set()  # job streams found by the last sweep
@@ -474,7 +478,12 @@ class QueueConsumer:
         eligible = []
         order = list(self._streams.items())
         self._turn = (getattr(self, "_turn", 0) + 1) % max(1, len(order))
-        for stream, (tenant, _) in order[self._turn :] + order[: self._turn]:  # take turns first
+        turns = order[self._turn :] + order[: self._turn]  # take turns
+        # Streams that may hold messages first: a job sent to since its stream was last read empty
+        # (the jobs set's score is the last send), then the drained ones. Otherwise a tenant's many
+        # idle jobs fill the read window and a live job waits for the window to come round to it.
+        turns.sort(key=lambda item: not self._maybe_waiting(item[0]))
+        for stream, (tenant, _) in turns:
             if (
                 len(self._inflight[stream]) < s.per_job_inflight_messages
                 and room[tenant] > 0
@@ -486,12 +495,17 @@ class QueueConsumer:
         if not eligible or self._total_inflight() >= s.max_inflight_messages:
             await self._idle()
             return
+        read_at = time.time()
         batches = await self._fetch(eligible, count=s.read_count)
         got = False
+        for stream in eligible:
+            if not batches.get(stream):
+                self._drained_at[stream] = read_at
         for stream, entries in batches.items():
             if not entries:
                 continue
             got = True
+            self._drained_at.pop(stream, None)
             if self._stopping.is_set() or stream not in self._streams:
                 # read while stop() began (or a job forgotten meanwhile): not ours to judge
                 await self._hand_back(stream, {e.id: 1 for e in entries if e.status != "gone"})
@@ -501,6 +515,12 @@ class QueueConsumer:
                 self._start(tenant, job, stream, entry)
         if not got:
             await self._idle()
+
+    def _maybe_waiting(self, stream: str) -> bool:
+        """Whether the stream may hold unread messages: never read empty, or sent to since (with
+        a margin for the senders' clocks, whose time the jobs set's scores are)."""
+        drained = self._drained_at.get(stream)
+        return drained is None or self._sent_at.get(stream, 0.0) >= drained - self.send_clock_margin_s
 
     async def _idle(self) -> None:
         """Nothing to read (or no room to): wait ``block_ms``, less if a message finishes or the
@@ -867,6 +887,7 @@ class QueueConsumer:
                     cutoff,
                     start=0,
                     num=self.settings.max_jobs_per_tenant,
+                    withscores=True,
                 )
             listed = await pipe.execute(raise_on_error=False)
         streams: dict[str, tuple[str, str]] = {}
@@ -877,7 +898,7 @@ class QueueConsumer:
                     raise jobs
                 self._skip(tenant, keys.jobs, "its jobs set is not a sorted set")  # the sweep removes it
                 continue
-            for job in jobs:
+            for job, sent_at in jobs:
                 if not valid_id(job):  # written by hand: a name that could leave its namespace
                     if (tenant, job) not in self._ignored:
                         self._ignored.add((tenant, job))
@@ -897,7 +918,11 @@ class QueueConsumer:
                             raise
                     self._grouped.add(stream)
                 streams[stream] = (tenant, job)
+                self._sent_at[stream] = sent_at
         self._streams = streams
+        for gone in set(self._sent_at) - set(streams):
+            self._sent_at.pop(gone, None)
+            self._drained_at.pop(gone, None)
 
     def _skip(self, tenant: str, key: str, why: str) -> None:
         """Log once that a key of a tenant's is skipped (written by hand, of the wrong type)."""

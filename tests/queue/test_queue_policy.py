@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from referee import ScoreItem, Unavailable
+from referee import ScoreItem, ScoreRequest, Unavailable
 from referee.protocol import JudgesResponse
 from referee.queue import QueueReferee
 from reward_server.consumer import QueueConsumer
@@ -124,3 +124,62 @@ async def test_message_whose_consumers_keep_dying_is_dead_lettered_unjudged(cons
         running.cancel()
         await r.aclose()
     assert service.calls == 0
+
+
+class CountingService:
+    """Ready; answers /score with zeros and counts the questions it was asked."""
+
+    ready = True
+    load_error = None
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def describe(self) -> JudgesResponse:
+        return JudgesResponse(default="count", judges=[])
+
+    async def score(self, request, *, tenant: str, job: str, queued: bool = False):
+        from referee.protocol import ScoreResponse, ScoreResult, Usage
+
+        self.asked.append(job)
+        results = [ScoreResult(index=i, score=0.0) for i in range(len(request.items))]
+        return ScoreResponse(judge="count", results=results, usage=Usage())
+
+
+async def test_a_live_job_is_read_before_the_tenants_many_idle_ones(consumer_prefix):
+    """A tenant with 60 idle jobs (listed, their streams empty) and one that sends: the sender's
+    message is read at the first read after the consumer sees the send, not once the read window
+    (room for 16 streams) has come round to its stream (up to 45 reads later)."""
+    settings = QueueSettings(url=REDIS_URL, prefix=consumer_prefix, block_ms=1)
+    service = CountingService()
+    consumer = QueueConsumer(service, settings)
+    consumer.send_clock_margin_s = 0.0  # sender and consumer share this machine's clock
+    async with QueueReferee(REDIS_URL, job_id="live", prefix=consumer_prefix, timeout=30) as q:
+        for k in range(60):  # idle jobs: each sent one message, answered long ago
+            idle = QueueReferee(REDIS_URL, job_id=f"idle-{k:02d}", prefix=consumer_prefix, timeout=30)
+            async with idle:
+                await idle.send("score", ScoreRequest(items=[ScoreItem(prompt="q", response="r")]))
+        await consumer._connect()
+        try:
+            for _ in range(200):  # every idle job's message read, then every stream read empty
+                await consumer._read()
+                if len(service.asked) == 60 and not consumer._tasks:
+                    break
+                await asyncio.sleep(0.01)
+            for _ in range(80):  # the window comes round every stream: each is read empty once
+                await consumer._read()
+            assert len(service.asked) == 60
+            await q.send("score", ScoreRequest(items=[ScoreItem(prompt="q", response="live")]))
+            await consumer._refresh_jobs()
+            live, reads = q.keys.stream("live"), 0
+            consumer._turn = 0  # the window's next turn starts past the live job (listed first, newest)
+
+            def taken() -> bool:
+                return bool(consumer._inflight.get(live)) or "live" in service.asked
+
+            while not taken() and reads < 100:
+                await consumer._read()
+                reads += 1
+            assert taken() and reads == 1, reads
+        finally:
+            await consumer.stop(drain_s=1)
