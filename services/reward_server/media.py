@@ -210,6 +210,15 @@ class MemoryBlobStore:
         return hit[0]
 
 
+# A value's size is checked in Redis before it is read: {0} missing, {2, size} too large, {1, bytes}.
+_BOUNDED_GET = """
+local size = redis.call('STRLEN', KEYS[1])
+if size == 0 then return {0, 0} end
+if size > tonumber(ARGV[1]) then return {2, size} end
+return {1, redis.call('GET', KEYS[1])}
+"""
+
+
 class RedisBlobStore:
     """Blobs in Redis (the queue is on): shared by every replica and by queued jobs, under the
     tenant's namespace (``{prefix}:t:{tenant}:blob:<hex>``), expiring ``blob_ttl_s`` after their
@@ -222,6 +231,7 @@ class RedisBlobStore:
         self.redis, self.prefix, self.settings = redis, prefix, settings
         self._keys = Keys
         self._blob = redis.register_script(BLOB)  # EVALSHA, loading it on NOSCRIPT
+        self._get = redis.register_script(_BOUNDED_GET)
 
     def _ns(self, tenant: str):
         return self._keys(self.prefix, tenant)
@@ -239,7 +249,23 @@ class RedisBlobStore:
         return self.settings.blob_ttl_s
 
     async def get(self, tenant: str, blob: str) -> bytes | None:
-        return await self.redis.get(self._ns(tenant).blob(blob.removeprefix("sha256:")))
+        """The upload's bytes, checked: a value written by hand under a blob key (a tenant's Redis
+        user can) is refused unread if it is over ``max_image_bytes``, and refused if its content
+        is not the image its id names."""
+        key = self._ns(tenant).blob(blob.removeprefix("sha256:"))
+        found, value = await self._get(keys=[key], args=[self.settings.max_image_bytes])
+        if int(found) == 0:
+            return None
+        if int(found) == 2:
+            raise MediaError(
+                413,
+                "too_large",
+                f"the upload {blob} has {int(value)} bytes, over the limit of "
+                f"{self.settings.max_image_bytes} (media.max_image_bytes)",
+            )
+        if blob_id(value) != blob:
+            raise MediaError(422, "bad_media", f"the upload {blob} does not hold the image its id names")
+        return value
 
 
 def blob_limits(service) -> dict[str, int]:
