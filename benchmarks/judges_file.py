@@ -73,20 +73,28 @@ def engine_kwargs(judge: dict) -> dict:
     memory fraction, eager mode, parallelism, max_num_seqs, then ``extra``), to start vLLM's own
     server or offline engine on the same settings. Prefix caching and the runner are left to the
     caller."""
-    from reward_server.hardware import resolve_dtype
+    from reward_server.hardware import device_type, engine_defaults, resolve_dtype
+    from reward_server.judges import RUNNERS
     from reward_server.settings import EngineSettings
 
     eng = EngineSettings.model_validate(judge.get("engine", {}))
+    # unset eager mode and memory fraction: the platform's defaults, as referee's engines get them
+    chosen = engine_defaults(
+        device_type(),
+        RUNNERS.get(judge.get("kind", "generative"), "generate"),
+        enforce_eager=eng.enforce_eager,
+        gpu_memory_utilization=eng.gpu_memory_utilization,
+    )
     out: dict = {
         "dtype": resolve_dtype(eng.dtype)[0],  # auto: the CPU rule on a CPU, the model's dtype on a GPU
         "max_model_len": eng.max_model_len,
-        "enforce_eager": eng.enforce_eager,
+        "enforce_eager": chosen.enforce_eager,
         "tensor_parallel_size": eng.tensor_parallel_size,
     }
     if eng.kv_cache_memory_gib is not None:
         out["kv_cache_memory_bytes"] = int(eng.kv_cache_memory_gib * (1 << 30))
     else:
-        out["gpu_memory_utilization"] = eng.gpu_memory_utilization
+        out["gpu_memory_utilization"] = chosen.gpu_memory_utilization
     if eng.max_num_seqs is not None:
         out["max_num_seqs"] = eng.max_num_seqs
     return {**out, **eng.extra}

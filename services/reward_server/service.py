@@ -10,6 +10,7 @@ that says what to change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
@@ -30,11 +31,11 @@ from referee.protocol import (
     WinRateResponse,
 )
 
-from . import media, metrics
+from . import media, memory_plan, metrics
 from .cache import JudgmentCache
 from .errors import ClientError
 from .fairness import AdmissionRefused, FairScheduler, TenantPolicy, retry_after
-from .hardware import cpu_bind_for, cpu_info
+from .hardware import cpu_bind_for, cpu_info, device_type
 from .judges import Judge, RequestContext, capabilities, engine_key, load_judge
 from .questions import (
     Cost,
@@ -122,13 +123,21 @@ class JudgeService:
     async def load(self) -> None:
         """Start every configured engine (in a thread: engine start-up blocks for tens of seconds)."""
         try:
+            # On GPUs, the memory plan first: an impossible plan is refused before anything loads,
+            # naming the judge and the fraction that would fit; it also places each engine.
+            platform = await asyncio.to_thread(device_type)
+            plan = memory_plan.check_before_loading(self.settings, platform)
             # one engine per distinct engine_key (judges on the same model share it)
             keys = list(dict.fromkeys(k for cfg in self.settings.judges if (k := engine_key(cfg))))
             count, cores = len(keys), cpu_info().cores
             for cfg in self.settings.judges:
                 key = engine_key(cfg)
                 bind = cpu_bind_for(keys.index(key) if key else 0, count, self.settings.cpu_binding, cores)
-                judge = await asyncio.to_thread(load_judge, cfg, bind, dict(self.judges))
+                placement = None
+                if plan is not None and key:
+                    with contextlib.suppress(KeyError):  # a judge the plan could not check
+                        placement = plan.placement(cfg.name)
+                judge = await asyncio.to_thread(load_judge, cfg, bind, dict(self.judges), placement)
                 self.judges[cfg.name] = judge
                 logger.info("judge %r (%s, %s) is ready", cfg.name, cfg.kind, cfg.model)
         except Exception as exc:

@@ -92,11 +92,15 @@ def engine_key(settings: JudgeSettings) -> tuple | None:
 
 
 def load_judge(
-    settings: JudgeSettings, cpu_bind: str | None = None, loaded: dict[str, Judge] | None = None
+    settings: JudgeSettings,
+    cpu_bind: str | None = None,
+    loaded: dict[str, Judge] | None = None,
+    placement: tuple[list[int], int] | None = None,
 ) -> Judge:
     """Start the engine for a configured judge (blocking: tens of seconds on a CPU), or reuse the
     engine of a judge in ``loaded`` with the same ``engine_key``. A kind without an engine of its
-    own (an ensemble) starts none: it is made of the judges in ``loaded`` that it names."""
+    own (an ensemble) starts none: it is made of the judges in ``loaded`` that it names.
+    ``placement``: (GPUs, engines sharing them) from the memory plan, on GPUs."""
     loaded = loaded or {}
     kind = KINDS[settings.kind]
     if settings.kind not in RUNNERS:
@@ -108,7 +112,15 @@ def load_judge(
     from ..engine import Engine  # the one module that imports vLLM
 
     bind = settings.engine.cpu_cores or cpu_bind
-    engine = Engine.start(settings.model, settings.engine, RUNNERS[settings.kind], cpu_bind=bind)
+    devices, sharing = placement or (None, 1)  # on GPUs: memory_plan's placement of this engine
+    engine = Engine.start(
+        settings.model,
+        settings.engine,
+        RUNNERS[settings.kind],
+        cpu_bind=bind,
+        devices=devices,
+        engines_on_device=sharing,
+    )
     try:
         return kind(settings, engine)
     except Exception:
