@@ -429,6 +429,11 @@ class JudgeInfo(BaseModel):
         default_factory=list, description="What the judge's model sees besides text (empty: text only)."
     )
     dtype: str | None = Field(None, description="The dtype the engine runs in (None while loading).")
+    engine: dict[str, str] | None = Field(
+        None,
+        description="The engine's platform-dependent settings (eager mode, memory fraction, step budget), "
+        "each with what it got and why (None while loading, and for kinds without an engine).",
+    )
 
 
 class JudgesResponse(BaseModel):

@@ -421,6 +421,7 @@ class JudgeService:
                     weights=getattr(loaded, "weights", None) or None,
                     members=list(cfg.members),
                     dtype=getattr(getattr(loaded, "engine", None), "dtype", None),
+                    engine=getattr(getattr(loaded, "engine", None), "choices", None) or None,
                 )
             )
         return JudgesResponse(default=self.settings.default_judge, judges=infos)

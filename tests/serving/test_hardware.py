@@ -26,6 +26,14 @@ def test_served_engines_got_the_dtype_and_cores_the_rule_chose(client, server_co
     assert reported == expected
     assert reported["smollm2"] == ("bfloat16" if info.native_bf16 else "float32")
     assert reported["tiny-rm"] == "float32"  # explicit in the judges file
+    # what each engine got for its platform-dependent settings, and why (the CPU build's defaults)
+    engines = {j["name"]: j["engine"] for j in client.get("/judges").json()["judges"]}
+    assert engines["panel"] is None  # an ensemble has no engine of its own
+    assert engines["smollm2"]["enforce_eager"].startswith("True (CPU build")
+    assert (
+        "of host RAM" in engines["tiny-rm"]["gpu_memory_utilization"]
+        or "set explicitly" in (engines["tiny-rm"]["gpu_memory_utilization"])
+    )
 
     if not server_log.exists():  # REFEREE_TEST_URL: a server started elsewhere
         return
