@@ -184,6 +184,11 @@ def server_rule(password: str, prefix: str = DEFAULT_PREFIX, user: str = SERVER_
     """The ACL file line of the consumers' user: every key under ``prefix``, SERVER_COMMANDS."""
     if not password:
         raise ValueError("the server user needs a password")
+    if "placeholder" in password.lower():
+        raise ValueError(
+            "the server user's password is still the manifest's placeholder: set a random one "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
     digest = hashlib.sha256(password.encode()).hexdigest()
     parts = ["user", user, "on", "resetchannels", f"#{digest}", f"~{check_prefix(prefix)}:*", "-@all"]
     parts += [f"+{c}" for c in SERVER_COMMANDS]

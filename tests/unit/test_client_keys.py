@@ -300,3 +300,23 @@ def test_every_server_command_takes_an_api_key():
     for command in ("judges", "score", "pairwise", "winrate", "eval"):
         result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
         assert "--api-key" in result.output and "REFEREE_API_KEY" in result.output, command
+
+
+def test_the_manifests_placeholder_redis_password_is_refused():
+    """deploy/k8s ships `PLACEHOLDER-replace-with-...` as the server's Redis password: an ACL file
+    made with it would let anyone who read the manifest consume every tenant's queue."""
+    from pathlib import Path
+
+    import yaml
+
+    from referee.acl import server_rule
+
+    manifest = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "reward-server.yaml"
+    shipped = next(
+        d["stringData"]["password"]
+        for d in yaml.safe_load_all(manifest.read_text())
+        if d and d.get("metadata", {}).get("name") == "referee-server-redis"
+    )
+    with pytest.raises(ValueError, match="placeholder"):
+        server_rule(shipped)
+    assert server_rule("a-random-url-safe-password").startswith("user referee-server on")
