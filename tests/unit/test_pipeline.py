@@ -261,3 +261,32 @@ async def test_a_request_over_the_pixel_budget_is_refused_before_any_image_is_de
     assert (plan.images, plan.pixels, loaded) == (2, 2_000_000, [])
     assert await media.decode(plan) == 2
     assert loaded == ["responses[0]", "responses[1]"] and images[0]._image.size == (1000, 1000)
+
+
+def test_a_listwise_group_with_more_images_than_the_judge_takes_per_prompt_is_refused():
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(extra={"limit_mm_per_prompt": {"image": 4}})
+    judge = SimpleNamespace(
+        name="vlm",
+        kind="generative",
+        settings=SimpleNamespace(engine=engine),
+        pairwise_modes=("logprob", "cot"),
+        schedules=("pairs", "listwise"),
+        pointwise=False,
+        inconsistent_rule=lambda req: "tie",
+        pair_options=lambda req: {},
+        schedule=lambda n, k: [(0, 1)],
+    )
+    group = [[ImagePart(data=_png((8, 8), (k, 0, 0)))] for k in range(5)]
+    q = WinRateQuestion(
+        WinRateRequest(prompt="Which is a fox?", responses=group, schedule="listwise", mode="cot")
+    )
+    with pytest.raises(ClientError) as refused:
+        q.prepare(judge)
+    assert refused.value.status == 422 and "limit_mm_per_prompt" in refused.value.message
+    assert "5 images" in refused.value.message
+    WinRateQuestion(WinRateRequest(prompt="q", responses=group[:4], schedule="listwise", mode="cot")).prepare(
+        judge
+    )
+    WinRateQuestion(WinRateRequest(prompt="q", responses=group)).prepare(judge)  # pairs: two at a time

@@ -21,6 +21,7 @@ from referee.protocol import (
     WinRateRequest,
     WinRateResponse,
     content_text,
+    image_parts,
 )
 from referee.rewards import circular_pairs, group_advantages, shape_reward, tally_group
 
@@ -262,6 +263,32 @@ class _Group:
     rankings: Any = None
 
 
+def images_per_prompt(judge: Judge) -> int | None:
+    """The images one engine prompt of the judge may hold (vLLM's ``limit_mm_per_prompt``, where the
+    judge's engine settings give one), or None where nothing is configured."""
+    engine = getattr(judge.settings, "engine", None)
+    limit = (getattr(engine, "extra", None) or {}).get("limit_mm_per_prompt") or {}
+    value = limit.get("image") if isinstance(limit, dict) else None
+    return int(value) if value is not None else None
+
+
+def _check_images_per_prompt(judge: Judge, prompt, responses: list, shown: str) -> None:
+    """A listwise ranking puts every response's images in one prompt: refused before admission
+    when the judge's engine takes fewer images per prompt (422 naming both numbers)."""
+    limit = images_per_prompt(judge)
+    if limit is None:
+        return
+    prompt_images = 0 if isinstance(prompt, str) else sum(len(image_parts(m.content)) for m in prompt)
+    count = prompt_images + sum(len(image_parts(r)) for r in responses)
+    if count > limit:
+        raise ClientError(
+            422,
+            "too_many_images",
+            f"{shown} in one prompt: {count} images, over judge {judge.name!r}'s {limit} per prompt "
+            "(engine.extra.limit_mm_per_prompt.image); use schedule=pairs, or raise the judge's limit",
+        )
+
+
 class WinRateQuestion(Question):
     route = "winrate"
     request: WinRateRequest
@@ -308,6 +335,9 @@ class WinRateQuestion(Question):
                 )
             self.pairs = circular_pairs(n)
             self.swaps = []
+            _check_images_per_prompt(
+                judge, req.prompt, req.responses, "schedule=listwise shows the whole group"
+            )
         else:
             self.pairs = judge.schedule(n, req.opponents)
             rng = random.Random(req.seed)
