@@ -134,20 +134,27 @@ async def test_killed_consumer_messages_are_reclaimed_and_answered_exactly_once(
     try:
         async with QueueReferee(REDIS_URL, job_id=job, prefix=redis_prefix, timeout=300) as q:
             item = PairwiseItem(prompt=QUESTION, response_a=GROUP[0], response_b=GROUP[1])
-            rids = [await q.send("pairwise", _cot_request(item, k)) for k in range(12)]
-            pending_at_kill = []
-            for _ in range(600):
-                try:
-                    rows = await redis.xpending_range(
-                        keys.stream(job), CONSUMER_GROUP, "-", "+", 100, "consumer-a"
-                    )
-                except ResponseError:  # no consumer has created the group yet
-                    rows = []
-                if rows:
+            # The shared server (also a consumer) may judge a whole wave before A's loop reaches the
+            # new job (A's first pass sweeps the keys earlier tests left): send waves until A holds
+            # messages. Whoever took them, every message sent must be answered exactly once.
+            rids, pending_at_kill = [], []
+            for _wave in range(5):
+                rids += [await q.send("pairwise", _cot_request(item, len(rids) + k)) for k in range(12)]
+                results = [q.keys.result(job, rid) for rid in rids]
+                while not pending_at_kill and await redis.exists(*results) < len(rids):
+                    try:
+                        rows = await redis.xpending_range(
+                            keys.stream(job), CONSUMER_GROUP, "-", "+", 100, "consumer-a"
+                        )
+                    except ResponseError:  # no consumer has created the group yet
+                        rows = []
                     pending_at_kill = [r["message_id"] for r in rows]
+                    await asyncio.sleep(0.05)
+                if pending_at_kill:
                     break
-                await asyncio.sleep(0.05)
-            assert pending_at_kill, "consumer A never took a message"
+            assert pending_at_kill, (
+                f"consumer A took none of {len(rids)} messages:\n{(tmp_path / 'a.log').read_text()[-4000:]}"
+            )
             stop_server(proc, sig=9)  # SIGKILL, mid-batch
             replies = await asyncio.gather(*[q.receive("pairwise", rid) for rid in rids])
             assert all(len(r.results) == 1 for r in replies)
