@@ -71,7 +71,8 @@ SERVER_USER = "referee-server"
 # What QueueReferee sends besides its writes, on the keys of its namespace: the senders' scripts
 # by EVALSHA only (the consumers load them; no SCRIPT, EVAL or FUNCTION: a tenant must not run a
 # script of its own, see above), BLPOP for the answer, XRANGE and EXISTS for its lost-message check,
-# GET and EXISTS for the judges, HGET for the limits, PING; and what the scripts read (HGET, XLEN,
+# GET and EXISTS for the judges, HGET for the limits, HGETALL and ZREVRANGE for its jobs' health
+# reports (``QueueReferee.report``; the servers write them), PING; and what the scripts read (HGET, XLEN,
 # ZSCORE, ZCARD, ZREVRANGE, EXISTS, GET: a script's commands are checked against its caller's user).
 # redis-py also sends CLIENT SETINFO on connect: left out on purpose (Redis 7.0 has no such
 # subcommand, so an ACL naming it would not load; redis-py ignores its refusal).
@@ -87,6 +88,7 @@ TENANT_COMMANDS = (
     "blpop",
     "exists",
     "get",
+    "hgetall",
 )
 
 # The only writes a tenant's user may make, each on the keys of its namespace named here (after
@@ -125,6 +127,10 @@ SERVER_COMMANDS = (
     "hset",
     "hdel",
     "hget",
+    "hgetall",
+    "hincrbyfloat",
+    "zadd",
+    "zrevrange",
     "zrange",
     "zrangebyscore",
     "zrevrangebyscore",

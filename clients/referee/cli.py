@@ -252,6 +252,44 @@ def winrate(
         console.print(f"[yellow]{error}[/yellow]")
 
 
+@app.command()
+def report(
+    job: Annotated[str | None, typer.Option(help="The job (its X-Referee-Job / job_id).")] = None,
+    all_jobs: Annotated[bool, typer.Option("--all-jobs", help="Every recent job of the tenant.")] = False,
+    judge: JudgeOption = None,
+    redis: Annotated[
+        str | None,
+        typer.Option(help="Read from this Redis (the queue) instead of the server: queue-only trainers."),
+    ] = None,
+    prefix: Annotated[str, typer.Option(help="The queue's Redis prefix (with --redis).")] = DEFAULT_PREFIX,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+) -> None:
+    """Judge health of a job: ties, order flips, flat groups, length bias, drift, with warnings."""
+    if job is None and not all_jobs:
+        raise typer.BadParameter("give --job JOB, or --all-jobs")
+    if redis is not None:
+        import asyncio
+
+        from .queue import QueueReferee
+
+        async def read():
+            async with QueueReferee(redis, job_id=job or "default", prefix=prefix, api_key=api_key) as q:
+                return await q.report(judge=judge, all_jobs=all_jobs)
+
+        out = _ask(lambda: asyncio.run(read()))
+    else:
+        with Referee(url, api_key=api_key) as ref:
+            out = _ask(lambda: ref.report(job, judge=judge, all_jobs=all_jobs))
+    if as_json:
+        print(out.model_dump_json(indent=2))
+        return
+    from .health import format_report
+
+    console.print(format_report(out), markup=False, highlight=False, soft_wrap=True)
+
+
 def _ask(call):
     try:
         return call()

@@ -39,6 +39,7 @@ from pydantic import BaseModel
 
 from .auth import key_from_env, tenant_of
 from .defaults import DEFAULT_URL
+from .health import HealthReport
 from .images import as_content, image_bytes
 from .protocol import (
     BlobInfo,
@@ -190,6 +191,16 @@ def _request_args(body: BaseModel | None, timeout: float | None = None) -> dict[
     return {"headers": headers, "json": body.model_dump(mode="json", exclude_none=True, exclude_unset=True)}
 
 
+def _report_args(client, job: str | None, judge: str | None, all_jobs: bool) -> dict[str, Any]:
+    params = {}
+    job = None if all_jobs else (job or client.job_id or "default")
+    if job is not None:
+        params["job"] = job
+    if judge is not None:
+        params["judge"] = judge
+    return {"params": params}
+
+
 _CONTENT_FIELDS = ("prompt", "response", "response_a", "response_b")
 
 
@@ -324,6 +335,14 @@ class Referee(_Base):
     def judges(self) -> JudgesResponse:
         return self._call("GET", "/judges", None, JudgesResponse)
 
+    def report(
+        self, job: str | None = None, *, judge: str | None = None, all_jobs: bool = False
+    ) -> HealthReport:
+        """What the judge gave a job (``GET /report``): figures per judge and window, and warnings
+        when the reward looks empty or biased (``referee.health``). Default: this client's job
+        (``job_id``); ``all_jobs``: every recent job of this tenant together."""
+        return self._call("GET", "/report", None, HealthReport, _report_args(self, job, judge, all_jobs))
+
     def health(self) -> bool:
         """True when the judges are loaded and answering (``GET /readyz``)."""
         try:
@@ -397,6 +416,14 @@ class AsyncReferee(_Base):
 
     async def judges(self) -> JudgesResponse:
         return await self._call("GET", "/judges", None, JudgesResponse)
+
+    async def report(
+        self, job: str | None = None, *, judge: str | None = None, all_jobs: bool = False
+    ) -> HealthReport:
+        """``Referee.report``."""
+        return await self._call(
+            "GET", "/report", None, HealthReport, _report_args(self, job, judge, all_jobs)
+        )
 
     async def health(self) -> bool:
         try:

@@ -116,6 +116,16 @@ class Keys:
         """Bytes this tenant uploaded within the blob TTL (a counter that expires with the newest)."""
         return f"{self.namespace}blob-bytes"
 
+    def health(self, job_id: str) -> str:
+        """Hash of a job's judge-health tallies per window (``referee.health``): written by the
+        servers only (a tenant may read it, not write it), expires."""
+        return f"{self.namespace}health:{check_id(job_id, 'job id')}"
+
+    @property
+    def health_jobs(self) -> str:
+        """Sorted set of the jobs with a health hash, scored by the last answer (servers write it)."""
+        return f"{self.namespace}health-jobs"
+
     def job_from_stream(self, stream: str) -> str:
         return stream.removeprefix(self.streams_prefix)
 

@@ -62,6 +62,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .auth import ENV_KEY, OPEN_TENANT, key_from_env, tenant_of
 from .client import APIError, BacklogFull, QueueUnavailable, RefereeTimeout, _build, api_error, redact
 from .defaults import DEFAULT_REDIS_URL
+from .health import DEFAULT_WINDOW_S as HEALTH_WINDOW_S
+from .health import DEFAULT_WINDOWS as HEALTH_WINDOWS
+from .health import HealthReport, Tally, build_report, parse_fields
 from .images import image_bytes
 from .keys import DEFAULT_PREFIX, Keys, check_id
 from .protocol import (
@@ -518,6 +521,42 @@ class QueueReferee:
         if raw is None:
             raise api_error(503, "unavailable", "no judge consumer has announced itself on this Redis prefix")
         return JudgesResponse.model_validate_json(raw)
+
+    async def report(
+        self, job: str | None = None, *, judge: str | None = None, all_jobs: bool = False
+    ) -> HealthReport:
+        """What the judge gave a job (default: this client's), read from Redis where every replica
+        adds its counts (``referee.health``; at most the servers' ``health.flush_every_s`` old):
+        figures per judge and window, and warnings when the reward looks empty or biased.
+        ``all_jobs``: every recent job of this tenant together."""
+        try:
+            limits = [
+                await self._redis.hget(self.keys.limits, f) for f in ("health_window_s", "health_windows")
+            ]
+            window_s = float(limits[0]) if limits[0] else HEALTH_WINDOW_S
+            keep = int(limits[1]) if limits[1] else HEALTH_WINDOWS
+            if all_jobs:
+                jobs = await self._redis.zrevrange(self.keys.health_jobs, 0, -1)
+            else:
+                jobs = [check_id(job or self.job_id, "job")]
+            windows: dict = {}
+            for name in jobs:
+                for start, judges in parse_fields(await self._redis.hgetall(self.keys.health(name))).items():
+                    for j, tally in judges.items():
+                        windows.setdefault(start, {}).setdefault(j, Tally()).update(tally)
+        except RedisError as exc:
+            if (refused := self._refused(exc, "reading the job's health report")) is not None:
+                raise refused from exc
+            raise QueueUnavailable(f"cannot read the health report from Redis: {exc}") from exc
+        if judge is not None:
+            windows = {s: {judge: ts[judge]} for s, ts in windows.items() if judge in ts}
+        return build_report(
+            windows,
+            tenant=self.tenant,
+            job=None if all_jobs else (job or self.job_id),
+            window_s=window_s,
+            keep=keep,
+        )
 
     async def health(self) -> bool:
         """True when Redis answers and a consumer has announced its judges recently."""

@@ -100,6 +100,8 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
             if consumer is not None:
                 await consumer.stop()  # stop reading, finish or hand back within shutdown_grace_s
                 consuming.cancel()
+            await service.health.close()  # the last tallies to Redis
+            if blobs is not None:
                 await blobs.redis.aclose()
             loading.cancel()
             watching.cancel()

@@ -861,6 +861,9 @@ class QueueConsumer:
                     "max_backlog": self.settings.max_backlog,
                     "max_jobs": self.settings.max_jobs_per_tenant,
                     "auth": 1 if self.auth else 0,
+                    # how QueueReferee.report reads the jobs' health hashes
+                    "health_window_s": self.service.settings.health.window_s,
+                    "health_windows": self.service.settings.health.windows,
                     **blob_limits(self.service),
                 },
             )

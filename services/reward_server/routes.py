@@ -12,6 +12,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from referee.auth import valid_tenant
+from referee.health import HealthReport
+from referee.keys import ID_PATTERN, valid_id
 from referee.protocol import (
     BlobInfo,
     ErrorResponse,
@@ -33,7 +36,7 @@ from .http_errors import render
 from .tenancy import Caller, authenticate
 
 _IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 429, 503)}
 
 judging = APIRouter(responses=_ERRORS, dependencies=[Depends(authenticate)])
 ops = APIRouter()
@@ -128,6 +131,39 @@ def _scoped(caller: Caller, key: str | None) -> str | None:
 @ops.get("/judges", response_model=JudgesResponse, dependencies=[Depends(authenticate)])
 async def judges(service: Service) -> JudgesResponse:
     return service.describe()
+
+
+@judging.get("/report", response_model=HealthReport, summary="Judge health of a job")
+async def report(
+    request: Request,
+    service: Service,
+    caller: Who,
+    job: str | None = None,
+    judge: str | None = None,
+    tenant: str | None = None,
+) -> HealthReport:
+    """What the judge gave a job (``job``; none: every recent job of the tenant together), per judge
+    and window, with warnings when the reward looks empty or biased (``referee.health``). A tenant
+    sees its own jobs; the tenants listed in ``operators`` may name another ``tenant``."""
+    settings = request.app.state.settings
+    if not settings.health.enabled:
+        raise ClientError(404, "not_found", "judge-health telemetry is off on this server (health.enabled)")
+    if job is not None and not valid_id(job):
+        raise ClientError(422, "invalid_request", f"job {job!r} must match {ID_PATTERN}")
+    if judge is not None and judge not in {j.name for j in settings.judges}:
+        raise ClientError(
+            404,
+            "unknown_judge",
+            f"no judge {judge!r}; this server has {sorted(j.name for j in settings.judges)}",
+        )
+    whose = caller.tenant
+    if tenant is not None and tenant != caller.tenant:
+        if settings.auth and caller.tenant not in settings.operators:
+            raise ClientError(403, "forbidden", "only operators may read another tenant's report")
+        if not valid_tenant(tenant):
+            raise ClientError(422, "invalid_request", f"{tenant!r} is not a valid tenant name")
+        whose = tenant
+    return await service.health.report(whose, job, judge)
 
 
 @ops.get("/healthz", responses={503: {"model": ErrorResponse}})

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from contextlib import asynccontextmanager
 
 from referee.auth import OPEN_TENANT
+from referee.health import tally_answer
 from referee.protocol import (
     BlobInfo,
     JudgeInfo,
@@ -36,6 +37,7 @@ from .cache import JudgmentCache
 from .errors import ClientError
 from .fairness import AdmissionRefused, FairScheduler, TenantPolicy, retry_after
 from .hardware import cpu_bind_for, cpu_info, device_type
+from .health import HealthStore
 from .judges import Judge, RequestContext, capabilities, engine_key, load_judge
 from .questions import (
     Cost,
@@ -106,6 +108,8 @@ class JudgeService:
             if cache.enabled
             else None
         )
+        # What the judge gave each job (referee.health): in Redis with the queue, so every replica adds
+        self.health = HealthStore(settings.health, redis=shared_redis, prefix=shared_prefix)
 
     def context(self, asked: bool | None = None, tenant: str = OPEN_TENANT) -> RequestContext:
         """A request's context: its usage counts, and the judgment cache unless the request (its
@@ -373,12 +377,27 @@ class JudgeService:
             await self.decode_media(judge, images)
             yield judge, ctx
 
-    def record(self, q: Question, judge: Judge, ctx: RequestContext, outcome: Outcome | None) -> None:
-        """The metrics every answered question counts."""
+    def record(
+        self,
+        q: Question,
+        judge: Judge,
+        ctx: RequestContext,
+        outcome: Outcome | None,
+        *,
+        tenant: str = OPEN_TENANT,
+        job: str = DEFAULT_JOB,
+        answer=None,
+    ) -> None:
+        """The metrics every answered question counts, and its judge-health tally (native answers)."""
         if outcome is not None:
             metrics.record_items(q.route, judge.name, outcome.items, outcome.errors)
             metrics.record_verdicts(judge.name, outcome.verdicts)
         metrics.record_tokens(judge.name, ctx)
+        if answer is not None:
+            try:
+                self.health.add(tenant, job, judge.name, tally_answer(q.request, answer))
+            except Exception:  # telemetry never fails an answer
+                logger.exception("judge-health tally failed")
 
     async def ask(
         self, q: Question, *, tenant: str = OPEN_TENANT, job: str = DEFAULT_JOB, queued: bool = False
@@ -387,7 +406,7 @@ class JudgeService:
         async with self.session(q, tenant=tenant, job=job, queued=queued) as (judge, ctx):
             result = await q.run(judge, ctx)
         answer = q.answer(judge, result, _usage(ctx))
-        self.record(q, judge, ctx, q.outcome(result, answer))
+        self.record(q, judge, ctx, q.outcome(result, answer), tenant=tenant, job=job, answer=answer)
         return answer
 
     # The native routes' questions (also what queued messages of each type ask).

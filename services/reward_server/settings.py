@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pydantic_settings.sources import YamlConfigSettingsSource
 
 from referee.auth import RESERVED_TENANTS, TENANT_PATTERN, valid_hash
+from referee.health import DEFAULT_WINDOW_S, DEFAULT_WINDOWS
 
 # A judge's settings are its kind's (judges.registry); these are importable from here as before.
 from .judge_settings import EngineJudgeSettings as EngineJudgeSettings
@@ -370,6 +371,26 @@ class CacheSettings(BaseModel):
     shared: bool = Field(True, description="With the queue on: share answers between replicas in Redis.")
 
 
+class HealthSettings(BaseModel):
+    """Judge-health telemetry (``referee.health``): what the judge gave each job, per window."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    window_s: float = Field(
+        DEFAULT_WINDOW_S, ge=1, description="The length of one window of figures (seconds)."
+    )
+    windows: int = Field(
+        DEFAULT_WINDOWS, ge=1, le=1000, description="Windows kept per job (older ones expire)."
+    )
+    max_jobs: int = Field(
+        1000, ge=1, description="Jobs whose figures this process keeps without Redis (least recent go)."
+    )
+    flush_every_s: float = Field(
+        2.0, gt=0, description="With the queue on: how often tallies go to Redis (every replica adds)."
+    )
+
+
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REFEREE_", env_nested_delimiter="__", extra="forbid")
 
@@ -383,6 +404,7 @@ class ServerSettings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
     cpu_binding: Literal["vllm", "all", "spread"] = Field(
         "spread",
         description="CPU build only: which cores each engine's worker is bound to. vllm: vLLM's "
