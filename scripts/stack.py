@@ -25,6 +25,7 @@ from rich.live import Live
 from rich.table import Table
 
 from referee import PairwiseItem, Referee
+from referee.health import HealthReport, format_report
 
 REPO = Path(__file__).resolve().parent.parent
 console = Console()
@@ -157,6 +158,7 @@ def _jobs_table(jobs: dict[str, subprocess.Popen], runs: Path, steps: int, start
         "judge latency",
         "ties",
         "invalid",
+        "order flips",
         "state",
         title=f"GRPO jobs sharing one judge ({time.monotonic() - started:.0f}s)",
     )
@@ -175,6 +177,7 @@ def _jobs_table(jobs: dict[str, subprocess.Popen], runs: Path, steps: int, start
             _fmt(row, "judge/latency_s", "{:.2f}s"),
             _fmt(row, "judge/ties", "{:.0f}"),
             _fmt(row, "judge/invalid", "{:.0f}"),
+            _fmt(row, "judge/health/order_flip_rate", "{:.2f}"),
             state,
         )
     return table
@@ -267,6 +270,22 @@ def main() -> None:
         memory.stopped.set()
 
     failed = [job for job, p in jobs.items() if p.returncode != 0]
+    warned = False
+    for job in jobs:
+        path = args.runs / job / "judge_report.json"
+        if path.exists():  # what the judge gave the job, and whether it carried signal
+            report = HealthReport.model_validate_json(path.read_text())
+            console.print(format_report(report), markup=False, highlight=False, soft_wrap=True)
+            warned = warned or bool(report.warnings)
+    if warned:
+        console.print(
+            "The embedded 135M judge is there to run the stack on a laptop, not to judge: it picks a "
+            "position, not a response, so its win rates are ties and the jobs learn nothing from it. "
+            "For a reward with signal, serve a real judge: set `judges:` in the server's config "
+            "(configs/judges.gpu.example.yaml; docs/deployment.md), e.g. "
+            "`referee serve --config configs/judges.gpu.example.yaml`.",
+            highlight=False,
+        )
     for job in jobs:
         out = args.runs / job
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}

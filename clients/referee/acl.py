@@ -131,6 +131,7 @@ SERVER_COMMANDS = (
     "hincrbyfloat",
     "zadd",
     "zrevrange",
+    "zremrangebyrank",
     "zrange",
     "zrangebyscore",
     "zrevrangebyscore",

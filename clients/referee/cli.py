@@ -256,7 +256,10 @@ def winrate(
 def report(
     job: Annotated[str | None, typer.Option(help="The job (its X-Referee-Job / job_id).")] = None,
     all_jobs: Annotated[bool, typer.Option("--all-jobs", help="Every recent job of the tenant.")] = False,
-    judge: JudgeOption = None,
+    judge: Annotated[str | None, typer.Option(help="Only this judge (default: every judge).")] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Another tenant's report (operators only; over HTTP).")
+    ] = None,
     redis: Annotated[
         str | None,
         typer.Option(help="Read from this Redis (the queue) instead of the server: queue-only trainers."),
@@ -281,7 +284,7 @@ def report(
         out = _ask(lambda: asyncio.run(read()))
     else:
         with Referee(url, api_key=api_key) as ref:
-            out = _ask(lambda: ref.report(job, judge=judge, all_jobs=all_jobs))
+            out = _ask(lambda: ref.report(job, judge=judge, all_jobs=all_jobs, tenant=tenant))
     if as_json:
         print(out.model_dump_json(indent=2))
         return

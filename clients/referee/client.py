@@ -191,8 +191,8 @@ def _request_args(body: BaseModel | None, timeout: float | None = None) -> dict[
     return {"headers": headers, "json": body.model_dump(mode="json", exclude_none=True, exclude_unset=True)}
 
 
-def _report_args(client, job: str | None, judge: str | None, all_jobs: bool) -> dict[str, Any]:
-    params = {}
+def _report_args(client, job: str | None, judge: str | None, all_jobs: bool, tenant: str | None) -> dict:
+    params = {} if tenant is None else {"tenant": tenant}
     job = None if all_jobs else (job or client.job_id or "default")
     if job is not None:
         params["job"] = job
@@ -336,12 +336,20 @@ class Referee(_Base):
         return self._call("GET", "/judges", None, JudgesResponse)
 
     def report(
-        self, job: str | None = None, *, judge: str | None = None, all_jobs: bool = False
+        self,
+        job: str | None = None,
+        *,
+        judge: str | None = None,
+        all_jobs: bool = False,
+        tenant: str | None = None,
     ) -> HealthReport:
         """What the judge gave a job (``GET /report``): figures per judge and window, and warnings
         when the reward looks empty or biased (``referee.health``). Default: this client's job
-        (``job_id``); ``all_jobs``: every recent job of this tenant together."""
-        return self._call("GET", "/report", None, HealthReport, _report_args(self, job, judge, all_jobs))
+        (``job_id``); ``all_jobs``: every recent job of this tenant together; ``tenant``: another
+        tenant's (operators only)."""
+        return self._call(
+            "GET", "/report", None, HealthReport, _report_args(self, job, judge, all_jobs, tenant)
+        )
 
     def health(self) -> bool:
         """True when the judges are loaded and answering (``GET /readyz``)."""
@@ -418,11 +426,16 @@ class AsyncReferee(_Base):
         return await self._call("GET", "/judges", None, JudgesResponse)
 
     async def report(
-        self, job: str | None = None, *, judge: str | None = None, all_jobs: bool = False
+        self,
+        job: str | None = None,
+        *,
+        judge: str | None = None,
+        all_jobs: bool = False,
+        tenant: str | None = None,
     ) -> HealthReport:
         """``Referee.report``."""
         return await self._call(
-            "GET", "/report", None, HealthReport, _report_args(self, job, judge, all_jobs)
+            "GET", "/report", None, HealthReport, _report_args(self, job, judge, all_jobs, tenant)
         )
 
     async def health(self) -> bool:

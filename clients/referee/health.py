@@ -50,7 +50,8 @@ DEFAULT_WINDOWS = 24  # ... and health.windows
 TINY_SPREAD = 0.05  # a group of win rates whose standard deviation is below this: "tiny"
 DISAGREE_SPREAD = 0.25  # ensemble members' P(A) standard deviation above this: they disagree
 
-# The stats a tally may hold (the Redis fields of a window are "<judge>|<stat>").
+# The stats a tally may hold (a job's Redis hash has one field per window, section and stat:
+# "<window start>|<judge>/<route>|<stat>").
 STATS = (
     "pairs",  # comparisons answered (valid or not)
     "pairs_tie",
@@ -354,6 +355,9 @@ class HealthWindow(HealthFigures):
 
 class JudgeHealth(BaseModel):
     judge: str
+    route: str | None = Field(
+        None, description="What the judge was asked: winrate, pairwise, score or judge (each apart)."
+    )
     totals: HealthFigures
     windows: list[HealthWindow] = Field(description="The same figures per window, oldest first.")
     warnings: list[str]
@@ -391,7 +395,7 @@ def figures(t: Tally) -> HealthFigures:
         ensemble_disagreement_rate=_rate(t, "pairs_disagree", "pairs_ensemble"),
         groups=int(t["groups"]),
         flat_group_rate=_rate(t, "groups_flat", "groups"),
-        tiny_spread_group_rate=_rate(t, "groups_tiny", "groups") if t["groups"] > t["scored"] else None,
+        tiny_spread_group_rate=_rate(t, "groups_tiny", "groups") if not t["scored"] else None,
         mean_group_std=_rate(t, "groups_std_sum", "groups"),
         within_group_share=within,
         length_reward_correlation=_rate(t, "groups_length_rho_sum", "groups_ranked"),
@@ -492,6 +496,11 @@ def warnings_for(t: Tally, f: HealthFigures, windows: Sequence[HealthFigures] = 
     return out
 
 
+def section_key(judge: str, route: str) -> str:
+    """A report section's key: the judge and what it was asked (judge names have no '/' nor '|')."""
+    return f"{judge}/{route}"
+
+
 def window_start(now: float, window_s: float) -> int:
     return int(now // window_s * window_s)
 
@@ -513,18 +522,21 @@ def build_report(
         starts = [s for s in starts if s >= oldest]
     judges = sorted({j for s in starts for j in windows[s]})
     sections, all_warnings = [], []
-    for judge in judges:
+    for key in judges:
+        judge, _, route = key.partition("/")
         total = Tally()
         series = []
         for s in starts:
-            t = windows[s].get(judge)
+            t = windows[s].get(key)
             if t:
                 total.update(t)
                 series.append(HealthWindow(start=s, **figures(t).model_dump()))
         totals = figures(total)
         warnings = warnings_for(total, totals, series)
-        sections.append(JudgeHealth(judge=judge, totals=totals, windows=series, warnings=warnings))
-        all_warnings += [f"{judge}: {w}" for w in warnings]
+        sections.append(
+            JudgeHealth(judge=judge, route=route or None, totals=totals, windows=series, warnings=warnings)
+        )
+        all_warnings += [f"{judge} /{route}: {w}" if route else f"{judge}: {w}" for w in warnings]
     return HealthReport(
         tenant=tenant,
         job=job,
@@ -571,8 +583,9 @@ def format_report(report: HealthReport) -> str:
         lines.append("  nothing judged yet (tallies reach Redis within the servers' health.flush_every_s)")
     for s in report.judges:
         t = s.totals
+        name = f"{s.judge} /{s.route}" if s.route else s.judge
         lines.append(
-            f"  {s.judge}: {t.comparisons} comparisons (ties {_fmt(t.tie_rate)}, invalid "
+            f"  {name}: {t.comparisons} comparisons (ties {_fmt(t.tie_rate)}, invalid "
             f"{_fmt(t.invalid_rate)}, order flips {_fmt(t.order_flip_rate)}, first shown wins "
             f"{_fmt(t.first_position_win_rate)}, longer wins {_fmt(t.longer_win_rate)}); {t.groups} groups "
             f"(flat {_fmt(t.flat_group_rate)}, tiny spread {_fmt(t.tiny_spread_group_rate)}, mean std "

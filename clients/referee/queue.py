@@ -523,12 +523,17 @@ class QueueReferee:
         return JudgesResponse.model_validate_json(raw)
 
     async def report(
-        self, job: str | None = None, *, judge: str | None = None, all_jobs: bool = False
+        self,
+        job: str | None = None,
+        *,
+        judge: str | None = None,
+        all_jobs: bool = False,
+        max_jobs: int = 1000,
     ) -> HealthReport:
         """What the judge gave a job (default: this client's), read from Redis where every replica
         adds its counts (``referee.health``; at most the servers' ``health.flush_every_s`` old):
         figures per judge and window, and warnings when the reward looks empty or biased.
-        ``all_jobs``: every recent job of this tenant together."""
+        ``all_jobs``: the tenant's ``max_jobs`` most recent jobs together."""
         try:
             limits = [
                 await self._redis.hget(self.keys.limits, f) for f in ("health_window_s", "health_windows")
@@ -536,7 +541,7 @@ class QueueReferee:
             window_s = float(limits[0]) if limits[0] else HEALTH_WINDOW_S
             keep = int(limits[1]) if limits[1] else HEALTH_WINDOWS
             if all_jobs:
-                jobs = await self._redis.zrevrange(self.keys.health_jobs, 0, -1)
+                jobs = await self._redis.zrevrange(self.keys.health_jobs, 0, max_jobs - 1)
             else:
                 jobs = [check_id(job or self.job_id, "job")]
             windows: dict = {}
@@ -549,7 +554,9 @@ class QueueReferee:
                 raise refused from exc
             raise QueueUnavailable(f"cannot read the health report from Redis: {exc}") from exc
         if judge is not None:
-            windows = {s: {judge: ts[judge]} for s, ts in windows.items() if judge in ts}
+            windows = {
+                s: {k: t for k, t in ts.items() if k.split("/")[0] == judge} for s, ts in windows.items()
+            }
         return build_report(
             windows,
             tenant=self.tenant,

@@ -80,6 +80,7 @@ from referee.scripts import TENANT_SCRIPTS, sha1
 from . import metrics
 from .errors import ClientError
 from .fairness import DEADLINE
+from .health import health_limits
 from .media import blob_limits
 from .service import JudgeService
 from .settings import QueueSettings
@@ -861,9 +862,7 @@ class QueueConsumer:
                     "max_backlog": self.settings.max_backlog,
                     "max_jobs": self.settings.max_jobs_per_tenant,
                     "auth": 1 if self.auth else 0,
-                    # how QueueReferee.report reads the jobs' health hashes
-                    "health_window_s": self.service.settings.health.window_s,
-                    "health_windows": self.service.settings.health.windows,
+                    **health_limits(self.service),
                     **blob_limits(self.service),
                 },
             )

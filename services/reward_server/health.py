@@ -22,7 +22,7 @@ from collections import OrderedDict
 
 from prometheus_client import Counter
 
-from referee.health import Tally, build_report, field, parse_fields, window_start
+from referee.health import Tally, build_report, field, parse_fields, section_key, window_start
 from referee.keys import Keys
 
 from .settings import HealthSettings
@@ -34,6 +34,10 @@ COMPARISONS = Counter(
     "Pairwise comparisons answered, by judge, tenant and what they were: decided, tie, invalid, "
     "flipped (order=both: the verdict changed with the order; also counted as what the rule made it).",
     ["judge", "tenant", "outcome"],
+)
+FLUSH_ERRORS = Counter(
+    "referee_judge_health_flush_errors_total",
+    "Times this replica could not add its judge-health tallies to Redis (kept for the next try).",
 )
 GROUPS = Counter(
     "referee_judge_groups_total",
@@ -59,6 +63,12 @@ def _count_metrics(judge: str, tenant: str, t: Tally) -> None:
             GROUPS.labels(judge, tenant, kind).inc(n)
 
 
+def health_limits(service) -> dict:
+    """What ``QueueReferee.report`` reads from the queue's limits hash to read the jobs' hashes."""
+    h = getattr(getattr(service, "settings", None), "health", None) or HealthSettings()
+    return {"health_window_s": h.window_s, "health_windows": h.windows}
+
+
 class HealthStore:
     """The tallies of every (tenant, job): in this process, and in Redis when given one."""
 
@@ -77,10 +87,15 @@ class HealthStore:
     def ttl_s(self) -> int:
         return int(self.settings.windows * self.settings.window_s) + 60
 
-    def add(self, tenant: str, job: str, judge: str, tally: Tally | None, now: float | None = None) -> None:
+    def add(
+        self, tenant: str, job: str, judge: str, route: str, tally: Tally | None, now: float | None = None
+    ) -> None:
+        """Count one answer of ``judge`` on ``route`` (its section of the report: win rates, scores
+        and verdicts are not mixed)."""
         if not self.settings.enabled or not tally:
             return
         _count_metrics(judge, tenant, tally)
+        judge = section_key(judge, route)
         start = window_start(time.time() if now is None else now, self.settings.window_s)
         target = self._pending if self.redis is not None else self._book
         key = (tenant, job)
@@ -122,12 +137,14 @@ class HealthStore:
                                         pipe.hincrbyfloat(name, field(judge, stat, start), value)
                         pipe.expire(name, self.ttl_s)
                         pipe.zadd(keys.health_jobs, {job: now})
+                        pipe.zremrangebyrank(keys.health_jobs, 0, -self.settings.max_jobs - 1)
                         pipe.expire(keys.health_jobs, self.ttl_s)
                     await pipe.execute()
             except Exception as exc:  # Redis away: keep the counts for the next flush
                 self.flush_errors += 1
+                FLUSH_ERRORS.inc()
                 logger.warning("judge-health tallies not written to Redis (kept for the next try): %s", exc)
-                for key, windows in pending.items():
+                for key, windows in list(pending.items())[-self.settings.max_jobs :]:  # bounded
                     mine = self._pending.setdefault(key, {})
                     for start, judges in windows.items():
                         for judge, tally in judges.items():
@@ -173,7 +190,9 @@ class HealthStore:
                     for j, tally in judges.items():
                         merged.setdefault(start, {}).setdefault(j, Tally()).update(tally)
         if judge is not None:
-            merged = {s: {judge: ts[judge]} for s, ts in merged.items() if judge in ts}
+            merged = {
+                s: {k: t for k, t in ts.items() if k.split("/")[0] == judge} for s, ts in merged.items()
+            }
         return build_report(
             merged,
             tenant=tenant,

@@ -395,7 +395,7 @@ class JudgeService:
         metrics.record_tokens(judge.name, ctx)
         if answer is not None:
             try:
-                self.health.add(tenant, job, judge.name, tally_answer(q.request, answer))
+                self.health.add(tenant, job, judge.name, q.route, tally_answer(q.request, answer))
             except Exception:  # telemetry never fails an answer
                 logger.exception("judge-health tally failed")
 

@@ -53,6 +53,12 @@ class TrainSettings(BaseSettings):
     )
     max_prompts: int | None = Field(None, ge=1)
     transport: Literal["queue", "http"] = Field("queue", description="How rewards reach the judge.")
+    judge_report: bool = Field(
+        True,
+        description="Read the judge's health report of this job at every logged step (its figures go "
+        "in metrics.jsonl under judge/health/, its warnings are printed once, the last report is "
+        "written to judge_report.json).",
+    )
     redis_url: str | None = Field(None, description=f"Default: $REDIS_URL or {DEFAULT_REDIS_URL}.")
     redis_prefix: str = DEFAULT_PREFIX
     server_url: str = DEFAULT_URL

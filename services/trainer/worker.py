@@ -115,6 +115,67 @@ def build_rewards(settings: TrainSettings) -> tuple[list, list[float]]:
     return funcs, [r.weight for r in settings.rewards]
 
 
+def read_report(settings: TrainSettings):
+    """The judge's health report of this job (``referee.health``), by the job's own transport; None
+    (logged) when it cannot be read: telemetry never stops training."""
+    import asyncio
+
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+
+    async def read():
+        if settings.transport == "queue":
+            async with QueueReferee(
+                settings.redis_url,
+                job_id=settings.job_id,
+                prefix=settings.redis_prefix,
+                api_key=api_key,
+                tenant=settings.tenant,
+            ) as q:
+                return await q.report()
+        async with AsyncReferee(settings.server_url, api_key=api_key, job_id=settings.job_id) as ref:
+            return await ref.report()
+
+    try:
+        return asyncio.run(read())
+    except Exception as exc:
+        logger.warning("[%s] the judge's health report could not be read: %s", settings.job_id, exc)
+        return None
+
+
+# What each logged step keeps of the report (the judge's totals so far), under judge/health/.
+_HEALTH = (
+    "tie_rate",
+    "order_flip_rate",
+    "first_position_win_rate",
+    "flat_group_rate",
+    "tiny_spread_group_rate",
+    "mean_group_std",
+    "longer_win_rate",
+    "length_reward_correlation",
+)
+
+
+_ROUTES = {"winrate": "winrate", "preference": "pairwise", "score": "score"}
+
+
+def health_row(report, settings: TrainSettings) -> dict:
+    """A step's health figures: those of what the first reward asks (win rates by default), and the
+    count of every warning."""
+    if report is None or not report.judges:
+        return {}
+    first = settings.rewards[0]
+    route = _ROUTES.get(first.kind)
+    sections = [
+        s for s in report.judges if s.route == route and (first.judge is None or s.judge == first.judge)
+    ]
+    if not sections:
+        return {"judge/health/warnings": len(report.warnings)}
+    totals = sections[0].totals
+    row = {f"judge/health/{k}": getattr(totals, k) for k in _HEALTH}
+    row["judge/health/warnings"] = len(report.warnings)
+    return row
+
+
 def _text(completion) -> str:
     if isinstance(completion, str):
         return completion
@@ -176,6 +237,8 @@ def _callback_class():
             self.path.write_text("")
             self.start = time.monotonic()
             self.rows: list[dict] = []
+            self.report = None  # the judge's latest health report of this job
+            self.warned: set[str] = set()
             self.progress = None
             if sys.stdout.isatty():
                 from rich.progress import Progress
@@ -196,6 +259,13 @@ def _callback_class():
             for key, value in logs.items():
                 if key in _KEEP or key.startswith(("rewards/", "judge/")):
                     row[key] = None if isinstance(value, float) and math.isnan(value) else value
+            if self.settings.judge_report:
+                self.report = read_report(self.settings) or self.report
+                row.update(health_row(self.report, self.settings))
+                for warning in self.report.warnings if self.report else ():
+                    if warning not in self.warned:  # each warning once, when it first appears
+                        self.warned.add(warning)
+                        print(f"[{self.settings.job_id}] judge health: {warning}", flush=True)
             self.rows.append(row)
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -218,6 +288,9 @@ def _callback_class():
     return JobReport
 
 
+_PLOTTED = ("tie_rate", "order_flip_rate", "flat_group_rate", "tiny_spread_group_rate", "longer_win_rate")
+
+
 def plot_rewards(rows: list[dict], path: Path, title: str) -> None:
     """One panel per reward function (its batch mean, with the within-group win-rate spread)."""
     import matplotlib
@@ -228,7 +301,19 @@ def plot_rewards(rows: list[dict], path: Path, title: str) -> None:
     names = sorted(
         {k.split("/")[1] for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")}
     )
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5 * max(1, len(names)), 3.5), squeeze=False)
+    health = [k for k in _PLOTTED if any(r.get(f"judge/health/{k}") is not None for r in rows)]
+    panels = max(1, len(names)) + bool(health)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5), squeeze=False)
+    if health:  # beside the rewards: whether they carry signal (referee.health)
+        ax = axes[0][-1]
+        for k in health:
+            ax.plot(
+                [r["step"] for r in rows], [r.get(f"judge/health/{k}") for r in rows], marker=".", label=k
+            )
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("step")
+        ax.set_title("judge health (recent windows)")
+        ax.legend(loc="best", fontsize=7)
     steps = [r["step"] for r in rows]
     for ax, name in zip(axes[0], names, strict=False):
         mean = [r.get(f"rewards/{name}/mean") for r in rows]
@@ -324,6 +409,11 @@ def run(settings: TrainSettings) -> Path:
         "duplicate_completions": log.duplicates if log else None,
         "duplicate_rate": round(log.duplicate_rate, 4) if log and log.duplicate_rate is not None else None,
     }
+    if settings.judge_report:
+        final = read_report(settings) or report.report
+        if final is not None:
+            (out_dir / "judge_report.json").write_text(final.model_dump_json(indent=2))
+            summary["judge_warnings"] = final.warnings
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return out_dir
 

@@ -67,12 +67,16 @@ async def test_a_judge_that_always_answers_a_is_reported_as_position_bias_and_an
     report = await service.health.report("team-a", "job-1")
     (section,) = report.judges
     t = section.totals
-    assert section.judge == "gen" and t.comparisons == 30 and t.both_order_comparisons == 30
+    assert (
+        (section.judge, section.route) == ("gen", "winrate")
+        and t.comparisons == 30
+        and t.both_order_comparisons == 30
+    )
     assert t.order_flip_rate == 1.0 and t.tie_rate == 1.0  # every pair flipped, and became a tie
     assert t.groups == 5 and t.flat_group_rate == 1.0
     text = " ".join(section.warnings)
     assert "the reward is empty" in text and "100 % of comparisons flip with the order" in text
-    assert report.warnings[0].startswith("gen: ")
+    assert report.warnings[0].startswith("gen /winrate: ")
     # in one order only, the same judge shows as the first position winning every comparison
     await _groups(service, 5, order="single")
     single = (await service.health.report("team-a", "job-1")).judges[0]
@@ -139,8 +143,14 @@ async def test_pointwise_scores_that_differ_by_prompt_only_are_flagged(judges):
         req = ScoreRequest(judge="rm", items=[ScoreItem(prompt=f"Q{k}", response=r) for r in GROWING])
         await service.score(req, tenant="team-a", job="job-1")
     section = (await service.health.report("team-a", "job-1", judge="rm")).judges[0]
+    assert section.route == "score"
     assert section.totals.groups == 5 and section.totals.within_group_share < 0.01
     assert any("between prompts than between responses" in w for w in section.warnings)
+    # the same job's win rates from another judge: a section of their own, scores and win rates apart
+    await _groups(service, 1, order="both")
+    sections = (await service.health.report("team-a", "job-1")).judges
+    assert [(s.judge, s.route) for s in sections] == [("gen", "winrate"), ("rm", "score")]
+    assert sections[0].totals.mean_reward == 0.5 and sections[1].totals.rewards == 20
 
 
 async def test_reports_are_per_tenant_and_job(judges):
@@ -156,10 +166,10 @@ def test_the_store_keeps_bounded_jobs_and_windows():
     store = HealthStore(HealthSettings(window_s=10, windows=3, max_jobs=2))
     t = Tally(pairs=1, pairs_tie=1)
     for job in ("a", "b", "c"):
-        store.add("t", job, "gen", t, now=100.0)
+        store.add("t", job, "gen", "winrate", t, now=100.0)
     assert [job for _, job in store._book] == ["b", "c"]  # the least recent job went
     for now in (100.0, 110.0, 120.0, 130.0, 140.0):
-        store.add("t", "c", "gen", t, now=now)
+        store.add("t", "c", "gen", "winrate", t, now=now)
     assert sorted(store._book[("t", "c")]) == [120, 130, 140]
 
 
