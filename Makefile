@@ -3,8 +3,9 @@
 install:
 	bash scripts/install.sh
 
+# make demo [JUDGES=configs/judges.gpu.example.yaml]: real judges (a GPU) instead of the embedded one
 demo: install
-	bash scripts/demo.sh
+	bash scripts/demo.sh $(if $(JUDGES),--judges $(JUDGES))
 
 test: install
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest

@@ -3,5 +3,5 @@
 # then two GRPO trainer jobs sharing the judge through Redis (see scripts/stack.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1
+[[ " $* " == *" --judges "* ]] || export HF_HUB_OFFLINE=1  # real judges may come from the hub
 exec .venv/bin/python scripts/stack.py "$@"

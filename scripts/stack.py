@@ -189,10 +189,18 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "train-demo.yaml")
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
+    parser.add_argument(
+        "--judges",
+        type=Path,
+        default=None,
+        help="The server's config (judges) instead of the embedded judge, e.g. "
+        "configs/judges.gpu.example.yaml on a GPU; hub models may then be downloaded.",
+    )
     args = parser.parse_args()
 
     redis_url = os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    if args.judges is None:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the embedded models only
     # The demo stack runs open on loopback: keys or tenants exported for another server would
     # make its server require keys its trainers do not have.
     for name in ("REFEREE_API_KEY", "REFEREE_TENANTS_FILE", "REFEREE_TENANTS"):
@@ -207,7 +215,8 @@ def main() -> None:
     started = time.monotonic()
     server_log = args.runs / "server.log"
     server = subprocess.Popen(
-        [sys.executable, "-m", "referee.cli", "serve", "--queue", "--port", str(args.port)],
+        [sys.executable, "-m", "referee.cli", "serve", "--queue", "--port", str(args.port)]
+        + (["--config", str(args.judges)] if args.judges else []),
         stdout=server_log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -261,6 +270,7 @@ def main() -> None:
                 time.sleep(1)
                 live.update(_jobs_table(jobs, args.runs, steps, t0))
             live.update(_jobs_table(jobs, args.runs, steps, t0))
+        console.print()
     finally:
         for proc in jobs.values():
             if proc.poll() is None:
@@ -277,13 +287,12 @@ def main() -> None:
             report = HealthReport.model_validate_json(path.read_text())
             console.print(format_report(report), markup=False, highlight=False, soft_wrap=True)
             warned = warned or bool(report.warnings)
-    if warned:
+    if warned and args.judges is None:
         console.print(
             "The embedded 135M judge is there to run the stack on a laptop, not to judge: it picks a "
             "position, not a response, so its win rates are ties and the jobs learn nothing from it. "
-            "For a reward with signal, serve a real judge: set `judges:` in the server's config "
-            "(configs/judges.gpu.example.yaml; docs/deployment.md), e.g. "
-            "`referee serve --config configs/judges.gpu.example.yaml`.",
+            "For a reward with signal, the same demo with real judges on a GPU: "
+            "`make demo JUDGES=configs/judges.gpu.example.yaml` (docs/deployment.md).",
             highlight=False,
         )
     for job in jobs:
