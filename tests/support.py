@@ -360,3 +360,111 @@ def served_dtype(client, judge: str) -> str | None:
 # their answers to about 1e-6; bfloat16 ones do not (the reduction order changes with the batch),
 # and a probability near a tie moved by up to a few hundredths in the tests here.
 RECOMPUTE_TOLERANCE = {"float32": 1e-6, "bfloat16": 0.05}
+
+
+# ---------------------------------------------------------------- a backend that fails on demand
+
+
+class FaultProxy:
+    """A TCP proxy in front of a real server, in a thread of its own, whose ``mode`` the test sets:
+    ``pass`` (forward), ``reset`` (accept and close at once: a killed backend), or an HTTP status
+    (``503``, ``429``: answered without forwarding, with ``Retry-After: 0``). Counts what it did."""
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.port = _free_port()
+        self.mode = "pass"
+        self.counts: dict[str, int] = {}
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self, ready) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        )
+        ready.set()
+        self._loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        mode = self.mode
+        self.counts[mode] = self.counts.get(mode, 0) + 1
+        try:
+            if mode == "reset":
+                return
+            if mode != "pass":
+                await reader.read(65536)
+                body = b'{"error": "injected"}'
+                writer.write(
+                    f"HTTP/1.1 {mode} Injected\r\nContent-Type: application/json\r\nRetry-After: 0\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+            async def pipe(src, dst, counted: str | None = None):
+                with contextlib.suppress(Exception):
+                    while data := await src.read(65536):
+                        if self.mode != "pass":  # killed (or refusing) mid-connection
+                            break
+                        if counted:
+                            self.counts[counted] = self.counts.get(counted, 0) + 1
+                        dst.write(data)
+                        await dst.drain()
+                with contextlib.suppress(Exception):
+                    dst.close()
+
+            await asyncio.gather(pipe(reader, up_writer, "forwarded"), pipe(up_reader, writer))
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def start_vllm_server(model: str, log_path: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    """vLLM's own OpenAI-compatible server (the CPU build here) on ``model``: a remote judge's
+    backend. Float32 and eager, so that its answers can be compared with an in-process engine's."""
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+        "--host", "127.0.0.1", "--port", str(port), "--seed", "0", "--dtype", "float32",
+        "--enforce-eager", "--max-model-len", "2048", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            pytest.fail(f"vllm serve did not start:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1)

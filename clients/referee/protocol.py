@@ -434,6 +434,11 @@ class JudgeInfo(BaseModel):
         description="The engine's platform-dependent settings (eager mode, memory fraction, step budget), "
         "each with what it got and why (None while loading, and for kinds without an engine).",
     )
+    backends: list[dict] | None = Field(
+        None,
+        description="A remote judge's servers: url, state (up, or out after failures until a health "
+        "check passes), calls in flight, answered and failed calls, last error.",
+    )
 
 
 class JudgesResponse(BaseModel):

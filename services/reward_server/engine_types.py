@@ -22,3 +22,13 @@ class EngineDead(RuntimeError):
 
     Not a per-item outcome: the request fails with 503 and the server exits so that its supervisor
     (compose, Kubernetes) starts a fresh one."""
+
+
+class BackendsUnavailable(RuntimeError):
+    """Every remote backend of a judge is out (down, or its circuit open): the request fails with
+    503 and a reason, never as a value; this server stays up, and the judge answers again once a
+    backend passes its health check."""
+
+
+# What a judge never turns into one item's error: the whole request fails.
+NOT_PER_ITEM = (EngineDead, BackendsUnavailable)

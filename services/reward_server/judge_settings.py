@@ -14,10 +14,65 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class RemoteSettings(BaseModel):
+    """A judge whose engine already runs elsewhere: OpenAI-compatible servers (``vllm serve``,
+    SGLang, referee's own ``/v1``) answer it; referee keeps tokenising, templating, debiasing,
+    caching and sharing fairly (``reward_server.remote``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] = Field(
+        min_length=1,
+        description="Base URLs of the servers (without /v1), one per backend; requests are spread "
+        "over the healthy ones.",
+    )
+    served_model: str | None = Field(
+        None, description="The model name the servers serve (their /v1/models). Default: the judge's model."
+    )
+    api_key_env: str | None = Field(
+        None, description="An environment variable holding the servers' key (sent as a bearer token)."
+    )
+    max_concurrency: int = Field(64, ge=1, description="Requests in flight to one backend.")
+    timeout_s: float = Field(120.0, gt=0, description="One request's time limit at a backend.")
+    retries: int = Field(
+        3,
+        ge=0,
+        description="Further tries of a request that failed in a way safe to retry (connection error, "
+        "timeout, 429, 5xx), on another backend where there is one; never a 4xx.",
+    )
+    backoff_s: float = Field(0.2, ge=0, description="The first retry's wait; doubled each time, with jitter.")
+    failures_to_open: int = Field(
+        3, ge=1, description="Consecutive failures that take a backend out (its circuit opens)."
+    )
+    open_s: float = Field(
+        5.0, gt=0, description="How long a backend stays out before a health check may bring it back."
+    )
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="Hosted APIs: requests sent per minute, all backends together."
+    )
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="Hosted APIs: prompt and completion tokens per minute, all backends together."
+    )
+    priorities: bool = Field(
+        False,
+        description="Send fair-share priorities (the servers must run --scheduling-policy priority, "
+        "else they refuse any priority but 0).",
+    )
+    cache_salt: bool = Field(
+        True, description="Send per-tenant prefix-cache salts (vLLM); off for servers that refuse the field."
+    )
+
+
 class EngineSettings(BaseModel):
     """vLLM engine arguments that deployments tune. Anything else goes in ``extra``."""
 
     model_config = ConfigDict(extra="forbid")
+
+    remote: RemoteSettings | None = Field(
+        None,
+        description="Answer this judge with servers that already run the model (its tokenizer still "
+        "loads here from `model`); the vLLM arguments below are then the servers' business.",
+    )
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",

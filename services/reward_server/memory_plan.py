@@ -143,7 +143,7 @@ def engines_of(settings) -> list[EngineSpec]:
     by_key: dict[tuple, list] = {}
     for cfg in settings.judges:
         key = engine_key(cfg)
-        if key is not None:
+        if key is not None and cfg.engine.remote is None:  # a remote judge's model runs elsewhere
             by_key.setdefault(key, []).append(cfg)
     return [
         EngineSpec(tuple(c.name for c in cfgs), cfgs[0].model, RUNNERS[cfgs[0].kind], cfgs[0].engine)

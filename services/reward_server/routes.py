@@ -183,7 +183,16 @@ async def readyz(request: Request, service: Service):
     extra = {} if queue is None else {"queue": queue}
     if service.fatal:
         return render(503, "fatal", service.fatal, extra=extra)
+    remote = service.remote_status()
+    if remote:
+        extra["backends"] = remote
     if service.ready:
+        out = sorted(
+            name for name, backends in remote.items() if not any(b["state"] == "up" for b in backends)
+        )
+        if out:
+            message = f"every backend of remote judge {', '.join(map(repr, out))} is out"
+            return render(503, "backend_unavailable", message, {"Retry-After": "5"}, extra=extra)
         if queue is not None and queue["state"] != "consuming":
             message = f"the queue consumer is {queue['state']}"
             if queue.get("last_error"):

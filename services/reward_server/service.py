@@ -34,6 +34,7 @@ from referee.protocol import (
 
 from . import media, memory_plan, metrics
 from .cache import JudgmentCache
+from .engine_types import BackendsUnavailable
 from .errors import ClientError
 from .fairness import AdmissionRefused, FairScheduler, TenantPolicy, retry_after
 from .hardware import cpu_bind_for, cpu_info, device_type
@@ -63,6 +64,12 @@ def _usage(ctx: RequestContext) -> Usage:
         engine_requests=ctx.engine_requests,
         cached=ctx.cached,
     )
+
+
+def _local_engine_key(cfg) -> tuple | None:
+    """The key of the engine a judge starts in this process (None: an ensemble, a remote judge)."""
+    key = engine_key(cfg)
+    return key if key is not None and cfg.engine.remote is None else None
 
 
 class JudgeService:
@@ -132,10 +139,11 @@ class JudgeService:
             platform = await asyncio.to_thread(device_type)
             plan = memory_plan.check_before_loading(self.settings, platform)
             # one engine per distinct engine_key (judges on the same model share it)
-            keys = list(dict.fromkeys(k for cfg in self.settings.judges if (k := engine_key(cfg))))
+            # (a remote judge's engine runs elsewhere: it takes no cores here)
+            keys = list(dict.fromkeys(k for cfg in self.settings.judges if (k := _local_engine_key(cfg))))
             count, cores = len(keys), cpu_info().cores
             for cfg in self.settings.judges:
-                key = engine_key(cfg)
+                key = _local_engine_key(cfg)
                 bind = cpu_bind_for(keys.index(key) if key else 0, count, self.settings.cpu_binding, cores)
                 placement = None
                 if plan is not None and key:
@@ -148,6 +156,17 @@ class JudgeService:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.exception("loading the judges failed")
             raise
+
+    def remote_status(self) -> dict[str, list[dict]]:
+        """Each remote judge's backends and their states (``/readyz``, ``/judges``); asking starts
+        the health checks that are due, so a backend that came back is seen."""
+        out = {}
+        for name, judge in self.judges.items():
+            engine = getattr(judge, "engine", None)
+            if engine is not None and hasattr(engine, "backends"):
+                engine.refresh()
+                out[name] = engine.status()
+        return out
 
     def shutdown(self) -> None:
         engines = {id(j.engine): j for j in self.judges.values() if j.engine is not None}
@@ -404,7 +423,10 @@ class JudgeService:
     ):
         """Run one question through the pipeline and build its answer."""
         async with self.session(q, tenant=tenant, job=job, queued=queued) as (judge, ctx):
-            result = await q.run(judge, ctx)
+            try:
+                result = await q.run(judge, ctx)
+            except BackendsUnavailable as exc:  # a remote judge's servers are all out
+                raise ClientError(503, "backend_unavailable", str(exc), {"Retry-After": "5"}) from None
         answer = q.answer(judge, result, _usage(ctx))
         self.record(q, judge, ctx, q.outcome(result, answer), tenant=tenant, job=job, answer=answer)
         return answer
@@ -424,6 +446,7 @@ class JudgeService:
 
     def describe(self) -> JudgesResponse:
         infos = []
+        remote = self.remote_status()
         for cfg in self.settings.judges:
             loaded = self.judges.get(cfg.name)
             caps = loaded.capabilities if loaded else capabilities(cfg, self.settings.judges)
@@ -441,6 +464,7 @@ class JudgeService:
                     members=list(cfg.members),
                     dtype=getattr(getattr(loaded, "engine", None), "dtype", None),
                     engine=getattr(getattr(loaded, "engine", None), "choices", None) or None,
+                    backends=remote.get(cfg.name),
                 )
             )
         return JudgesResponse(default=self.settings.default_judge, judges=infos)

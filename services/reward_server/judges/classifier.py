@@ -10,7 +10,7 @@ from pydantic import Field
 from referee.protocol import Prompt
 from referee.rewards import bradley_terry
 
-from ..engine_types import EngineDead
+from ..engine_types import NOT_PER_ITEM
 from ..judge_settings import EngineJudgeSettings
 from .base import Judge, JudgeConfigError, Rating, RequestContext, _describe
 
@@ -147,7 +147,7 @@ class ClassifierJudge(Judge):
                 logit = self.combine(objectives, objective, weights)
             else:
                 logit = out
-        except EngineDead:  # not a per-item cause: the request fails, the server exits
+        except NOT_PER_ITEM:  # not a per-item cause: the request fails (503)
             raise
         except Exception as exc:
             return Rating(None, error=_describe(exc))

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from referee.protocol import Prompt, content_text, image_parts
 
-from ..engine_types import EngineDead
+from ..engine_types import NOT_PER_ITEM
 from ..judge_settings import EngineJudgeSettings
 from .base import JudgeConfigError, Rating, RequestContext, _describe
 from .classifier import ClassifierJudge
@@ -120,7 +120,7 @@ class ClipJudge(ClassifierJudge):
             pixels = await self._shared(
                 ctx, ("image", id(picture)), lambda: self._embedding(ctx, [], [picture])
             )
-        except EngineDead:
+        except NOT_PER_ITEM:
             raise
         except Exception as exc:
             return Rating(None, error=_describe(exc))

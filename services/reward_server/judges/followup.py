@@ -9,7 +9,7 @@ from pydantic import Field
 
 from referee.protocol import Prompt, image_parts
 
-from ..engine_types import EngineDead
+from ..engine_types import NOT_PER_ITEM
 from ..judge_settings import EngineJudgeSettings
 from .base import Judge, JudgeConfigError, Rating, RequestContext, _describe
 
@@ -117,7 +117,7 @@ class FollowupJudge(Judge):
             values = await asyncio.gather(
                 *[self._followup(self._fit(ids), start, ctx) for ids, start in spans]
             )
-        except EngineDead:  # not a per-item cause: the request fails, the server exits
+        except NOT_PER_ITEM:  # not a per-item cause: the request fails (503)
             raise
         except Exception as exc:
             return Rating(None, error=_describe(exc))

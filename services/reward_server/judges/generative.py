@@ -15,7 +15,7 @@ from referee.protocol import PairwiseResult, Prompt
 from referee.rewards import circular_pairs, verdict_credit
 
 from .. import templates
-from ..engine_types import Completion, EngineDead
+from ..engine_types import NOT_PER_ITEM, Completion
 from ..judge_settings import EngineJudgeSettings, InconsistentRule, TieMargin
 from .base import (
     Comparison,
@@ -157,7 +157,7 @@ class GenerativeJudge(Judge):
             return await self._compare_cot(
                 prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed
             )
-        except EngineDead:  # not a per-item cause: the request fails, the server exits
+        except NOT_PER_ITEM:  # not a per-item cause: the request fails (503)
             raise
         except Exception as exc:
             return Comparison(None, "invalid", error=_describe(exc))
@@ -240,7 +240,7 @@ class GenerativeJudge(Judge):
                 max_tokens=1,
                 top_logprobs=self.settings.top_logprobs,
             )
-        except EngineDead:  # not a per-item cause: the request fails, the server exits
+        except NOT_PER_ITEM:  # not a per-item cause: the request fails (503)
             raise
         except Exception as exc:
             return Rating(None, error=_describe(exc))
@@ -307,7 +307,7 @@ class GenerativeJudge(Judge):
                     seed,
                     lambda out: templates.parse_ranking(out, n),
                 )
-            except EngineDead:
+            except NOT_PER_ITEM:
                 raise
             except Exception as exc:
                 return None, _describe(exc)
@@ -352,7 +352,7 @@ class GenerativeJudge(Judge):
                 seed,
                 lambda out: templates.parse_rating(out, self.scale),
             )
-        except EngineDead:  # not a per-item cause: the request fails, the server exits
+        except NOT_PER_ITEM:  # not a per-item cause: the request fails (503)
             raise
         except Exception as exc:
             return Rating(None, error=_describe(exc))

@@ -109,6 +109,15 @@ def load_judge(
     shared = next((j.engine for j in loaded.values() if engine_key(j.settings) == key), None)
     if shared is not None:
         return kind(settings, shared)
+    if settings.engine.remote is not None:  # the model runs elsewhere: no engine starts here
+        from ..remote import RemoteEngine
+
+        engine = RemoteEngine.start_remote(settings.model, settings.engine, RUNNERS[settings.kind])
+        try:
+            return kind(settings, engine)
+        except Exception:
+            engine.shutdown()
+            raise
     from ..engine import Engine  # the one module that imports vLLM
 
     bind = settings.engine.cpu_cores or cpu_bind
