@@ -242,6 +242,14 @@ class _PairwiseOptions(_JudgeOptions):
     seed: Seed = None
     max_new_tokens: int | None = Field(None, ge=1, description="Reasoning budget for mode=cot.")
     max_retries: int = Field(0, ge=0, description="Retries of an unparsable cot verdict (bounded).")
+    samples: int = Field(
+        1,
+        ge=1,
+        description="mode=cot: sampled judgments per comparison (per order with order=both), the "
+        "majority their verdict (a mean credit as p_a) and the split reported (votes, uncertainty); "
+        "an unparsable sample is counted apart and never votes. At most the server's "
+        "limits.max_samples; each sample costs a generation.",
+    )
     inconsistent: InconsistentRule | None = Field(
         None,
         description="order=both: what a pair whose verdict changes with the order becomes. tie (the "
@@ -274,6 +282,11 @@ class PairwiseResult(BaseModel):
     )
     swapped: bool | None = Field(None, description="order=random: whether B was shown first.")
     rationales: list[str] | None = Field(None, description="mode=cot: the judge's reasoning per order.")
+    votes: dict[str, int] | None = Field(
+        None,
+        description="samples > 1: the sampled verdicts from A's side (A, B, tie, invalid), both orders' "
+        "together with order=both.",
+    )
     uncertainty: float | None = Field(
         None,
         description="Ensembles: the members' disagreement on this pair (standard deviation of their "
@@ -310,6 +323,14 @@ class JudgeRequest(_JudgeOptions):
     items: list[JudgeItem] = Field(min_length=1)
     max_new_tokens: int | None = Field(None, ge=1, description="Reasoning budget.")
     max_retries: int = Field(0, ge=0, description="Retries of an unparsable verdict (bounded).")
+    samples: int = Field(
+        1,
+        ge=1,
+        description="mode=cot: sampled judgments per item, the "
+        "majority their verdict (a rating: their mean) and the split reported (votes, uncertainty); "
+        "an unparsable sample is counted apart and never votes. At most the server's "
+        "limits.max_samples; each sample costs a generation.",
+    )
     seed: Seed = None
 
 
@@ -320,6 +341,12 @@ class JudgeResult(BaseModel):
     verdict: Verdict | None = None
     rationale: str | None = None
     attempts: int = 1
+    votes: dict[str, int] | None = Field(
+        None, description="samples > 1: the sampled verdicts (A, B, tie, invalid) or ratings."
+    )
+    uncertainty: float | None = Field(
+        None, description="samples > 1: the spread of the samples (std of their credits or ratings)."
+    )
     error: str | None = None
 
 

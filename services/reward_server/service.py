@@ -228,7 +228,13 @@ class JudgeService:
                     "(limits.max_text_chars); shorten it",
                 )
 
-    def _check_generation(self, max_new_tokens: int | None, max_retries: int) -> None:
+    def _check_generation(self, max_new_tokens: int | None, max_retries: int, samples: int = 1) -> None:
+        if samples > self.limits.max_samples:
+            raise ClientError(
+                422,
+                "invalid_request",
+                f"samples={samples} is over the limit of {self.limits.max_samples} (limits.max_samples)",
+            )
         if max_new_tokens is not None and max_new_tokens > self.limits.max_new_tokens:
             raise ClientError(
                 413,

@@ -131,6 +131,9 @@ class Limits(BaseModel):
         "429. As media.tenant_blob_bytes: a bound on what one tenant makes the server hold.",
     )
     max_retries: int = Field(3, ge=0, description="Upper bound on a request's cot retries.")
+    max_samples: int = Field(
+        9, ge=1, description="Upper bound on a request's sampled cot judgments (samples)."
+    )
     max_new_tokens: int = Field(2048, ge=1, description="Upper bound on a request's reasoning budget.")
     max_messages: int = Field(64, ge=1, description="Chat messages per prompt.")
     max_stop_strings: int = Field(

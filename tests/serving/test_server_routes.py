@@ -131,6 +131,44 @@ def test_pairwise_cot_gives_rationales_and_a_parsed_or_invalid_verdict(client, o
     assert out["usage"]["completion_tokens"] > 0
 
 
+def test_sampled_cot_verdicts_vote_and_count_every_sample(client):
+    """samples=3 in both orders: six sampled judgments per pair, each counted (valid or not), the
+    majority the verdict; a /judge rating is the mean of its valid samples."""
+    items = [{"prompt": QUESTION, "response_a": GOOD, "response_b": BAD}]
+    body = {
+        "items": items,
+        "mode": "cot",
+        "order": "both",
+        "max_new_tokens": 24,
+        "samples": 3,
+        "cache": False,
+    }
+    out = _post(client, "/pairwise", body)
+    r = out["results"][0]
+    assert sum(r["votes"].values()) == 6 and set(r["votes"]) == {"A", "B", "tie", "invalid"}
+    assert out["usage"]["engine_requests"] == 6
+    valid = r["votes"]["A"] + r["votes"]["B"] + r["votes"]["tie"]
+    if valid == 0:
+        assert r["verdict"] == "invalid" and r["p_a"] is None and "sampled judgments" in r["error"]
+    else:
+        assert r["verdict"] in {"A", "B", "tie"} and 0.0 <= r["p_a"] <= 1.0
+    judged = _post(
+        client,
+        "/judge",
+        {
+            "items": [{"prompt": QUESTION, "response": GOOD}],
+            "samples": 3,
+            "max_new_tokens": 24,
+            "cache": False,
+        },
+    )["results"][0]
+    assert sum(judged["votes"].values()) == 3
+    if judged["score"] is not None:
+        assert judged["uncertainty"] is not None
+    refused = client.post("/pairwise", json={**body, "samples": 1000})
+    assert refused.status_code == 422 and "limits.max_samples" in refused.json()["message"]
+
+
 def test_pairwise_with_classifier_is_bradley_terry(client):
     items = [{"prompt": QUESTION, "response_a": GOOD, "response_b": BAD}]
     scores = [

@@ -46,6 +46,7 @@ OWN_OPTIONS = {
         "min_label_mass": 0.0,
         "cot_max_new_tokens": 64,
         "cot_temperature": 0.3,
+        "sample_temperature": 0.9,
     },
     "followup": {"followups_positive": ["Thanks!"], "followups_negative": ["Wrong."]},
     "ensemble": {

@@ -96,7 +96,26 @@ class Comparison:
     error: str | None = None
     label_mass: float | None = None  # logprob mode: the next-token probability on A and B
     low_label_mass: bool = False  # invalid because label_mass < min_label_mass
-    uncertainty: float | None = None  # ensembles: the std of the members' P(first)
+    uncertainty: float | None = None  # ensembles: the std of the members' P(first); samples: of their credits
+    votes: dict[str, int] | None = None  # samples > 1: the sampled verdicts, from the first's side
+
+
+def flip_votes(votes: dict[str, int] | None) -> dict[str, int] | None:
+    """Sampled verdicts from the other response's side."""
+    if votes is None:
+        return None
+    return {_FLIP.get(k, k): n for k, n in votes.items()}
+
+
+def add_votes(*counts: dict[str, int] | None) -> dict[str, int] | None:
+    present = [c for c in counts if c]
+    if not present:
+        return None
+    total: dict[str, int] = {}
+    for c in present:
+        for k, n in c.items():
+            total[k] = total.get(k, 0) + n
+    return total
 
 
 @dataclass
@@ -109,7 +128,10 @@ class Rating:
     logit: float | None = None  # classifiers: the raw reward (score may be its sigmoid)
     objectives: dict[str, float] | None = None  # multi-objective classifiers: every named output
     members: dict[str, float | None] | None = None  # ensembles: each member's raw reward
-    uncertainty: float | None = None  # ensembles: the std of the members' raw rewards
+    uncertainty: float | None = (
+        None  # ensembles: the std of the members' raw rewards; samples: of the ratings
+    )
+    votes: dict[str, int] | None = None  # samples > 1: how many samples gave each rating (and invalid)
 
     @property
     def reward(self) -> float | None:
@@ -362,6 +384,7 @@ class Judge:
             rationales=[c.rationale] if c.rationale is not None else None,
             label_mass=c.label_mass,
             uncertainty=c.uncertainty,
+            votes=flip_votes(c.votes) if swap else c.votes,
             error=c.error,
         )
 
@@ -372,6 +395,7 @@ class Judge:
         label_mass = min(masses) if masses else None
         spreads = [c.uncertainty for c in (ab, ba) if c.uncertainty is not None]
         uncertainty = max(spreads) if spreads else None
+        votes = add_votes(ab.votes, flip_votes(ba.votes))
         if ab.p_first is None or ba.p_first is None:
             errors = [f"{label}: {c.error}" for label, c in (("A first", ab), ("B first", ba)) if c.error]
             return PairwiseResult(
@@ -380,6 +404,7 @@ class Judge:
                 rationales=rationales,
                 label_mass=label_mass,
                 uncertainty=uncertainty,
+                votes=votes,
                 error="; ".join(errors),
             )
         # Average the two orders' probabilities for A: position bias cancels to first order.
@@ -393,6 +418,7 @@ class Judge:
             rationales=rationales,
             label_mass=label_mass,
             uncertainty=uncertainty,
+            votes=votes,
         )
         if result.consistent:
             return result

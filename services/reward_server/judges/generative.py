@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import statistics
 from collections.abc import Callable
 from functools import partial
 from typing import ClassVar, Literal
@@ -57,6 +58,9 @@ class GenerativeSettings(EngineJudgeSettings):
     )
     cot_max_new_tokens: int = Field(512, ge=1)
     cot_temperature: float = Field(0.0, ge=0, description="First attempt; retries sample at 0.7.")
+    sample_temperature: float = Field(
+        0.7, gt=0, description="The temperature of sampled judgments (a request's samples > 1)."
+    )
 
     @model_validator(mode="after")
     def _scale(self) -> GenerativeSettings:
@@ -88,6 +92,7 @@ class GenerativeJudge(Judge):
             max_new_tokens=req.max_new_tokens,
             max_retries=req.max_retries,
             seed=req.seed,
+            samples=req.samples,
         )
 
     def __post_init__(self) -> None:
@@ -150,12 +155,13 @@ class GenerativeJudge(Judge):
         max_new_tokens: int | None = None,
         max_retries: int = 0,
         seed: int | None = None,
+        samples: int = 1,
     ) -> Comparison:
         try:
             if mode == "logprob":
                 return await self._compare_logprob(prompt, first, second, rubric, ctx)
             return await self._compare_cot(
-                prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed
+                prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed, samples
             )
         except NOT_PER_ITEM:  # not a per-item cause: the request fails (503)
             raise
@@ -194,12 +200,14 @@ class GenerativeJudge(Judge):
         p = pa / mass
         return Comparison(p, verdict_from_probability(p, self.settings.tie_margin), label_mass=mass)
 
-    async def _attempts(self, build, ctx, max_new_tokens, max_retries, seed, parse):
-        """Reason-then-answer with bounded retries; the first attempt is greedy unless configured."""
+    async def _attempts(self, build, ctx, max_new_tokens, max_retries, seed, parse, temperature=None):
+        """Reason-then-answer with bounded retries; the first attempt is greedy unless configured
+        (or sampled at ``temperature``: one of several sampled judgments)."""
         budget = max_new_tokens or self.settings.cot_max_new_tokens
         text, why = "", ""
+        first = self.settings.cot_temperature if temperature is None else temperature
         for attempt in range(max_retries + 1):
-            temperature = self.settings.cot_temperature if attempt == 0 else 0.7
+            temperature = first if attempt == 0 else max(first, 0.7)
             out = await self._generate(
                 build,
                 ctx,
@@ -215,13 +223,36 @@ class GenerativeJudge(Judge):
                 why += f" (the reasoning was cut at max_new_tokens={budget})"
         return None, text, max_retries + 1, why
 
-    async def _compare_cot(self, prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed):
+    async def _sampled(self, build, ctx, max_new_tokens, max_retries, seed, parse, samples: int):
+        """``samples`` sampled judgments at ``sample_temperature`` (seeded ``seed + k`` when a seed
+        is given), each with its own bounded retries: [(value, text, attempts, why)]."""
+        return await asyncio.gather(
+            *[
+                self._attempts(
+                    build,
+                    ctx,
+                    max_new_tokens,
+                    max_retries,
+                    None if seed is None else seed + 1_000_003 * (k + 1),
+                    parse,
+                    temperature=self.settings.sample_temperature,
+                )
+                for k in range(samples)
+            ]
+        )
+
+    async def _compare_cot(
+        self, prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed, samples=1
+    ):
         if self.settings.verdict_format == "answer_tag":
             messages = partial(templates.pairwise_answer_tag, prompt, first, second, rubric)
             parse = templates.parse_answer_tag
         else:
             messages = partial(templates.pairwise_cot, prompt, first, second, rubric)
             parse = templates.parse_verdict
+        if samples > 1:  # self-consistency: the majority of sampled verdicts
+            outs = await self._sampled(messages, ctx, max_new_tokens, max_retries, seed, parse, samples)
+            return vote(outs)
         verdict, text, attempts, why = await self._attempts(
             messages, ctx, max_new_tokens, max_retries, seed, parse
         )
@@ -340,20 +371,86 @@ class GenerativeJudge(Judge):
         return results, rankings
 
     async def rate_cot(
-        self, prompt, response, ctx, *, rubric=None, max_new_tokens=None, max_retries=0, seed=None
+        self, prompt, response, ctx, *, rubric=None, max_new_tokens=None, max_retries=0, seed=None, samples=1
     ) -> Rating:
         try:
             messages = partial(templates.pointwise_cot, prompt, response, rubric, self.scale)
+            parse = lambda out: templates.parse_rating(out, self.scale)  # noqa: E731
+            if samples > 1:
+                outs = await self._sampled(messages, ctx, max_new_tokens, max_retries, seed, parse, samples)
+                return mean_rating(outs)
             score, text, attempts, why = await self._attempts(
-                messages,
-                ctx,
-                max_new_tokens,
-                max_retries,
-                seed,
-                lambda out: templates.parse_rating(out, self.scale),
+                messages, ctx, max_new_tokens, max_retries, seed, parse
             )
         except NOT_PER_ITEM:  # not a per-item cause: the request fails (503)
             raise
         except Exception as exc:
             return Rating(None, error=_describe(exc))
         return Rating(score, rationale=text, attempts=attempts, error=why)
+
+
+def vote(outs: list[tuple]) -> Comparison:
+    """The majority of sampled verdicts (self-consistency, Wang et al. 2023, arXiv:2203.11171; NeMo
+    Gym's judges take the majority of several samples too). P(first) is the samples' mean credit
+    (A 1, tie 1/2, B 0); the verdict the most frequent one, a tie when A and B are equally frequent;
+    the uncertainty the standard deviation of the credits. An unparsable sample is counted under
+    ``invalid`` and never votes; with no valid sample the comparison is invalid."""
+    votes = {"A": 0, "B": 0, "tie": 0, "invalid": 0}
+    credits, texts, whys = [], {}, []
+    for verdict, text, _, why in outs:
+        if verdict is None:
+            votes["invalid"] += 1
+            whys.append(why)
+            continue
+        votes[verdict] += 1
+        credits.append(verdict_credit(verdict))
+        texts.setdefault(verdict, text)
+    attempts = sum(a for _, _, a, _ in outs)
+    if not credits:
+        return Comparison(
+            None,
+            "invalid",
+            rationale=outs[0][1],
+            attempts=attempts,
+            error=f"none of {len(outs)} sampled judgments gave a verdict: {whys[0]}",
+            votes=votes,
+        )
+    top = max(votes["A"], votes["B"], votes["tie"])
+    leaders = [v for v in ("A", "B", "tie") if votes[v] == top]
+    verdict = leaders[0] if len(leaders) == 1 else "tie"
+    return Comparison(
+        statistics.fmean(credits),
+        verdict,
+        rationale=texts.get(verdict) or next(iter(texts.values())),
+        attempts=attempts,
+        uncertainty=statistics.pstdev(credits),
+        votes=votes,
+    )
+
+
+def mean_rating(outs: list[tuple]) -> Rating:
+    """The mean of sampled ratings; their standard deviation as the uncertainty; unparsable samples
+    counted apart (``votes['invalid']``)."""
+    scores = [score for score, _, _, _ in outs if score is not None]
+    votes: dict[str, int] = {}
+    for score, _, _, _ in outs:
+        key = "invalid" if score is None else f"{score:g}"
+        votes[key] = votes.get(key, 0) + 1
+    attempts = sum(a for _, _, a, _ in outs)
+    if not scores:
+        why = next(w for _, _, _, w in outs)
+        return Rating(
+            None,
+            rationale=outs[0][1],
+            attempts=attempts,
+            error=f"none of {len(outs)} sampled judgments gave a rating: {why}",
+            votes=votes,
+        )
+    text = next(t for score, t, _, _ in outs if score is not None)
+    return Rating(
+        statistics.fmean(scores),
+        rationale=text,
+        attempts=attempts,
+        uncertainty=statistics.pstdev(scores),
+        votes=votes,
+    )

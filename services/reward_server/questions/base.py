@@ -136,9 +136,14 @@ class Question:
         """(where, prompt, response) for the judge kind's own checks (``Judge.validate``)."""
         return ()
 
-    def generation(self) -> tuple[int | None, int]:
-        """(max_new_tokens, max_retries) asked for; checked against the limits."""
-        return getattr(self.request, "max_new_tokens", None), getattr(self.request, "max_retries", 0)
+    def generation(self) -> tuple[int | None, int, int]:
+        """(max_new_tokens, max_retries, samples) asked for; checked against the limits."""
+        req = self.request
+        return (
+            getattr(req, "max_new_tokens", None),
+            getattr(req, "max_retries", 0),
+            getattr(req, "samples", 1),
+        )
 
     def check(self, limits) -> None:
         """The route's own limits (``settings.Limits``), beyond those every question has (ClientError)."""
@@ -170,5 +175,15 @@ def _check_mode(judge: Judge, mode: str) -> None:
         )
 
 
-def _attempts(mode: str, max_retries: int) -> int:
-    return 1 + max_retries if mode == "cot" else 1
+def _attempts(mode: str, max_retries: int, samples: int = 1) -> int:
+    """Generations per comparison or rating at worst: each sample with its retries (cot only)."""
+    return (1 + max_retries) * samples if mode == "cot" else 1
+
+
+def _check_samples(req, mode: str) -> None:
+    if getattr(req, "samples", 1) > 1 and mode != "cot":
+        raise ClientError(
+            400,
+            "bad_request",
+            f"samples={req.samples} needs mode=cot (a logprob verdict is a probability, not a sample)",
+        )

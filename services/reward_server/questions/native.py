@@ -27,7 +27,7 @@ from referee.rewards import circular_pairs, group_advantages, shape_reward, tall
 
 from ..errors import ClientError
 from ..judges import Judge, Rating, RequestContext
-from .base import Cost, Outcome, Question, Texts, _attempts, _check_mode, _options
+from .base import Cost, Outcome, Question, Texts, _attempts, _check_mode, _check_samples, _options
 
 # ---------------------------------------------------------------- /score
 
@@ -148,6 +148,7 @@ class PairwiseQuestion(Question):
     def prepare(self, judge: Judge) -> None:
         req = self.request
         _check_mode(judge, req.mode)
+        _check_samples(req, req.mode)
         rng = random.Random(req.seed)
         self.swaps = [req.order == "random" and rng.random() < 0.5 for _ in req.items]
         self.opts = _options(judge.pair_options, req)
@@ -155,7 +156,9 @@ class PairwiseQuestion(Question):
 
     def cost(self, judge: Judge) -> Cost:
         req = self.request
-        return Cost(len(req.items), judge.pair_cost(req.order), _attempts(req.mode, req.max_retries))
+        return Cost(
+            len(req.items), judge.pair_cost(req.order), _attempts(req.mode, req.max_retries, req.samples)
+        )
 
     async def run(self, judge: Judge, ctx: RequestContext) -> list[PairwiseResult]:
         req = self.request
@@ -210,11 +213,15 @@ class CotJudgeQuestion(Question):
                     yield f"items[{k}].{side}", it.prompt, getattr(it, side)
 
     def cost(self, judge: Judge) -> Cost:
-        return Cost(len(self.request.items), 1, _attempts("cot", self.request.max_retries))
+        return Cost(
+            len(self.request.items), 1, _attempts("cot", self.request.max_retries, self.request.samples)
+        )
 
     async def run(self, judge: Judge, ctx: RequestContext) -> list[JudgeResult]:
         req = self.request
-        gen = dict(max_new_tokens=req.max_new_tokens, max_retries=req.max_retries, seed=req.seed)
+        gen = dict(
+            max_new_tokens=req.max_new_tokens, max_retries=req.max_retries, seed=req.seed, samples=req.samples
+        )
 
         async def one(k: int, it) -> JudgeResult:
             if it.response is not None:
@@ -225,6 +232,8 @@ class CotJudgeQuestion(Question):
                     score=r.score,
                     rationale=r.rationale,
                     attempts=r.attempts,
+                    votes=r.votes,
+                    uncertainty=r.uncertainty if req.samples > 1 else None,
                     error=r.error,
                 )
             c = await judge.compare(
@@ -236,6 +245,8 @@ class CotJudgeQuestion(Question):
                 verdict=c.verdict,
                 rationale=c.rationale,
                 attempts=c.attempts,
+                votes=c.votes,
+                uncertainty=c.uncertainty if req.samples > 1 else None,
                 error=c.error,
             )
 
@@ -333,12 +344,15 @@ class WinRateQuestion(Question):
                 raise ClientError(
                     400, "bad_request", "schedule=listwise ranks the whole group: leave out opponents"
                 )
+            if req.samples > 1:
+                raise ClientError(400, "bad_request", "samples applies to schedule=pairs (mode=cot) only")
             self.pairs = circular_pairs(n)
             self.swaps = []
             _check_images_per_prompt(
                 judge, req.prompt, req.responses, "schedule=listwise shows the whole group"
             )
         else:
+            _check_samples(req, req.mode)
             self.pairs = judge.schedule(n, req.opponents)
             rng = random.Random(req.seed)
             self.swaps = [req.order == "random" and rng.random() < 0.5 for _ in self.pairs]
@@ -348,7 +362,8 @@ class WinRateQuestion(Question):
         if req.schedule == "listwise":
             return Cost(1, judge.list_cost(req.order), _attempts("cot", req.max_retries))
         n = len(req.responses)
-        return Cost(1, judge.group_cost(n, self.pairs, req.order), _attempts(req.mode, req.max_retries))
+        attempts = _attempts(req.mode, req.max_retries, req.samples)
+        return Cost(1, judge.group_cost(n, self.pairs, req.order), attempts)
 
     async def run(self, judge: Judge, ctx: RequestContext) -> _Group:
         req = self.request
