@@ -7,6 +7,7 @@ import re
 import stat
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import tomllib
@@ -67,7 +68,9 @@ def _flags(args: list[str]) -> set[str]:
 def test_compose_stack_parses_and_refers_to_real_files_and_flags():
     compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"redis-acl", "redis", "reward-server", "trainer-a", "trainer-b"}
+    default = {name for name, svc in services.items() if "profiles" not in svc}
+    assert default == {"redis-acl", "redis", "reward-server", "trainer-a", "trainer-b"}
+    assert set(services) - default == REMOTE_PROFILE
     assert "--appendonly" in services["redis"]["command"] and "healthcheck" in services["redis"]
     server = services["reward-server"]
     assert server["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
@@ -535,7 +538,7 @@ def test_no_key_or_password_in_any_deploy_file():
         assert not REAL_KEY.search(text), path
         assert not re.search(r"redis://[^/\s:@]+:(?!\$\(|\{)[^@\s]+@", text), path  # user:password@ in a URL
         assert "requirepass" not in text and "nopass" not in text, path
-    for doc in _k8s_docs():
+    for doc in [*_k8s_docs(), *_remote_k8s_docs()]:
         if doc["kind"] == "Secret":
             for name, value in doc["stringData"].items():
                 # Obvious placeholders, or a tenants file of hashes no key has.
@@ -645,3 +648,203 @@ def test_kubernetes_judges_fit_one_80gb_gpu_by_the_memory_plan():
     config = _one(_k8s_docs(), "ConfigMap", "referee-judges")["data"]["judges.yaml"]
     result = plan(ServerSettings(**yaml.safe_load(config)), parse_gpus("1x80GiB"))
     assert result.ok and not result.unchecked, result.render()
+
+
+# ---------------------------------------------------------------- remote judges: vLLM servers elsewhere
+
+REMOTE_PROFILE = {"vllm-judge", "vllm-rm", "reward-server-remote"}
+
+
+def _remote_judges_file() -> dict:
+    return yaml.safe_load((REPO / "deploy" / "judges.remote.yaml").read_text())
+
+
+def _remote_k8s_docs() -> list[dict]:
+    folder = REPO / "deploy" / "k8s" / "remote"
+    return [d for f in sorted(folder.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+
+
+def _vllm_base_image() -> str:
+    return re.search(r"^FROM (\S+)", (REPO / "docker" / "server.Dockerfile").read_text(), re.M).group(1)
+
+
+def _vllm_serve(args: list[str]) -> tuple[str, dict[str, str | None]]:
+    """``vllm serve MODEL --flag value ...``: the model and the flags."""
+    model, rest, flags = args[0], list(args[1:]), {}
+    assert not model.startswith("--"), args
+    while rest:
+        flag = rest.pop(0)
+        assert flag.startswith("--"), (flag, args)
+        flags[flag] = rest.pop(0) if rest and not rest[0].startswith("--") else None
+    return model, flags
+
+
+def _assert_serves(judge, args: list[str], port: int) -> None:
+    """A vLLM server's arguments serve what the remote judge asks for, where it asks."""
+    model, flags = _vllm_serve(args)
+    remote = judge.engine.remote
+    assert model == judge.model, (judge.name, model)  # the weights of the tokenizer referee loads
+    assert flags["--served-model-name"] == remote.served_model, judge.name
+    assert flags["--port"] == str(port), judge.name
+    # a classifier is answered at /classify (the pooling runner), a generative judge at /v1/completions
+    assert flags.get("--runner", "generate") == ("pooling" if judge.kind == "classifier" else "generate")
+    if remote.priorities:  # else the server refuses any priority but 0
+        assert flags["--scheduling-policy"] == "priority", judge.name
+
+
+def _remote_urls(settings) -> list[tuple[object, str, int]]:
+    out = []
+    for judge in settings.judges:
+        for url in judge.engine.remote.urls:
+            parts = urlsplit(url)
+            assert parts.scheme == "http" and parts.path.strip("/") == "", url  # a base URL, without /v1
+            out.append((judge, parts.hostname, parts.port))
+    return out
+
+
+def test_remote_judges_file_is_valid_settings_and_places_no_engine_here():
+    from reward_server.memory_plan import parse_gpus, plan
+
+    settings = ServerSettings(**_remote_judges_file())
+    assert {j.kind for j in settings.judges} == {"classifier", "generative"}
+    assert all(j.engine.remote is not None and j.engine.remote.served_model for j in settings.judges)
+    assert {host for _, host, _ in _remote_urls(settings)} == {"vllm-judge", "vllm-rm"}
+    result = plan(settings, parse_gpus("1x80GiB"))  # the models run on the vLLM servers
+    assert result.ok and not result.engines, result.render()
+
+
+def test_compose_remote_profile_serves_the_remote_judges_file():
+    services = _compose()["services"]
+    assert {n for n, svc in services.items() if "remote" in svc.get("profiles", [])} == REMOTE_PROFILE
+    server, gpu_server = services["reward-server-remote"], services["reward-server"]
+    assert "deploy" not in server  # no GPU reserved
+    assert "../deploy/judges.remote.yaml:/config/judges.yaml:ro" in server["volumes"]
+    assert server["command"] == gpu_server["command"] and server["image"] == gpu_server["image"]
+    assert server["build"] == gpu_server["build"] and server["restart"] == "unless-stopped"
+    assert server["secrets"] == gpu_server["secrets"] and _env(server)["REFEREE_TENANTS_FILE"]
+    test = server["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python3"] and "/readyz" in test[-1]
+    settings = ServerSettings(**_remote_judges_file())
+    by_gpu: dict[tuple, list[str]] = {}
+    for judge, host, port in _remote_urls(settings):
+        vllm = services[host]
+        assert vllm["profiles"] == ["remote"] and "ports" not in vllm, host  # reached inside the stack
+        assert vllm["image"] == _vllm_base_image() and vllm["entrypoint"] == ["vllm", "serve"]
+        _assert_serves(judge, vllm["command"], port)
+        assert vllm["restart"] == "unless-stopped"
+        test = vllm["healthcheck"]["test"]
+        assert test[:2] == ["CMD", "python3"] and f"127.0.0.1:{port}/health" in test[-1]
+        assert _seconds(vllm["healthcheck"]["start_period"]) >= FIRST_START_S
+        assert server["depends_on"][host]["condition"] == "service_healthy"  # probed at start
+        [device] = vllm["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"]
+        by_gpu.setdefault(tuple(device["device_ids"]), []).append(host)
+    # vLLM servers sharing a GPU: their fractions fit it, and they start one after the other (each
+    # sizes its KV cache from the free memory it sees)
+    for hosts in by_gpu.values():
+        shares = [float(_vllm_serve(services[h]["command"])[1]["--gpu-memory-utilization"]) for h in hosts]
+        assert sum(shares) <= 0.95, hosts
+        started = [h for h in hosts if not set(services[h].get("depends_on", {})) & set(hosts)]
+        assert len(started) == 1, hosts
+
+
+def test_kubernetes_remote_example_serves_the_remote_judges_file():
+    docs = _remote_k8s_docs()
+    config = yaml.safe_load(_one(docs, "ConfigMap", "referee-judges")["data"]["judges.yaml"])
+    assert {k: v for k, v in config.items() if k != "queue"} == _remote_judges_file()
+    settings = ServerSettings(**config)
+    # A replacement for ../reward-server.yaml: its names, so that Redis' NetworkPolicy, the trainers
+    # and KEDA's ScaledObject work with it unchanged.
+    main = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "reward-server.yaml").read_text()))
+    server_file = yaml.safe_load_all((REPO / "deploy" / "k8s" / "remote" / "reward-server.yaml").read_text())
+    assert {(d["kind"], d["metadata"]["name"]) for d in server_file} == {
+        (d["kind"], d["metadata"]["name"]) for d in main if d["kind"] != "PersistentVolumeClaim"
+    }
+    deployment = _one(docs, "Deployment", "referee-server")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    [main_container] = _one(main, "Deployment", "referee-server")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == main_container["image"] and _pinned(container["image"])
+    assert container["args"] == main_container["args"]
+    resources = container["resources"]
+    assert "nvidia.com/gpu" not in {**resources.get("limits", {}), **resources.get("requests", {})}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    queue = settings.queue
+    assert pod["terminationGracePeriodSeconds"] >= 5 + queue.shutdown_grace_s + 10
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels["app"] == "referee-server"  # what Redis' NetworkPolicy lets in
+    # Each judge's server: a Service in front of a Deployment with a GPU, serving what it asks for.
+    vllm_apps = set()
+    for judge, host, port in _remote_urls(settings):
+        service = _one(docs, "Service", host)
+        [service_port] = [p for p in service["spec"]["ports"] if p["port"] == port]
+        [vllm_deployment] = [
+            d
+            for d in docs
+            if d["kind"] == "Deployment"
+            and d["spec"]["template"]["metadata"]["labels"].items() >= service["spec"]["selector"].items()
+        ]
+        vllm_apps.add(vllm_deployment["spec"]["template"]["metadata"]["labels"]["app"])
+        [vllm] = vllm_deployment["spec"]["template"]["spec"]["containers"]
+        [named] = [p for p in vllm["ports"] if p["name"] == service_port["targetPort"]]
+        assert vllm["image"] == _vllm_base_image() and vllm["command"] == ["vllm", "serve"]
+        _assert_serves(judge, vllm["args"], named["containerPort"])
+        assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert all(vllm[p]["httpGet"]["path"] == "/health" for p in ("startupProbe", "readinessProbe"))
+        probe = vllm["startupProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= FIRST_START_S
+    # Only the referee server pods reach the vLLM servers.
+    policy = _one(docs, "NetworkPolicy", "vllm")["spec"]
+    [selector] = policy["podSelector"]["matchExpressions"]
+    assert selector["key"] == "app" and set(selector["values"]) == vllm_apps
+    [rule] = policy["ingress"]
+    assert all(set(peer) == {"podSelector"} for peer in rule["from"])
+    assert _peer_apps(rule) == {"referee-server"} and [p["port"] for p in rule["ports"]] == [8000]
+
+
+def test_kubernetes_remote_init_container_waits_for_a_server_of_each_judge(tmp_path):
+    """The init container's script, run here against a stand-in server: it returns once a server
+    of every remote judge answers GET /health, and waits while none does."""
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    docs = _remote_k8s_docs()
+    pod = _one(docs, "Deployment", "referee-server")["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    assert init["image"] == pod["containers"][0]["image"] and init["command"][:2] == ["python3", "-c"]
+    config_mount = next(m for m in init["volumeMounts"] if m["name"] == "config")["mountPath"]
+    script = init["command"][2]
+    assert f"{config_mount}/judges.yaml" in script
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    live, dead = f"http://127.0.0.1:{httpd.server_address[1]}", "http://127.0.0.1:9"
+    config = yaml.safe_load(_one(docs, "ConfigMap", "referee-judges")["data"]["judges.yaml"])
+
+    def run(urls: list[str], timeout: float) -> subprocess.CompletedProcess:
+        for judge in config["judges"]:
+            judge["engine"]["remote"]["urls"] = urls
+        path = tmp_path / "judges.yaml"
+        path.write_text(yaml.safe_dump(config))
+        code = script.replace(f"{config_mount}/judges.yaml", str(path))
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+    try:
+        assert run([dead, live], timeout=60).returncode == 0  # one server of each judge is enough
+        with pytest.raises(subprocess.TimeoutExpired) as waited:
+            run([dead], timeout=3)
+        out = waited.value.stdout or b""
+        assert "waiting for a server of" in (out.decode() if isinstance(out, bytes) else out)
+    finally:
+        httpd.shutdown()
