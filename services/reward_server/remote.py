@@ -47,7 +47,7 @@ from .judge_settings import EngineSettings, RemoteSettings
 
 logger = logging.getLogger(__name__)
 
-_RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
+_RETRYABLE = {408, 425, 429}  # and every 5xx: the server's trouble, not the request's
 
 
 class BackendRefused(ValueError):
@@ -285,7 +285,7 @@ class RemoteEngine(Engine):
                     b.answered += 1
                     return r.json()
                 text = r.text[:300]
-                if r.status_code not in _RETRYABLE:
+                if r.status_code not in _RETRYABLE and r.status_code < 500:
                     raise BackendRefused(f"the judge's server refused the request ({r.status_code}): {text}")
                 error = f"{b.url}: {r.status_code} {text}"
                 self._failed(b, error)

@@ -93,3 +93,22 @@ def test_top_logprobs_must_name_tokens_by_id():
     assert _token_id("token_id:42") == 42
     with pytest.raises(ValueError, match="return_tokens_as_token_ids"):
         _token_id("Paris")
+
+
+async def test_every_5xx_is_retried():
+    for code in (500, 501, 505, 599):
+        engine = _engine({"http://a": _status(code), "http://b": _ok})
+        for _ in range(4):
+            assert (await engine._post("/x", {}, 1)) == {"ok": "b"}
+
+
+def test_a_kind_that_cannot_be_remote_is_refused_at_load():
+    from reward_server.judges import parse_judge_settings
+    from reward_server.judges.base import JudgeConfigError
+    from reward_server.judges.registry import load_judge
+
+    cfg = parse_judge_settings(
+        {"name": "c", "kind": "clip", "model": "/nowhere", "engine": {"remote": {"urls": ["http://x"]}}}
+    )
+    with pytest.raises(JudgeConfigError, match="a clip judge cannot be remote"):
+        load_judge(cfg)

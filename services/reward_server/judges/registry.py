@@ -15,7 +15,7 @@ from typing import Annotated, Any, Union
 from pydantic import Discriminator, Tag, TypeAdapter
 
 from ..judge_settings import JudgeSettings, kind_of
-from .base import Capabilities, Judge
+from .base import Capabilities, Judge, JudgeConfigError
 from .classifier import ClassifierJudge, ClassifierSettings
 from .clip import ClipJudge, ClipSettings
 from .ensemble import EnsembleJudge, EnsembleSettings
@@ -111,6 +111,12 @@ def load_judge(
         return kind(settings, shared)
     if settings.engine.remote is not None:  # the model runs elsewhere: no engine starts here
         from ..remote import RemoteEngine
+
+        if RUNNERS[settings.kind] not in ("generate", "pooling") or settings.kind == "clip":
+            raise JudgeConfigError(
+                f"judge {settings.name!r}: a {settings.kind} judge cannot be remote (remote judges are "
+                "generative, classifier and followup judges; they take no images)"
+            )
 
         engine = RemoteEngine.start_remote(settings.model, settings.engine, RUNNERS[settings.kind])
         try:
