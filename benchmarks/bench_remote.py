@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -55,6 +56,11 @@ def main() -> None:
         "--enable-prefix-caching", "--scheduling-policy", "priority", "--max-num-batched-tokens", str(step),
     ]  # fmt: skip
     vllm_url = f"http://127.0.0.1:{vllm_port}"
+    # vLLM's server on every core, as referee binds its one in-process engine (cpu_binding spread):
+    # vLLM's own default puts its worker on one core and leaves the rest to its API process.
+    from reward_server.hardware import cpu_bind_for, cpu_info
+
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_for(0, 1, "spread", cpu_info().cores) or "auto"
     config = {
         "judges": [
             {"name": "local", "kind": "generative", "model": "embedded:smollm2", "engine": engine},

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+from prometheus_client import Counter, Gauge
 from transformers import AutoTokenizer
 
 from referee.embedded import resolve_model
@@ -46,6 +47,18 @@ from .engine_types import BackendsUnavailable, Completion
 from .judge_settings import EngineSettings, RemoteSettings
 
 logger = logging.getLogger(__name__)
+
+CALLS = Counter(
+    "referee_remote_calls_total",
+    "Calls to remote judges' servers, by model, backend and outcome (answered, retryable: a failure "
+    "retried or counted against the backend, refused: the request's own 4xx).",
+    ["model", "backend", "outcome"],
+)
+BACKEND_UP = Gauge(
+    "referee_remote_backend_up",
+    "1 while a remote judge's server is in the fleet, 0 while out.",
+    ["model", "backend"],
+)
 
 _RETRYABLE = {408, 425, 429}  # and every 5xx: the server's trouble, not the request's
 
@@ -170,6 +183,8 @@ class RemoteEngine(Engine):
             b.slots = asyncio.Semaphore(remote.max_concurrency)
         for reason in reasons:
             logger.warning("remote judge backend out at start: %s", reason)
+        for b in engine.backends:
+            BACKEND_UP.labels(engine.served_model, b.url).set(1 if b.state == "up" else 0)
         return engine
 
     async def _check(self, b: Backend, runner: str) -> int:
@@ -236,6 +251,7 @@ class RemoteEngine(Engine):
                 ok, why = False, f"health check failed: {exc!r}"
             if ok:
                 b.state, b.failures, b.last_error = "up", 0, None
+                BACKEND_UP.labels(self.served_model, b.url).set(1)
                 logger.info("remote judge backend %s is back", b.url)
             else:
                 b.open_until, b.last_error = time.monotonic() + self.remote.open_s, why
@@ -246,8 +262,10 @@ class RemoteEngine(Engine):
         b.failures += 1
         b.failed += 1
         b.last_error = error
+        CALLS.labels(self.served_model, b.url, "retryable").inc()
         if b.failures >= self.remote.failures_to_open and b.state == "up":
             b.state, b.open_until = "out", time.monotonic() + self.remote.open_s
+            BACKEND_UP.labels(self.served_model, b.url).set(0)
             logger.warning("remote judge backend %s is out for %.0fs: %s", b.url, self.remote.open_s, error)
 
     async def _post(self, path: str, body: dict, tokens: int) -> dict:
@@ -283,9 +301,11 @@ class RemoteEngine(Engine):
                 if r.status_code < 400:
                     b.failures = 0
                     b.answered += 1
+                    CALLS.labels(self.served_model, b.url, "answered").inc()
                     return r.json()
                 text = r.text[:300]
                 if r.status_code not in _RETRYABLE and r.status_code < 500:
+                    CALLS.labels(self.served_model, b.url, "refused").inc()
                     raise BackendRefused(f"the judge's server refused the request ({r.status_code}): {text}")
                 error = f"{b.url}: {r.status_code} {text}"
                 self._failed(b, error)

@@ -195,6 +195,14 @@ def test_all_backends_gone_is_a_503_with_a_reason_and_the_judge_recovers(remote_
             _post(url, "/pairwise", body)
         assert ready.status_code == 503 and ready.json()["error"] == "backend_unavailable"
         assert {b["state"] for b in ready.json()["backends"]["remote"]} == {"out"}
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        for p in proxies:  # what an alert would read
+            assert f'backend="{p.url}"' in metrics
+            line = next(
+                x for x in metrics.splitlines() if x.startswith("referee_remote_backend_up") and p.url in x
+            )
+            assert line.endswith(" 0.0"), line
+        assert "referee_remote_calls_total" in metrics and 'outcome="retryable"' in metrics
         # the in-process judges still answer meanwhile
         assert _post(url, "/pairwise", {**body, "judge": "local"}).status_code == 200
     finally:
