@@ -59,6 +59,13 @@ def tiny_objectives_dir(tmp_path_factory, embedded_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_prm_dir(tmp_path_factory, embedded_dir) -> Path:
+    from tests.model_factory import make_tiny_prm
+
+    return make_tiny_prm(tmp_path_factory.mktemp("models") / "tiny-prm", embedded_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory, embedded_dir) -> Path:
     from tests.model_factory import make_tiny_vlm
 
@@ -88,7 +95,9 @@ def redis_prefix() -> str:
 
 
 @pytest.fixture(scope="session")
-def server_config(tmp_path_factory, tiny_classifier_dir, tiny_objectives_dir, redis_prefix) -> Path:
+def server_config(
+    tmp_path_factory, tiny_classifier_dir, tiny_objectives_dir, tiny_prm_dir, redis_prefix
+) -> Path:
     config = {
         "default_judge": "smollm2",
         "limits": TEST_LIMITS,
@@ -129,6 +138,12 @@ def server_config(tmp_path_factory, tiny_classifier_dir, tiny_objectives_dir, re
             "kind": "classifier",
             "model": str(tiny_objectives_dir),
             "engine": {"dtype": "float32", "max_model_len": 1024, "kv_cache_memory_gib": 0.125},
+        },
+        {
+            "name": "tiny-prm",
+            "kind": "prm",
+            "model": str(tiny_prm_dir),
+            "engine": {"dtype": "float32", "max_model_len": 1024, "kv_cache_memory_gib": 0.0625},
         },
         # no engine of their own: judges above, answering together
         {"name": "panel", "kind": "ensemble", "members": ["smollm2", "tiny-rm"]},

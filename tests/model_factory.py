@@ -42,6 +42,71 @@ def make_tiny_classifier(target: Path, tokenizer_dir: Path, *, seed: int = 0, la
     return target
 
 
+PRM_SEPARATOR = "<extra_0>"  # the step separator token of the Qwen2.5-Math-PRM family
+
+
+def make_tiny_prm(target: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """Save a randomly initialised process reward model to ``target``: vLLM's
+    ``Qwen2ForProcessRewardModel`` (Qwen2.5-Math-PRM's architecture: the Qwen2 body, then a
+    hidden -> hidden -> ReLU -> 2 head on every token), hidden 128, 2 layers, with the SmolLM2
+    tokenizer and its step separator ``<extra_0>`` added as a special token. transformers has no
+    class for it (the hub's models ship their own code), so the weights are the body's and the head's
+    tensors under the names vLLM loads (``model.*``, ``score.0.*``, ``score.2.*``)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
+
+    if (target / "config.json").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": [PRM_SEPARATOR]})
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        num_labels=2,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        architectures=["Qwen2ForProcessRewardModel"],
+    )
+    body = Qwen2Model(config)
+    tensors = {f"model.{k}": v.contiguous() for k, v in body.state_dict().items()}
+    hidden = config.hidden_size
+    tensors["score.0.weight"] = torch.randn(hidden, hidden) * 0.2
+    tensors["score.0.bias"] = torch.randn(hidden) * 0.1
+    tensors["score.2.weight"] = torch.randn(2, hidden) * 0.3  # unit-scale logits: probabilities spread
+    tensors["score.2.bias"] = torch.zeros(2)
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def prm_reference(model_dir: Path, token_ids: list[int]) -> list[list[float]]:
+    """The tiny PRM's per-token label probabilities computed with transformers' Qwen2 body and the
+    head by hand, in float32: what a served PRM must give."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen2Config, Qwen2Model
+
+    config = Qwen2Config.from_pretrained(model_dir)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    body = Qwen2Model(config)
+    body.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    body.eval()
+    with torch.no_grad():
+        hidden = body(torch.tensor([token_ids])).last_hidden_state[0]
+        h = torch.relu(hidden @ tensors["score.0.weight"].T + tensors["score.0.bias"])
+        logits = h @ tensors["score.2.weight"].T + tensors["score.2.bias"]
+        return torch.softmax(logits, dim=-1).tolist()
+
+
 # The attribute heads of multi-objective reward models (HelpSteer2's, which ArmoRM regresses too).
 OBJECTIVES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 

@@ -18,7 +18,7 @@ PairwiseMode = Literal["logprob", "cot"]
 Order = Literal["single", "random", "both"]
 Verdict = Literal["A", "B", "tie", "invalid"]
 InconsistentRule = Literal["tie", "average", "drop"]
-JudgeKind = Literal["classifier", "generative", "clip", "ensemble", "followup"]
+JudgeKind = Literal["classifier", "generative", "clip", "ensemble", "followup", "prm"]
 Transform = Literal["none", "par", "log_sigmoid"]
 
 
@@ -172,6 +172,10 @@ class ScoreItem(_Model):
 
 class ScoreRequest(_JudgeOptions):
     items: list[ScoreItem] = Field(min_length=1)
+    aggregate: Literal["min", "last", "mean", "product"] | None = Field(
+        None,
+        description="Process reward models: the reward from the step scores (default: the judge's, min).",
+    )
     transform: Transform | None = Field(
         None,
         description="Shape each raw reward r against its item's reference r_ref. par: sigmoid(r - "
@@ -209,6 +213,14 @@ class ScoreResult(BaseModel):
     )
     uncertainty: float | None = Field(
         None, description="Ensembles: the members' disagreement (standard deviation of their rewards)."
+    )
+    step_scores: list[float] | None = Field(
+        None, description="Process reward models: each step's score (its positive label's probability)."
+    )
+    step_spans: list[list[int]] | None = Field(
+        None,
+        description="Process reward models: each step's [start, end) character span in the response, "
+        "to place a step's reward on the trainer's own tokens.",
     )
     error: str | None = None
 

@@ -425,6 +425,27 @@ class Engine:
         )
         return final.outputs.data
 
+    async def step_probs(
+        self, token_ids: list[int], step_tag_id: int, *, priority: int = 0, cache_salt: str | None = None
+    ) -> list[list[float]]:
+        """A process reward model's label probabilities at each occurrence of ``step_tag_id`` in
+        the prompt, in order (vLLM's step pooling: the model's own separator id is set per request,
+        whatever its config names)."""
+        from vllm import PoolingParams
+
+        params = PoolingParams(task="token_classify", use_activation=True, step_tag_id=step_tag_id)
+        final = await _last(
+            self._llm.encode(
+                _prompt(token_ids, cache_salt),
+                params,
+                request_id=uuid.uuid4().hex,
+                priority=priority if self._priorities else 0,
+            )
+        )
+        data = final.outputs.data
+        rows = sum(1 for t in token_ids if t == step_tag_id)
+        return [[float(x) for x in row] for row in data.reshape(rows, -1)]
+
     @property
     def output_labels(self) -> list[str] | None:
         """A pooling model's output names in ``classify_all``'s order, from its config's

@@ -49,6 +49,14 @@ OWN_OPTIONS = {
         "sample_temperature": 0.9,
     },
     "followup": {"followups_positive": ["Thanks!"], "followups_negative": ["Wrong."]},
+    "prm": {
+        "step_separator": "<step>",
+        "step_delimiter": "\n",
+        "positive_label": 0,
+        "aggregate": "last",
+        "max_steps": 8,
+        "system_prompt": "Reason step by step.",
+    },
     "ensemble": {
         "members": ["a", "b"],
         "aggregate": "uncertainty",
@@ -93,7 +101,7 @@ def test_every_option_belongs_to_some_kind():
         ("clip", "activation", "sigmoid", "classifier judges"),
         ("generative", "weights", {"a": 1.0}, "classifier judges"),
         ("followup", "min_label_mass", 0.0, "generative judges"),
-        ("ensemble", "engine", {"dtype": "float32"}, "classifier, clip, followup and generative judges"),
+        ("ensemble", "engine", {"dtype": "float32"}, "classifier, clip, followup, generative and prm judges"),
     ],
 )
 def test_an_option_of_another_kind_is_refused_naming_both(kind, option, value, owners):
@@ -138,7 +146,7 @@ def test_what_the_user_sees_from_a_config_file(tmp_path: Path):
         "  judges.0.classifier: judge 'my-classifier': `tie_margin` is an option of ensemble and generative "
         "judges, not of classifier judges. The options of classifier judges: name, kind, model, transform, "
         "engine, activation, weights",
-        "  judges.2: a judge's `kind` is one of classifier, generative, clip, ensemble, followup",
+        "  judges.2: a judge's `kind` is one of classifier, generative, clip, ensemble, followup, prm",
     ]
 
 
@@ -231,7 +239,7 @@ def test_settings_import_no_engine():
 
 
 def test_every_kind_is_registered_once_with_its_judge_and_settings():
-    assert set(REGISTRY) == {"classifier", "clip", "generative", "followup", "ensemble"}
+    assert set(REGISTRY) == {"classifier", "clip", "generative", "followup", "ensemble", "prm"}
     for name, kind in REGISTRY.items():
         assert issubclass(kind.judge, Judge) and issubclass(kind.settings, JudgeSettings)
         assert KINDS[name] is kind.judge and SETTINGS[name] is kind.settings
@@ -241,6 +249,7 @@ def test_every_kind_is_registered_once_with_its_judge_and_settings():
         "clip": "pooling",
         "generative": "generate",
         "followup": "generate",
+        "prm": "pooling",
     }
     assert set(judges.__all__) <= set(dir(judges))
     assert set(get_args(JudgeKind)) == set(REGISTRY)  # what the SDK reads in /judges

@@ -132,6 +132,8 @@ class Rating:
         None  # ensembles: the std of the members' raw rewards; samples: of the ratings
     )
     votes: dict[str, int] | None = None  # samples > 1: how many samples gave each rating (and invalid)
+    step_scores: list[float] | None = None  # process reward models: each step's score
+    step_spans: list[tuple[int, int]] | None = None  # ... and its character span in the response
 
     @property
     def reward(self) -> float | None:

@@ -21,6 +21,7 @@ from .clip import ClipJudge, ClipSettings
 from .ensemble import EnsembleJudge, EnsembleSettings
 from .followup import FollowupJudge, FollowupSettings
 from .generative import GenerativeJudge, GenerativeSettings
+from .prm import PRMJudge, PRMSettings
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ REGISTRY: dict[str, Kind] = {
     "clip": Kind(ClipJudge, ClipSettings),
     "ensemble": Kind(EnsembleJudge, EnsembleSettings),
     "followup": Kind(FollowupJudge, FollowupSettings),
+    "prm": Kind(PRMJudge, PRMSettings),
 }
 for _name, _kind in REGISTRY.items():
     if kind_of(_kind.settings) != _name:
@@ -112,7 +114,7 @@ def load_judge(
     if settings.engine.remote is not None:  # the model runs elsewhere: no engine starts here
         from ..remote import RemoteEngine
 
-        if RUNNERS[settings.kind] not in ("generate", "pooling") or settings.kind == "clip":
+        if RUNNERS[settings.kind] not in ("generate", "pooling") or settings.kind in ("clip", "prm"):
             raise JudgeConfigError(
                 f"judge {settings.name!r}: a {settings.kind} judge cannot be remote (remote judges are "
                 "generative, classifier and followup judges; they take no images)"

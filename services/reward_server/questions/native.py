@@ -54,6 +54,12 @@ class ScoreQuestion(Question):
         return None, 0
 
     def prepare(self, judge: Judge) -> None:
+        if self.request.aggregate is not None and judge.kind != "prm":
+            raise ClientError(
+                400,
+                "bad_request",
+                f"aggregate is for process reward models (kind prm); {judge.name!r} is not",
+            )
         self.transform = _transform(judge, self.request)
         self.opts = _options(judge.rating_options, self.request)
         # Each distinct (prompt, reference) is judged once, however many items share it.
@@ -81,6 +87,8 @@ class ScoreQuestion(Question):
                 objectives=r.objectives,
                 members=r.members,
                 uncertainty=r.uncertainty,
+                step_scores=r.step_scores,
+                step_spans=None if r.step_spans is None else [list(span) for span in r.step_spans],
                 error=r.error,
             )
             if self.transform != "none":
