@@ -92,6 +92,7 @@ def served_judges() -> set[str]:
         "tiny-rm",
         "followup",
         "tiny-objectives",
+        "tiny-prm",
         "panel",
         "panel-pointwise",
         *(["tiny-rm-bf16"] if native_bf16() else []),

@@ -76,12 +76,19 @@ class EchoService:
     fatal = None
 
     def __init__(self, settings=None, **wiring) -> None:
+        from reward_server.health import HealthStore
+        from reward_server.settings import HealthSettings
+
         self.calls = 0
         self.judges = {}
+        self.health = HealthStore(HealthSettings())  # what the app closes at shutdown
         self.asked: list[tuple[str, str, bool]] = []  # (tenant, job, queued) of every question
 
     async def load(self) -> None:
         return None
+
+    def remote_status(self) -> dict:
+        return {}  # no remote judges
 
     def shutdown(self) -> None:
         return None
