@@ -71,7 +71,8 @@ def create_app(settings: ServerSettings | None = None) -> ObservedApp:
             service = JudgeService(settings)
         app.state.service = service
         app.state.idempotency = IdempotencyCache()
-        app.state.gatherer = GroupGatherer()  # groups are shared by every route that gathers
+        # groups are shared by every route that gathers
+        app.state.gatherer = GroupGatherer(max_open=settings.limits.max_open_groups)
         loading = asyncio.create_task(service.load())
         exit_hook = getattr(app.state, "request_exit", None)
         supervisor = app.state.supervisor = Supervisor(service, request_exit=exit_hook)

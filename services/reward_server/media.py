@@ -24,8 +24,9 @@ import hashlib
 import io
 import time
 import warnings
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -416,6 +417,66 @@ async def decode(plan: MediaPlan) -> int:
     for (_, part), key in zip(plan.parts, plan.keys, strict=True):
         part._image = decoded[key].image
     return len(decoded)
+
+
+class PixelBudget:
+    """Decoded pixels held by admitted requests, all together and per tenant.
+
+    ``media.max_request_pixels`` bounds one request; this bounds what every admitted request holds
+    at once (each keeps its decoded images until it is answered), so that many requests at their
+    own budget cannot exhaust the server's memory between them. With several tenants one tenant
+    holds at most ``share`` of the total, so another tenant's images always find room. A request
+    waits for room (first come, first served among those that fit) up to ``timeout_s``."""
+
+    def __init__(self, total: int, share: float | None = None) -> None:
+        self.total, self.share = total, share
+        self.used = 0
+        self.by_tenant: Counter[str] = Counter()
+        self._room = asyncio.Condition()
+
+    def tenant_cap(self) -> int:
+        return self.total if self.share is None else max(1, int(self.total * self.share))
+
+    def _fits(self, pixels: int, tenant: str) -> bool:
+        return self.used + pixels <= self.total and self.by_tenant[tenant] + pixels <= self.tenant_cap()
+
+    @asynccontextmanager
+    async def hold(self, pixels: int, tenant: str, timeout_s: float) -> AsyncIterator[None]:
+        """Hold ``pixels`` for the body of the block. MediaError 413 if they can never fit, 429
+        (``overloaded``) if no room was made within ``timeout_s``."""
+        if pixels <= 0:
+            yield
+            return
+        cap = self.tenant_cap()
+        if pixels > cap:
+            raise MediaError(
+                413,
+                "too_large",
+                f"the request's images are {pixels} pixels, more than one tenant may hold decoded at once "
+                f"({cap}: limits.tenant_share of media.max_decoded_pixels); send fewer or smaller images",
+            )
+        async with self._room:
+            try:
+                await asyncio.wait_for(self._room.wait_for(lambda: self._fits(pixels, tenant)), timeout_s)
+            except TimeoutError:
+                raise MediaError(
+                    429,
+                    "overloaded",
+                    f"no room to decode the request's {pixels} pixels within {timeout_s:g}s "
+                    f"(media.max_decoded_pixels {self.total} held by admitted requests, "
+                    f"{self.by_tenant[tenant]} of them this tenant's); retry later",
+                ) from None
+            self.used += pixels
+            self.by_tenant[tenant] += pixels
+        try:
+            yield
+        finally:
+            async with self._room:
+                self.used -= pixels
+                self.by_tenant[tenant] -= pixels
+                if self.by_tenant[tenant] <= 0:
+                    del self.by_tenant[tenant]
+                self._room.notify_all()
 
 
 async def resolve(

@@ -104,6 +104,10 @@ class JudgeService:
             tenant_share=self.limits.tenant_share,
         )
         self.blobs: media.BlobStore = blobs or media.MemoryBlobStore(settings.media)
+        # Decoded images of all admitted requests together; with tenants, a share per tenant.
+        self.pixels = media.PixelBudget(
+            settings.media.max_decoded_pixels, share=self.limits.tenant_share if settings.auth else None
+        )
         cache = settings.cache
         self.cache = (
             JudgmentCache(
@@ -277,6 +281,18 @@ class JudgeService:
         except media.MediaError as exc:
             raise ClientError(exc.status, exc.code, exc.message) from None
 
+    @asynccontextmanager
+    async def hold_pixels(self, plan: media.MediaPlan | None, tenant: str):
+        """Hold room for the request's decoded images (``media.max_decoded_pixels``) until it is
+        answered; 413 if they could never fit, 429 if no room is made in time."""
+        pixels = plan.pixels if plan is not None else 0
+        try:
+            async with self.pixels.hold(pixels, tenant, self.limits.max_admission_wait_s):
+                yield
+        except media.MediaError as exc:
+            headers = {"Retry-After": "1"} if exc.status == 429 else None
+            raise ClientError(exc.status, exc.code, exc.message, headers) from None
+
     async def decode_media(self, judge: Judge, plan: media.MediaPlan | None) -> int:
         """Decode the checked images (after admission: a request refused costs no decoding)."""
         if plan is None:
@@ -398,7 +414,10 @@ class JudgeService:
         images = await self.check_media(judge, q.contents(), tenant)
         cost = self._cost(q.cost(judge))
         ctx = self.context(q.cache, tenant)
-        async with self.admit(cost, ctx, tenant=tenant, job=job, queued=queued):
+        async with (
+            self.admit(cost, ctx, tenant=tenant, job=job, queued=queued),
+            self.hold_pixels(images, tenant),  # once admitted: a request refused holds no pixels
+        ):
             await self.decode_media(judge, images)
             yield judge, ctx
 

@@ -123,6 +123,12 @@ class Limits(BaseModel):
         "of the open gathered groups one tenant may hold. One half: whatever one tenant sends, the "
         "other half stays free for the others.",
     )
+    max_open_groups: int = Field(
+        10_000,
+        ge=1,
+        description="Gathered win rates (/slime/reward, /get_reward with group_size): groups waiting to "
+        "fill up, all tenants together (429 past it); each tenant holds at most tenant_share of them.",
+    )
     max_gathered_bytes: int = Field(
         256 << 20,
         ge=1024,
@@ -344,6 +350,14 @@ class MediaSettings(BaseModel):
         description="Pixels of one request's distinct images together (413 above), checked from their "
         "headers before anything is decoded: 64 Mi pixels are about 200 MB of RGB.",
     )
+    max_decoded_pixels: int = Field(
+        256 << 20,
+        ge=64,
+        description="Pixels of all admitted requests' decoded images together, held until each request "
+        "is answered (about 768 MB of RGB by default); with several tenants, one tenant holds at most "
+        "limits.tenant_share of it. A request that does not fit waits up to "
+        "limits.max_admission_wait_s, then 429. At least max_request_pixels.",
+    )
     formats: list[Literal["PNG", "JPEG", "WEBP"]] = Field(
         default_factory=lambda: ["PNG", "JPEG", "WEBP"], description="Accepted image formats (422 else)."
     )
@@ -360,6 +374,16 @@ class MediaSettings(BaseModel):
         ge=1 << 20,
         description="One tenant's uploads (bytes) within blob_ttl_s; 413 above.",
     )
+
+    @model_validator(mode="after")
+    def _decoded_holds_one_request(self) -> MediaSettings:
+        if self.max_decoded_pixels < self.max_request_pixels:
+            raise ValueError(
+                f"media.max_decoded_pixels ({self.max_decoded_pixels}) is below media.max_request_pixels "
+                f"({self.max_request_pixels}): a request within its own budget could never be decoded; "
+                "raise max_decoded_pixels or lower max_request_pixels"
+            )
+        return self
 
 
 class CacheSettings(BaseModel):
