@@ -20,6 +20,7 @@ from .client import (
     Unavailable,
     UnknownJudge,
 )
+from .connection import connect
 from .images import blob, image
 from .protocol import (
     ImagePart,
@@ -76,6 +77,7 @@ __all__ = [
     "__version__",
     "blob",
     "bradley_terry",
+    "connect",
     "group_advantages",
     "image",
     "win_rates",

@@ -4,8 +4,9 @@ Every tenant gets a Redis user named after it whose password is its API key. Red
 store a password as ``#<sha256 hex>``, the very hash the tenants file stores (``sha256:<hex>``), so
 the rules come from the tenants file without knowing any key. A tenant's user may:
 
-- read the keys of its own namespace, ``{prefix}:t:{tenant}:*`` (its jobs, request streams,
-  replies, result markers, dead letters), and pop its answers from its reply lists;
+- read the keys of its own namespace, ``{prefix}:{t:<tenant>}:*`` (its jobs, request streams,
+  replies, result markers, dead letters, its copy of the limits), and pop its answers from its reply
+  lists;
 - read, never write, the two keys the consumers publish: ``{prefix}:limits`` and ``{prefix}:judges``;
 - write only what the senders' scripts (``referee.scripts``) write, each command on its own keys
   only (ACL selectors, ``TENANT_WRITES``): ``XADD`` on its request streams, ``ZADD`` on its jobs set,
@@ -75,7 +76,10 @@ SERVER_USER = "referee-server"
 # reports (``QueueReferee.report``; the servers write them), PING; and what the scripts read (HGET, XLEN,
 # ZSCORE, ZCARD, ZREVRANGE, EXISTS, GET: a script's commands are checked against its caller's user).
 # redis-py also sends CLIENT SETINFO on connect: left out on purpose (Redis 7.0 has no such
-# subcommand, so an ACL naming it would not load; redis-py ignores its refusal).
+# subcommand, so an ACL naming it would not load; redis-py ignores its refusal). On Redis Cluster the
+# cluster client asks for the slots' owners (CLUSTER SLOTS, SHARDS or NODES, by version; COMMAND for
+# the commands' key positions) and sends ASKING after an -ASK redirection during a resharding, and
+# READONLY to read from replicas: ``CLUSTER_COMMANDS``, which a single Redis never receives.
 TENANT_COMMANDS = (
     "ping",
     "evalsha",
@@ -89,10 +93,11 @@ TENANT_COMMANDS = (
     "exists",
     "get",
     "hgetall",
+    *("cluster|slots", "cluster|shards", "cluster|nodes", "command", "asking", "readonly"),
 )
 
 # The only writes a tenant's user may make, each on the keys of its namespace named here (after
-# ``{prefix}:t:{tenant}:``) and nowhere else: what the send script (SEND) and the upload script
+# ``{prefix}:{t:<tenant>}:``) and nowhere else: what the send script (SEND) and the upload script
 # (BLOB) write, since Redis checks a script's commands against its caller's rights.
 TENANT_WRITES = (
     ("requests:*", ("xadd",)),  # a message, on its job's stream (SEND)
@@ -149,6 +154,7 @@ SERVER_COMMANDS = (
     "xgroup|create",
     "xgroup|delconsumer",
     "xinfo|consumers",
+    *("cluster|slots", "cluster|shards", "cluster|nodes", "command", "asking", "readonly"),
 )
 
 
@@ -246,9 +252,14 @@ def _parse(line: str) -> tuple[str, list[str]] | None:
 
 def apply_acl(redis_client, rules: list[str], *, include_default: bool = False) -> list[str]:
     """Create or replace (``reset`` first) the user of every ``user`` line of ``rules`` in a running
-    Redis, with a sync redis-py client allowed to run ``ACL SETUSER``. ``user default ...`` lines
-    are skipped unless ``include_default``: switching the default user off from a connection
-    logged in as it is best done deliberately. Returns the names of the users set."""
+    Redis, with a sync redis-py client allowed to run ``ACL SETUSER``; on a Redis Cluster client, on
+    every node, replicas included (Redis does not replicate users, and a promoted replica must know
+    them). ``user default ...`` lines are skipped unless ``include_default``: switching the default
+    user off from a connection logged in as it is best done deliberately. Returns the names of the
+    users set."""
+    from .connection import every_node
+
+    nodes = every_node(redis_client)
     names = []
     for line in rules:
         parsed = _parse(line)
@@ -257,9 +268,17 @@ def apply_acl(redis_client, rules: list[str], *, include_default: bool = False) 
         name, user_rules = parsed
         if name == "default" and not include_default:
             continue
-        redis_client.execute_command("ACL", "SETUSER", name, "reset", *user_rules)
+        for node in nodes:
+            node.execute_command("ACL", "SETUSER", name, "reset", *user_rules)
         names.append(name)
+    _close_others(nodes, redis_client)
     return names
+
+
+def _close_others(nodes: list, client) -> None:
+    for node in nodes:
+        if node is not client:
+            node.close()
 
 
 def remove_users(redis_client, names: Iterable[str]) -> int:
@@ -267,4 +286,9 @@ def remove_users(redis_client, names: Iterable[str]) -> int:
     names = [n for n in names if n != "default"]
     if not names:
         return 0
-    return int(redis_client.execute_command("ACL", "DELUSER", *names))
+    from .connection import every_node
+
+    nodes = every_node(redis_client)
+    gone = max(int(node.execute_command("ACL", "DELUSER", *names)) for node in nodes)  # on every node
+    _close_others(nodes, redis_client)
+    return gone

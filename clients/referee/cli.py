@@ -499,7 +499,8 @@ def redis_acl(
             "--apply",
             metavar="REDIS_URL",
             show_default=False,
-            help="Apply the users to this Redis (ACL SETUSER) instead of printing the file.",
+            help="Apply the users to this Redis (ACL SETUSER) instead of printing the file; a "
+            "redis+cluster:// URL applies them on every node of the cluster.",
         ),
     ] = None,
     keep_default_user: Annotated[
@@ -542,8 +543,9 @@ def redis_acl(
         import redis
 
         from .client import redact
+        from .connection import connect
 
-        client = redis.Redis.from_url(apply)
+        client = connect(apply, sync=True)  # a cluster URL: the users go to every node
         default = [r for r in rules if r.split()[:2] == ["user", "default"]]
         try:
             users = apply_acl(client, [r for r in rules if r not in default])

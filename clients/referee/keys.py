@@ -1,10 +1,19 @@
 """Every Redis key and stream name referee uses, in one place.
 
-Each tenant has a namespace of its own, ``{prefix}:t:{tenant}:``, holding its jobs, their request
-streams, its replies and result markers and its dead letters; a tenant's Redis ACL user may touch
-that namespace and nothing else (``referee.acl``), and read the two shared keys the consumers
-publish (``{prefix}:limits``, ``{prefix}:judges``). A server without tenants serves the open
-tenant, ``anonymous``.
+Each tenant has a namespace of its own, ``{prefix}:{t:<tenant>}:``, holding its jobs, their request
+streams, its replies and result markers, its dead letters and its copy of the limits; a tenant's
+Redis ACL user may touch that namespace and nothing else (``referee.acl``), and read the two shared
+keys the consumers publish (``{prefix}:limits``, ``{prefix}:judges``). A server without tenants
+serves the open tenant, ``anonymous``.
+
+Key layout 2 (``KEY_LAYOUT``): the ``{t:<tenant>}`` part is a Redis Cluster hash tag, so every key of
+a tenant lives in one hash slot and every script (which touches one tenant's keys) stays single-slot
+on a cluster. The prefix is never in braces (it cannot be: ``PREFIX_PATTERN``), or every tenant
+would share one slot. The shared keys are in slots of their own: scripts never touch them, they read
+the tenant's copy of the limits (``tenant_limits``), which the consumers publish beside the shared
+hash. Layout 1 (before) was ``{prefix}:t:<tenant>:``; the consumers publish their layout in the
+limits (``key_layout``) and ``QueueReferee`` refuses a server on another one (docs/queue.md,
+"Upgrading the key layout").
 
 One request stream per training job keeps jobs apart, so consumers can serve them in turn; replies
 go to a per-request list the sender blocks on, with a result key that makes answers idempotent.
@@ -23,6 +32,8 @@ from .auth import OPEN_TENANT, valid_tenant
 from .defaults import DEFAULT_PREFIX
 
 CONSUMER_GROUP = "judges"
+# The layout of the key names below: published in the limits hash (``key_layout``), checked by senders.
+KEY_LAYOUT = 2
 # Job and request ids: no ':' (a key separator) and no glob characters ('*?[]\', ACL patterns).
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 # A prefix is the start of every key name and of the ACL patterns: no glob characters or spaces.
@@ -65,8 +76,14 @@ class Keys:
 
     @property
     def namespace(self) -> str:
-        """Every key of this tenant starts with this (``{prefix}:t:{tenant}:``)."""
-        return f"{self.prefix}:t:{self.tenant}:"
+        """Every key of this tenant starts with this (``{prefix}:{t:<tenant>}:``): the braces make
+        ``t:<tenant>`` the hash tag, so all of a tenant's keys share one Redis Cluster slot."""
+        return f"{self.prefix}:{self.hash_tag}:"
+
+    @property
+    def hash_tag(self) -> str:
+        """The part of every key of this tenant that Redis Cluster hashes: ``{t:<tenant>}``."""
+        return "{t:" + self.tenant + "}"
 
     @property
     def pattern(self) -> str:
@@ -126,6 +143,13 @@ class Keys:
         """Sorted set of the jobs with a health hash, scored by the last answer (servers write it)."""
         return f"{self.namespace}health-jobs"
 
+    @property
+    def tenant_limits(self) -> str:
+        """This tenant's copy of the limits hash (the fields of ``limits`` that concern it; the
+        consumers publish it for every tenant they serve): what the senders' scripts read, since a
+        script on Redis Cluster may only touch keys of one slot, its tenant's. Read-only to tenants."""
+        return f"{self.namespace}limits"
+
     def job_from_stream(self, stream: str) -> str:
         return stream.removeprefix(self.streams_prefix)
 
@@ -144,6 +168,19 @@ class Keys:
     def judges(self) -> str:
         """The judges the consumers serve (JSON of ``JudgesResponse``, refreshed, expires)."""
         return f"{self.prefix}:judges"
+
+    @property
+    def tenants_pattern(self) -> str:
+        """The glob pattern of every tenant's keys under this prefix (the consumers' sweep)."""
+        return f"{self.prefix}:{{t:*"
+
+    def tenant_of_key(self, key: str) -> str | None:
+        """The tenant whose namespace ``key`` is in, or None."""
+        start = f"{self.prefix}:{{t:"
+        if not key.startswith(start):
+            return None
+        tenant, sep, _ = key[len(start) :].partition("}:")
+        return tenant if sep and valid_tenant(tenant) else None
 
     @property
     def shared_keys(self) -> tuple[str, str]:

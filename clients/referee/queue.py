@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
@@ -61,12 +62,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .auth import ENV_KEY, OPEN_TENANT, key_from_env, tenant_of
 from .client import APIError, BacklogFull, QueueUnavailable, RefereeTimeout, _build, api_error, redact
+from .connection import connect
 from .defaults import DEFAULT_REDIS_URL
 from .health import DEFAULT_WINDOW_S as HEALTH_WINDOW_S
 from .health import DEFAULT_WINDOWS as HEALTH_WINDOWS
 from .health import HealthReport, Tally, build_report, parse_fields
 from .images import image_bytes
-from .keys import DEFAULT_PREFIX, Keys, check_id
+from .keys import DEFAULT_PREFIX, KEY_LAYOUT, Keys, check_id
 from .protocol import (
     RESPONSE_MODELS,
     ImagePart,
@@ -159,7 +161,7 @@ class QueueReferee:
         job_id: str,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = 600.0,
-        redis: Redis | None = None,
+        redis: Redis | RedisCluster | None = None,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
         lost_check_s: float = 10.0,
         api_key: str | None = None,
@@ -182,7 +184,8 @@ class QueueReferee:
         self.timeout = timeout
         self.max_backlog = max_backlog
         self.lost_check_s = lost_check_s
-        self._redis = redis or Redis.from_url(
+        login = {"username": self.tenant, "password": api_key} if api_key is not None else {}
+        self._redis = redis or connect(
             url or redis_url(),
             decode_responses=True,
             socket_timeout=_POLL_S + 5,
@@ -191,9 +194,9 @@ class QueueReferee:
             # Every call waiting for its answer holds a connection (BLPOP): redis-py 8 caps a pool at
             # 100 by default, and the 101st concurrent call failed with "Too many connections".
             max_connections=_MAX_CONNECTIONS,
+            **login,  # the key wins over a login in the URL
         )
-        if redis is None and api_key is not None:  # the key wins over a login in the URL
-            self._redis.connection_pool.connection_kwargs.update(username=self.tenant, password=api_key)
+        self._layout_checked = False  # the consumers' key layout, checked before the first send
         # Only the open tenant's user may be allowed SCRIPT LOAD; a tenant's never is (referee.acl).
         self._may_load: bool = self.open
         self._sent: dict[str, tuple[str, str]] = {}  # request id -> (entry id, message JSON), unanswered
@@ -284,7 +287,9 @@ class QueueReferee:
         deadline, failures, loaded = time.time() + self.timeout, 0, False
         while True:
             try:
-                code, *rest = await self._redis.evalsha(BLOB_SHA, len(keys), *keys, raw, self.keys.limits)
+                code, *rest = await self._redis.evalsha(
+                    BLOB_SHA, len(keys), *keys, raw, self.keys.tenant_limits
+                )
                 break
             except RedisError as exc:
                 if (refused := self._refused(exc, "uploading an image")) is not None:
@@ -345,11 +350,46 @@ class QueueReferee:
             return False  # a connection error: the send loop retries
         return (loaded.decode() if isinstance(loaded, bytes) else loaded) == SEND_SHA
 
+    async def _check_layout(self) -> None:
+        """Before the first send: refuse consumers that serve no tenants when this client has a key
+        (``auth`` 0: they would never read its streams), and consumers that name their keys otherwise
+        (``key_layout`` in the shared limits; consumers from before layout 2 publish none). Nothing
+        published (no consumer yet): nothing to compare, checked again at the next send. A Redis
+        error other than a refusal leaves the check to the next try: the send meets it too."""
+        try:
+            auth = await self._redis.hget(self.keys.limits, "auth")
+            layout = await self._redis.hget(self.keys.limits, "key_layout")
+        except RedisError as exc:
+            if _refusal(exc) is not None:
+                raise
+            return
+        if auth is None and layout is None:
+            return
+        if not self.open and auth == "0":
+            raise api_error(
+                401,
+                "unauthorized",
+                f"the judges on this Redis prefix run without tenants and would never read tenant "
+                f"{self.tenant!r}'s streams: drop the API key (api_key=, ${ENV_KEY}) for this server",
+            )
+        if layout != str(KEY_LAYOUT):
+            raise api_error(
+                409,
+                "key_layout",
+                f"the judges on this Redis prefix ({self.keys.prefix!r}) name their keys with key layout "
+                f"{layout or 1}, this client with layout {KEY_LAYOUT}: its messages would never be read. "
+                "Use the referee version the server runs, or upgrade the server (docs/queue.md, "
+                "'Upgrading the key layout')",
+            )
+        self._layout_checked = True
+
     async def _append(self, raw: str, request_id: str, deadline: float) -> str:
         failures, loaded = 0, False
         keys = [self.keys.stream(self.job_id), self.keys.jobs]
         while True:
             try:
+                if not self._layout_checked:
+                    await self._check_layout()
                 added = await self._redis.evalsha(
                     SEND_SHA,
                     len(keys),
@@ -361,7 +401,7 @@ class QueueReferee:
                     self.tenant,
                     1 if self.open else 0,
                     self.keys.streams_prefix,
-                    self.keys.limits,
+                    self.keys.tenant_limits,  # in the tenant's slot, as a script on a cluster needs
                 )
                 break
             except RedisError as exc:

@@ -37,8 +37,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
 # counts waiting and in-flight messages: consumers delete what they acknowledge. Returns {1, entry
 # id} when sent. The entry has one field, msg: consumers dead-letter any other shape unread.
 # KEYS: stream, jobs. ARGV: message, sender's cap, job id, now, tenant, open (1: no key), the
-# tenant's stream names' prefix, the limits hash. The limits hash is an argument, not a declared key:
-# Redis' ACL checks a script's declared keys for writing, and tenants may only read it.
+# tenant's stream names' prefix, the tenant's copy of the limits hash (``Keys.tenant_limits``). The
+# limits hash is an argument, not a declared key: Redis' ACL checks a script's declared keys for
+# writing, and tenants may only read it. Every key the script touches is in the tenant's hash slot
+# (``{t:<tenant>}``), as Redis Cluster requires of a script; the shared limits hash is not, which is
+# why the script reads the tenant's copy.
 SEND = """
 local limits = ARGV[8]
 local auth = redis.call('HGET', limits, 'auth')
@@ -90,8 +93,8 @@ return {1, id}
 # with its newest upload or renewal, never before a blob it counted: it over-counts (never
 # under-counts) what is kept, so a tenant's kept uploads never exceed tenant_blob_bytes (what the
 # consumers enforce on uploads made by hand).
-# KEYS: blob, the tenant's byte counter. ARGV: the bytes, the limits hash (read-only to tenants, so
-# an argument rather than a declared key, as in SEND).
+# KEYS: blob, the tenant's byte counter. ARGV: the bytes, the tenant's copy of the limits hash
+# (read-only to tenants, so an argument rather than a declared key, as in SEND; in the tenant's slot).
 BLOB = """
 local ttl = tonumber(redis.call('HGET', ARGV[2], 'blob_ttl_ms'))
 local cap = tonumber(redis.call('HGET', ARGV[2], 'max_image_bytes'))

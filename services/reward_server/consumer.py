@@ -73,7 +73,8 @@ from redis.exceptions import NoPermissionError, NoScriptError, OutOfMemoryError,
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from referee.auth import OPEN_TENANT
-from referee.keys import CONSUMER_GROUP, Keys, valid_id
+from referee.connection import connect, is_cluster, key_slot
+from referee.keys import CONSUMER_GROUP, KEY_LAYOUT, Keys, valid_id
 from referee.protocol import REQUEST_MODELS, SCHEMA_VERSION, ErrorResponse, QueueMessage, QueueReply
 from referee.scripts import TENANT_SCRIPTS, sha1
 
@@ -95,6 +96,13 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
   return 1
 end
 return 0
+"""
+
+# Acknowledge a message and delete it from its stream (the answer is the record; the stream stays
+# short), at once: one key, so one slot on a cluster (where a MULTI pipeline is not to be had).
+_ACK = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
 """
 
 # Forget a job silent since before ARGV[2] whose stream is empty (a send in between renews it).
@@ -255,7 +263,7 @@ class QueueConsumer:
         self.tenants = [t.name for t in configured] or [OPEN_TENANT]
         self.tenant_keys = {t: Keys(settings.prefix, t) for t in self.tenants}
         self.name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
-        self.redis = redis or Redis.from_url(
+        self.redis = redis or connect(
             settings.url,
             decode_responses=True,
             socket_timeout=settings.socket_timeout_s + settings.block_ms / 1000,
@@ -264,7 +272,9 @@ class QueueConsumer:
             # clients retry nothing by default); a Redis that stays down raises to run().
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
         )
+        self.cluster = is_cluster(self.redis)  # reads of several tenants' streams go slot by slot
         self._reply_once = self.redis.register_script(_REPLY_ONCE)
+        self._ack_script = self.redis.register_script(_ACK)
         self._drop_idle_job = self.redis.register_script(_DROP_IDLE_JOB)
         self._drop_unlisted = self.redis.register_script(_DROP_UNLISTED)
         self._may_check_scripts = True  # SCRIPT EXISTS allowed (else SCRIPT LOAD every check)
@@ -542,8 +552,7 @@ class QueueConsumer:
         whose group is gone makes the consumer look for its jobs again; one that is no longer a
         stream is skipped."""
         s = self.settings
-        keys_and_args = [
-            *streams,
+        args = [
             CONSUMER_GROUP,
             self.name,
             count,
@@ -553,16 +562,32 @@ class QueueConsumer:
             idle_ms or 0,
         ]
 
-        async def run():
+        async def run(group: list[str]):
             return await self.redis.execute_command(
-                "EVALSHA", _READ_SHA, len(streams), *keys_and_args, **{NEVER_DECODE: True}
+                "EVALSHA", _READ_SHA, len(group), *group, *args, **{NEVER_DECODE: True}
             )
 
-        try:
-            reply = await run()
-        except NoScriptError:
-            await self.redis.script_load(_READ)
-            reply = await run()
+        async def read(group: list[str]):
+            try:
+                return await run(group)
+            except NoScriptError:
+                await self.redis.script_load(_READ)
+                return await run(group)
+
+        if self.cluster:  # a script's keys must share a slot: one read per tenant (hash tag)
+            by_slot: dict[int, list[str]] = defaultdict(list)
+            for stream in streams:
+                by_slot[key_slot(stream)].append(stream)
+            groups = list(by_slot.values())
+            replies = await asyncio.gather(*(read(group) for group in groups))
+            found = {
+                st: r
+                for group, rs in zip(groups, replies, strict=True)
+                for st, r in zip(group, rs, strict=True)
+            }
+            reply = [found[stream] for stream in streams]
+        else:
+            reply = await read(streams)
         batches: dict[str, list[_Entry]] = {}
         regroup = False
         for stream, result in zip(streams, reply, strict=True):
@@ -761,10 +786,7 @@ class QueueConsumer:
                 await asyncio.sleep(delay)
 
     async def _ack(self, stream: str, entry_id: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, CONSUMER_GROUP, entry_id)
-            pipe.xdel(stream, entry_id)  # the answer is the record; keep the stream short
-            await pipe.execute()
+        await self._ack_script(keys=[stream], args=[CONSUMER_GROUP, entry_id])
 
     async def _dead_letter(self, at: _Where, raw: str, error: str, deliveries: int, msg, status: int) -> None:
         """Record a message that cannot be judged in its tenant's dead-letter stream and answer its
@@ -853,27 +875,33 @@ class QueueConsumer:
         """Publish the judges and the senders' limits: ``max_message_bytes``, ``max_backlog`` (per
         job), ``auth`` (1: keys required), the upload limits and ``max_queued:<tenant>`` for tenants
         that have one."""
+        shared = {
+            "key_layout": KEY_LAYOUT,
+            "max_message_bytes": self.settings.max_message_bytes,
+            "max_backlog": self.settings.max_backlog,
+            "max_jobs": self.settings.max_jobs_per_tenant,
+            "auth": 1 if self.auth else 0,
+            **health_limits(self.service),
+            **blob_limits(self.service),
+        }
+        capped = {f"max_queued:{n}": t.max_queued for n, t in self.tenant_settings.items() if t.max_queued}
+        uncapped = [f"max_queued:{n}" for n, t in self.tenant_settings.items() if not t.max_queued]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.judges, self.service.describe().model_dump_json(), ex=60)
-            pipe.hset(
-                self.keys.limits,
-                mapping={
-                    "max_message_bytes": self.settings.max_message_bytes,
-                    "max_backlog": self.settings.max_backlog,
-                    "max_jobs": self.settings.max_jobs_per_tenant,
-                    "auth": 1 if self.auth else 0,
-                    **health_limits(self.service),
-                    **blob_limits(self.service),
-                },
-            )
-            capped = {
-                f"max_queued:{n}": t.max_queued for n, t in self.tenant_settings.items() if t.max_queued
-            }
-            if capped:
-                pipe.hset(self.keys.limits, mapping=capped)
-            uncapped = [f"max_queued:{n}" for n, t in self.tenant_settings.items() if not t.max_queued]
+            pipe.hset(self.keys.limits, mapping={**shared, **capped})
             if uncapped:  # a cap removed from the settings
                 pipe.hdel(self.keys.limits, *uncapped)
+            # Each tenant's copy, in its own slot, for the senders' scripts (a script on a cluster
+            # cannot read the shared hash); the open tenant's too, so that a keyless sender is told
+            # keys are required.
+            for tenant in dict.fromkeys([*self.tenants, OPEN_TENANT]):
+                own = self.tenant_keys.get(tenant) or Keys(self.settings.prefix, tenant)
+                field = f"max_queued:{tenant}"
+                pipe.hset(
+                    own.tenant_limits, mapping={**shared, **{k: v for k, v in capped.items() if k == field}}
+                )
+                if field not in capped:
+                    pipe.hdel(own.tenant_limits, field)
             await pipe.execute()
 
     async def _refresh_jobs(self) -> None:
@@ -1034,17 +1062,19 @@ class QueueConsumer:
         if not self._may_sweep:
             return
         limits = blob_limits(self.service)
-        base = f"{self.settings.prefix}:t:"
         uploads: dict[str, list[tuple[int, int, str]]] = defaultdict(list)  # tenant -> (TTL, size, key)
         seen: set[str] = set()
         removed: dict[tuple[str, str], int] = defaultdict(int)  # (tenant, why) -> keys removed
-        cursor = 0
         try:
-            while True:
-                cursor, names = await self.redis.scan(cursor, match=f"{base}*", count=_SWEEP_COUNT)
-                await self._sweep_keys(names, base, limits, uploads, seen, removed)
-                if int(cursor) == 0:
-                    break
+            # Every primary's keys on a cluster (redis-py's cluster scan_iter goes node by node).
+            batch = []
+            async for name in self.redis.scan_iter(match=self.keys.tenants_pattern, count=_SWEEP_COUNT):
+                batch.append(name)
+                if len(batch) >= _SWEEP_COUNT:
+                    await self._sweep_keys(batch, limits, uploads, seen, removed)
+                    batch = []
+            if batch:
+                await self._sweep_keys(batch, limits, uploads, seen, removed)
         except NoPermissionError as exc:
             self._may_sweep = False
             logger.warning(
@@ -1072,13 +1102,14 @@ class QueueConsumer:
         self._streams_seen = seen
         self.sweeps += 1
 
-    async def _sweep_keys(self, names, base: str, limits: dict, uploads, seen: set[str], removed) -> None:
+    async def _sweep_keys(self, names, limits: dict, uploads, seen: set[str], removed) -> None:
         """One ``SCAN`` batch of ``_sweep``."""
         ttl_ms, max_blob = limits["blob_ttl_ms"], limits["max_image_bytes"]
         found = []
         for name in names:
-            tenant, _, rest = name[len(base) :].partition(":")
-            keys = self.tenant_keys.get(tenant)
+            tenant = self.keys.tenant_of_key(name)
+            keys = self.tenant_keys.get(tenant) if tenant is not None else None
+            rest = name[len(keys.namespace) :] if keys is not None else ""
             kind = next((k for k, (named, _) in _SWEPT.items() if _named(rest, named)), None)
             if keys is not None and kind is not None:
                 found.append((kind, keys, name))

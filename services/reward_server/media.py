@@ -222,7 +222,7 @@ return {1, redis.call('GET', KEYS[1])}
 
 class RedisBlobStore:
     """Blobs in Redis (the queue is on): shared by every replica and by queued jobs, under the
-    tenant's namespace (``{prefix}:t:{tenant}:blob:<hex>``), expiring ``blob_ttl_s`` after their
+    tenant's namespace (``{prefix}:{t:<tenant>}:blob:<hex>``), expiring ``blob_ttl_s`` after their
     last upload. A tenant's uploads within the TTL are counted in ``...:blob-bytes``."""
 
     def __init__(self, redis, prefix: str, settings: MediaSettings) -> None:
@@ -240,7 +240,9 @@ class RedisBlobStore:
     async def put(self, tenant: str, raw: bytes) -> float:
         keys = self._ns(tenant)
         digest = blob_id(raw).removeprefix("sha256:")
-        code, *rest = await self._blob(keys=[keys.blob(digest), keys.blob_bytes], args=[raw, keys.limits])
+        code, *rest = await self._blob(
+            keys=[keys.blob(digest), keys.blob_bytes], args=[raw, keys.tenant_limits]
+        )
         if int(code) == 4:
             raise MediaError(
                 503, "unavailable", "the queue's consumer has not published its limits yet; retry"
@@ -282,9 +284,9 @@ def blob_limits(service) -> dict[str, int]:
 
 def blob_redis(queue_settings):
     """A Redis client for blob bytes (binary: the queue's own clients decode replies as text)."""
-    from redis.asyncio import Redis
+    from referee.connection import connect
 
-    return Redis.from_url(
+    return connect(
         queue_settings.url,
         decode_responses=False,
         socket_timeout=queue_settings.socket_timeout_s,

@@ -19,6 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from referee import (
+    APIError,
     BacklogFull,
     Overloaded,
     QueueUnavailable,
@@ -324,6 +325,27 @@ async def test_queue_referee_sets_the_deadline_from_its_timeout(prefix):
 
 
 # ---------------------------------------------------------------- 4. bounded Redis
+
+
+async def test_a_sender_refuses_judges_on_another_key_layout(prefix):
+    """Consumers from before key layout 2 publish limits without ``key_layout``: a sender of layout 2
+    would queue where they never read, so it refuses with a message that names both layouts, unsent."""
+    r = Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        await r.hset(f"{prefix}:limits", mapping={"auth": 0, "max_backlog": 100})  # as layout 1 did
+        async with QueueReferee(REDIS_URL, job_id="j", prefix=prefix, timeout=5) as q:
+            with pytest.raises(APIError, match="key layout 1, this client with layout 2") as err:
+                await q.score(items=ITEMS)
+            assert err.value.status == 409 and err.value.code == "key_layout"
+        assert not await r.exists(Keys(prefix).stream("j"), Keys(prefix).jobs)  # nothing queued
+        await r.hset(f"{prefix}:limits", "key_layout", 2)
+        async with (
+            consuming(EchoService(), QueueSettings(url=REDIS_URL, prefix=prefix, **FAST)),
+            QueueReferee(REDIS_URL, job_id="j", prefix=prefix, timeout=20) as q,
+        ):
+            assert (await q.score(items=ITEMS)).results[0].score == 1
+    finally:
+        await r.aclose()
 
 
 async def test_a_job_beyond_its_backlog_cap_gets_backlog_full(prefix):

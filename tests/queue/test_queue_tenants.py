@@ -79,15 +79,15 @@ def test_rules_give_each_tenant_its_own_namespace_and_nothing_else():
     a = root.split()
     assert a[:3] == ["user", "team-a", "on"] and "resetchannels" in a
     assert f"#{hash_key(key_a).removeprefix('sha256:')}" in a and f"#{hash_key(key_a2)[7:]}" in a
-    assert [t for t in a if "~" in t] == ["~rp:t:team-a:*", "%R~rp:limits", "%R~rp:judges"]
+    assert [t for t in a if "~" in t] == ["~rp:{t:team-a}:*", "%R~rp:limits", "%R~rp:judges"]
     assert a.index("-@all") < a.index("+evalsha") and "+@all" not in a and "+eval" not in a
     assert {t[1:] for t in a if t.startswith("+")} == set(TENANT_COMMANDS)
     # Writes: each command on the keys the senders' scripts write it to, nowhere else.
     assert selectors == [
-        "~rp:t:team-a:requests:* +xadd)",
-        "~rp:t:team-a:jobs +zadd)",
-        "~rp:t:team-a:blob:* +set +pexpire)",
-        "~rp:t:team-a:blob-bytes +incrby +pexpire)",
+        "~rp:{t:team-a}:requests:* +xadd)",
+        "~rp:{t:team-a}:jobs +zadd)",
+        "~rp:{t:team-a}:blob:* +set +pexpire)",
+        "~rp:{t:team-a}:blob-bytes +incrby +pexpire)",
     ]
     assert not {"xadd", "zadd", "set", "incrby", "pexpire", "del", "rpush"} & set(TENANT_COMMANDS)
     # Scripts: EVALSHA of cached scripts only; nothing that loads or runs a script of its own.
@@ -112,13 +112,13 @@ def test_rules_give_each_tenant_its_own_namespace_and_nothing_else():
 
 def test_keys_stay_in_their_namespace():
     keys = Keys("p", "team-a")
-    assert keys.stream("job-1") == "p:t:team-a:requests:job-1"
-    assert keys.reply("job-1", "r1") == "p:t:team-a:reply:job-1:r1"
-    assert keys.result("job-1", "r1") == "p:t:team-a:result:job-1:r1"
-    assert keys.dead_letter == "p:t:team-a:dead-letter" and keys.jobs == "p:t:team-a:jobs"
+    assert keys.stream("job-1") == "p:{t:team-a}:requests:job-1"
+    assert keys.reply("job-1", "r1") == "p:{t:team-a}:reply:job-1:r1"
+    assert keys.result("job-1", "r1") == "p:{t:team-a}:result:job-1:r1"
+    assert keys.dead_letter == "p:{t:team-a}:dead-letter" and keys.jobs == "p:{t:team-a}:jobs"
     assert keys.limits == "p:limits" and keys.judges == "p:judges"
     assert keys.job_from_stream(keys.stream("job-1")) == "job-1"
-    assert Keys().stream("j") == "referee:t:anonymous:requests:j"
+    assert Keys().stream("j") == "referee:{t:anonymous}:requests:j"
     for bad in ("a:b", "*", "a?", "[x]", "", "x" * 129, "a b"):
         with pytest.raises(ValueError):
             keys.reply("job-1", bad)
@@ -311,7 +311,7 @@ def test_a_tenant_cannot_load_or_run_scripts_of_its_own(acl_world):
         # The send script (cached by the fixture, as a consumer does) runs as the tenant.
         added = a.evalsha(
             SEND_SHA, 2, ka.stream("j"), ka.jobs, "{}", 5, "j", time.time(), w.names["a"], 0,
-            ka.streams_prefix, ka.limits,
+            ka.streams_prefix, ka.tenant_limits,
         )  # fmt: skip
         assert added[0] == 1 and a.xlen(ka.stream("j")) == 1
     finally:
@@ -332,9 +332,10 @@ async def test_queue_referee_maps_redis_refusals_to_401_and_403(acl_world, monke
     wrong = f"rk.{w.names['a']}.not-the-key"
     async with QueueReferee(REDIS_URL, job_id="j", prefix=w.prefix, api_key=wrong, timeout=30) as q:
         sends = Tries(monkeypatch, q._redis, "evalsha")
+        checks = Tries(monkeypatch, q._redis, "hget")  # the key layout check before a first send
         with pytest.raises(AuthenticationError) as err:
             await q.send("score", request)
-        assert sends.count == 1  # refused at once, not retried until the timeout
+        assert sends.count + checks.count == 1  # refused at once, not retried until the timeout
         assert err.value.status == 401 and "not-the-key" not in str(err.value)
     # B's key presented as user A (tenant= overrides the key's own): refused too.
     async with QueueReferee(
@@ -346,7 +347,7 @@ async def test_queue_referee_maps_redis_refusals_to_401_and_403(acl_world, monke
     async with QueueReferee(REDIS_URL, job_id="j", prefix="elsewhere", api_key=w.keys["a"], timeout=30) as q:
         with pytest.raises(PermissionDenied) as err:
             await q.send("score", request)
-        assert err.value.status == 403 and "elsewhere:t:" in err.value.message
+        assert err.value.status == 403 and "elsewhere:{t:" in err.value.message
         with pytest.raises(PermissionDenied):
             await q.judges()
     with pytest.raises(ValueError, match="tenant="):
@@ -476,7 +477,8 @@ async def test_a_tenant_is_refused_a_job_past_max_jobs_and_lists_of_jobs_stay_bo
     w = acl_world
     async with consuming(w, TenantEcho(w.tenants)):
         pass  # announces the limits
-    w.admin.hset(f"{w.prefix}:limits", "max_jobs", 2)  # as a consumer with max_jobs_per_tenant 2 would
+    # as a consumer with max_jobs_per_tenant 2 would (the send script reads the tenant's copy)
+    w.admin.hset(Keys(w.prefix, w.names["a"]).tenant_limits, "max_jobs", 2)
     request = ScoreRequest(items=_items("r"))
     async with (
         QueueReferee(REDIS_URL, job_id="j1", prefix=w.prefix, api_key=w.keys["a"]) as j1,
@@ -832,13 +834,14 @@ async def test_a_sender_is_refused_a_message_over_the_published_limit_before_sen
         raw = _message("k", uuid.uuid4().hex, "x" * LIMIT)
         added = a.evalsha(
             SEND_SHA, 2, ka.stream("k"), ka.jobs, raw, 5, "k", time.time(), w.names["a"], 0,
-            ka.streams_prefix, ka.limits,
+            ka.streams_prefix, ka.tenant_limits,
         )  # fmt: skip
         assert added == [6, len(raw.encode()), LIMIT] and not a.exists(ka.stream("k"))
     finally:
         a.close()
     # A limit raised since: the client reads it again rather than refusing on its old value.
-    w.admin.hset(f"{w.prefix}:limits", "max_message_bytes", 4 * LIMIT)
+    for limits in (f"{w.prefix}:limits", ka.tenant_limits):  # as a consumer publishes it: both
+        w.admin.hset(limits, "max_message_bytes", 4 * LIMIT)
     async with QueueReferee(REDIS_URL, job_id="j", prefix=w.prefix, api_key=w.keys["a"]) as q:
         await q.send("score", ScoreRequest(items=_items("x" * (LIMIT // 2))))
         await q.send("score", ScoreRequest(items=_items("x" * (2 * LIMIT))))
