@@ -32,7 +32,7 @@ from referee.acl import acl_rules, apply_acl, remove_users
 from referee.auth import hash_key, new_key
 from referee.keys import Keys
 from referee.queue import QueueReferee
-from referee.scripts import SEND_SHA
+from referee.scripts import SEND_SHA, TENANT_SCRIPTS
 from reward_server.consumer import QueueConsumer
 from reward_server.settings import QueueSettings, TenantSettings
 from tests.queue.test_queue_tenants import TenantEcho
@@ -119,7 +119,8 @@ class OwnCluster:
         def ok() -> bool:
             for port in self.ports:
                 info = self.node(port).execute_command("CLUSTER", "INFO")
-                if "cluster_state:ok" not in info:
+                state = info.get("cluster_state") if isinstance(info, dict) else None
+                if state != "ok" and "cluster_state:ok" not in str(info):
                     return False
                 nodes = self.node(port).execute_command("CLUSTER", "NODES")
                 if isinstance(nodes, dict):
@@ -478,3 +479,166 @@ async def test_every_request_is_answered_once_through_a_failover(world):
         assert (await q.score(items=_items("after"))).results[0].score == 5
     assert w.cluster.owner(keys.jobs)[0] == replicas[0] and primary not in w.cluster.primary_ports()
     w.cluster.wait_ok()
+
+
+# ---------------------------------------------------------------- a primary and its replica
+
+
+class Endpoint:
+    """A TCP endpoint in front of one Redis, as a managed Redis' name is: ``point_to`` moves it to
+    another server and drops every connection through it, as a failover does."""
+
+    def __init__(self, port: int) -> None:
+        self.target, self.server, self.pipes = port, None, set()
+        self.port = _free_ports(1)[0]
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        pair = (writer, up_writer)
+        self.pipes.add(pair)
+
+        async def pump(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self.pipes.discard(pair)
+
+    def point_to(self, port: int) -> None:
+        self.target = port
+        for pair in list(self.pipes):
+            for w in pair:
+                w.close()
+
+    async def stop(self) -> None:
+        self.point_to(self.target)
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def _redis_server(port: int, where, *extra: str) -> subprocess.Popen:
+    where.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no", "--dir", str(where), *extra),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+class Gated(TenantEcho):
+    """Answers while ``gate`` is set; holds what it is asked while it is not."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def score(self, request, **context):
+        await self.gate.wait()
+        return await super().score(request, **context)
+
+
+async def test_a_promoted_replica_that_lost_acknowledged_writes_still_answers_every_request_once(tmp_path):
+    """A primary and its replica behind one endpoint. The replica is promoted (``REPLICAOF NO ONE``)
+    while the old primary still takes writes (the window of any failover): ten requests are sent and
+    acknowledged there, then the old primary dies and the endpoint moves to the new one, which never
+    saw them. Each sender notices its lost messages (neither in the stream nor answered) and sends
+    them again with the same request ids; the consumer follows (redis-py's retry, or its own
+    reconnect) and loads the senders' scripts there (scripts are not replicated); every call gets
+    exactly one answer, its own, and nothing is left pending."""
+    primary_port, replica_port = _free_ports(2)
+    procs = [_redis_server(primary_port, tmp_path / "primary")]
+    procs.append(
+        _redis_server(replica_port, tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary_port))
+    )
+    endpoint = Endpoint(primary_port)
+    replica = redis_sync.Redis(port=replica_port, decode_responses=True)
+    try:
+        OwnCluster._wait(lambda: replica.info("replication").get("master_link_status") == "up", "replication")
+        await endpoint.start()
+        url, prefix = f"redis://127.0.0.1:{endpoint.port}/0", f"referee-test-failover-{uuid.uuid4().hex[:6]}"
+        keys = Keys(prefix)
+        service = Gated()
+        settings = QueueSettings(url=url, prefix=prefix, consumer_name="c1", reclaim_idle_s=1.0, **FAST)
+        consumer = QueueConsumer(service, settings)
+        task = asyncio.create_task(consumer.run())
+        senders = [
+            QueueReferee(url, job_id=f"run-{k}", prefix=prefix, lost_check_s=0.3, timeout=60)
+            for k in range(2)
+        ]
+
+        async def ask(q, texts):
+            return [
+                (t, a)
+                for t, a in zip(
+                    texts, await asyncio.gather(*(q.score(items=_items(t)) for t in texts)), strict=True
+                )
+            ]
+
+        try:
+            before = [await ask(q, ["a" * (k + 1) for k in range(5)]) for q in senders]  # replicated
+            OwnCluster._wait(
+                lambda: (
+                    replica.info("replication").get("master_repl_offset")
+                    == redis_sync.Redis(port=primary_port).info("replication").get("master_repl_offset")
+                ),
+                "the replica to catch up",
+            )
+            service.gate.clear()
+            replica.execute_command("REPLICAOF", "NO", "ONE")  # promoted; the old primary takes writes on
+            lost = [asyncio.create_task(ask(q, ["b" * (k + 1) for k in range(5)])) for q in senders]
+            deadline = time.monotonic() + 15
+            while sum(len(q._sent) for q in senders) < 10:  # all ten sent, acknowledged by the old primary
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            procs[0].kill()  # it dies with them
+            procs[0].wait()
+            endpoint.point_to(replica_port)
+            while sum(q.resent for q in senders) < 10:  # each sender finds its five gone: sent again
+                assert time.monotonic() < deadline + 15, [q.resent for q in senders]
+                await asyncio.sleep(0.05)
+            service.gate.set()
+            during = await asyncio.wait_for(asyncio.gather(*lost), 60)
+            after = [await ask(q, ["c" * (k + 1) for k in range(5)]) for q in senders]
+            # Nothing left to answer on the new primary (lost answers' messages reclaimed, judged).
+            streams = [keys.stream(f"run-{k}") for k in range(2)]
+            deadline = time.monotonic() + 30
+            while any(replica.xlen(s) or replica.xpending(s, "judges")["pending"] for s in streams):
+                assert time.monotonic() < deadline, [replica.xlen(s) for s in streams]
+                await asyncio.sleep(0.1)
+        finally:
+            for q in senders:
+                await q.aclose()
+            await consumer.stop(drain_s=1)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for batch in [*before, *during, *after]:  # one answer per call, its own
+            assert [answer.results[0].score for _, answer in batch] == [len(text) for text, _ in batch]
+        assert sum(len(batch) for batch in [*before, *during, *after]) == 30
+        assert [q.resent for q in senders] == [5, 5]
+        assert all(replica.script_exists(*TENANT_SCRIPTS))  # loaded again where senders now send
+    finally:
+        replica.close()
+        await endpoint.stop()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
