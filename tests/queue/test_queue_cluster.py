@@ -92,7 +92,8 @@ class OwnCluster:
                         *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
                         *("--appendonly", "no", "--dir", str(where), "--cluster-enabled", "yes"),
                         *("--cluster-config-file", str(where / "nodes.conf")),
-                        *("--cluster-node-timeout", "2000", "--protected-mode", "no"),
+                        # long: a node slow to answer on a busy machine is not failed over by itself
+                        *("--cluster-node-timeout", "20000", "--protected-mode", "no"),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -130,6 +131,10 @@ class OwnCluster:
                     "fail" in line or "handshake" in line for line in known
                 ):
                     return False
+            for shard in self.node(self.ports[0]).execute_command("CLUSTER", "SHARDS"):
+                nodes = [_pairs(n) for n in _pairs(shard)["nodes"]]
+                if len([n for n in nodes if n["health"] == "online"]) < 1 + self.replicas:
+                    return False  # a replica not yet in sync: not ready to be promoted
             return True
 
         self._wait(ok, "the cluster to be ok on every node", 60)
@@ -439,6 +444,7 @@ async def test_every_request_is_answered_once_through_a_failover(world):
     w = world
     name = w.names[0]
     keys = Keys(w.prefix, name)
+    w.cluster.wait_ok()  # its replica in sync
     primary, replicas = w.cluster.owner(keys.jobs)
     assert replicas, "the tenant's primary has no replica"
     service = TenantEcho(w.tenants)
