@@ -244,11 +244,14 @@ Cluster, each tenant's keys in one slot ([docs/queue.md](docs/queue.md#redis-clu
 READING = """Reading: the issue's count of about six operations per message is what the clients send (about
 five: the send script, a share of the consumer's read script, the reply script, the acknowledgement
 script, the duplicate check (`EXISTS`) and the sender's `BLPOP`; the consumer's housekeeping adds
-little at this rate). What Redis executes is three to four times that: the send script reads the
-published limits (five `HGET`s) and the job's caps before its `XADD`, the reply script sets the result
-marker, pushes the answer and sets its expiry. Counted in CPU time, one instance carries about half the
-estimate's 16k messages/s, roughly 8k messages/s of one busy core here (the figure moves by 10-15 %
-from run to run on this shared machine), i.e. some 800 accelerators kept busy by 100 ms messages.
+little at this rate). What Redis executes is about three times that: the send script reads the
+tenant's copy of the limits (one `HMGET`; five `HGET`s before key layout 2, 19.7 commands executed per
+message then) and the job's caps before its `XADD`, the reply script sets the result marker, pushes
+the answer and sets its expiry, the acknowledgement script `XACK`s and `XDEL`s (a `MULTI` pipeline of
+four commands before). Counted in Redis' CPU time, one instance carries about half the estimate's
+16k messages/s: roughly 8k messages/s of one busy core here (7.5k-8.6k over five runs on this shared
+machine), i.e. some 800 accelerators kept busy by 100 ms messages. `redis-benchmark` runs on the same
+two cores as everything else here, so its figure swings with the machine's load (17k-57k ops/s).
 Beyond that, Redis Cluster: each tenant's keys are in one slot, so tenants spread over the primaries,
 but one tenant's traffic stays on one primary; a single tenant past one instance's ceiling needs
 several tenants (e.g. one per training job) or larger messages."""

@@ -73,8 +73,9 @@ SERVER_USER = "referee-server"
 # by EVALSHA only (the consumers load them; no SCRIPT, EVAL or FUNCTION: a tenant must not run a
 # script of its own, see above), BLPOP for the answer, XRANGE and EXISTS for its lost-message check,
 # GET and EXISTS for the judges, HGET for the limits, HGETALL and ZREVRANGE for its jobs' health
-# reports (``QueueReferee.report``; the servers write them), PING; and what the scripts read (HGET, XLEN,
-# ZSCORE, ZCARD, ZREVRANGE, EXISTS, GET: a script's commands are checked against its caller's user).
+# reports (``QueueReferee.report``; the servers write them), PING; and what the scripts read (HGET,
+# HMGET, XLEN, ZSCORE, ZCARD, ZREVRANGE, EXISTS, GET: a script's commands are checked against its
+# caller's user).
 # redis-py also sends CLIENT SETINFO on connect: left out on purpose (Redis 7.0 has no such
 # subcommand, so an ACL naming it would not load; redis-py ignores its refusal). On Redis Cluster the
 # cluster client asks for the slots' owners (CLUSTER SLOTS, SHARDS or NODES, by version; COMMAND for
@@ -84,6 +85,7 @@ TENANT_COMMANDS = (
     "ping",
     "evalsha",
     "hget",
+    "hmget",
     "xlen",
     "xrange",
     "zscore",

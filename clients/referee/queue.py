@@ -20,6 +20,12 @@ stream nor answered — and sent again with the same request id, which the consu
 once. Each message carries a deadline (now + ``timeout``): a consumer that reaches it later answers
 ``expired`` without judging it.
 
+URLs: ``redis://``, ``rediss://`` and, for a Redis Cluster, ``redis+cluster://`` (``referee.connect``);
+a tenant's keys share one cluster slot (``referee.keys``). Before its first send the client checks the
+key layout the consumers publish and refuses consumers on another (409 ``key_layout``). Across a
+failover the lost-message check below answers every call once (docs/queue.md, "Redis Cluster and
+failover").
+
 Size: a message over the consumers' ``max_message_bytes`` (published in Redis; the server's
 ``queue.max_message_bytes``) is refused before it is sent, with a 413 ``too_large`` ``BadRequest``.
 
@@ -373,15 +379,18 @@ class QueueReferee:
                 f"{self.tenant!r}'s streams: drop the API key (api_key=, ${ENV_KEY}) for this server",
             )
         if layout != str(KEY_LAYOUT):
-            raise api_error(
-                409,
-                "key_layout",
-                f"the judges on this Redis prefix ({self.keys.prefix!r}) name their keys with key layout "
-                f"{layout or 1}, this client with layout {KEY_LAYOUT}: its messages would never be read. "
-                "Use the referee version the server runs, or upgrade the server (docs/queue.md, "
-                "'Upgrading the key layout')",
-            )
+            raise self._other_layout(layout)
         self._layout_checked = True
+
+    def _other_layout(self, layout: str | None) -> APIError:
+        return api_error(
+            409,
+            "key_layout",
+            f"the judges on this Redis prefix ({self.keys.prefix!r}) name their keys with key layout "
+            f"{layout or 1}, this client with layout {KEY_LAYOUT}: its messages would never be read. "
+            "Use the referee version the server runs, or upgrade the server (docs/queue.md, "
+            "'Upgrading the key layout')",
+        )
 
     async def _append(self, raw: str, request_id: str, deadline: float) -> str:
         failures, loaded = 0, False
@@ -402,6 +411,7 @@ class QueueReferee:
                     1 if self.open else 0,
                     self.keys.streams_prefix,
                     self.keys.tenant_limits,  # in the tenant's slot, as a script on a cluster needs
+                    KEY_LAYOUT,
                 )
                 break
             except RedisError as exc:
@@ -426,6 +436,9 @@ class QueueReferee:
                 logger.warning("sending %s: Redis error (%s), retrying in %.2fs", request_id, exc, delay)
                 await asyncio.sleep(delay)
         outcome = int(added[0])
+        if outcome == 7:
+            self._layout_checked = False
+            raise self._other_layout(added[1])
         if outcome == 2:
             raise api_error(
                 401,

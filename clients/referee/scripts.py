@@ -28,7 +28,8 @@ import hashlib
 # a character.
 DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
 
-# Append a message unless the sender may not, and mark the job active. Refused: a sender without a
+# Append a message unless the sender may not, and mark the job active. Refused: consumers on another
+# key layout than the sender's ({7, theirs}: ``referee.keys.KEY_LAYOUT``); a sender without a
 # key when the consumers require keys ({2}); a sender with a key when the consumers serve no tenants
 # ({4}); a message over the consumers' max_message_bytes (else DEFAULT_MAX_MESSAGE_BYTES, never
 # the sender's word: {6, size, cap}); a job's stream at its cap (the consumers' published cap, else
@@ -37,14 +38,19 @@ DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
 # counts waiting and in-flight messages: consumers delete what they acknowledge. Returns {1, entry
 # id} when sent. The entry has one field, msg: consumers dead-letter any other shape unread.
 # KEYS: stream, jobs. ARGV: message, sender's cap, job id, now, tenant, open (1: no key), the
-# tenant's stream names' prefix, the tenant's copy of the limits hash (``Keys.tenant_limits``). The
+# tenant's stream names' prefix, the tenant's copy of the limits hash (``Keys.tenant_limits``), the
+# sender's key layout. The limits are read with one HMGET. The
 # limits hash is an argument, not a declared key: Redis' ACL checks a script's declared keys for
 # writing, and tenants may only read it. Every key the script touches is in the tenant's hash slot
 # (``{t:<tenant>}``), as Redis Cluster requires of a script; the shared limits hash is not, which is
 # why the script reads the tenant's copy.
 SEND = """
-local limits = ARGV[8]
-local auth = redis.call('HGET', limits, 'auth')
+local limits = redis.call('HMGET', ARGV[8], 'key_layout', 'auth', 'max_message_bytes', 'max_backlog',
+  'max_jobs', 'max_queued:' .. ARGV[5])
+local layout, auth = limits[1], limits[2]
+if layout and layout ~= ARGV[9] then
+  return {7, layout}
+end
 if ARGV[6] == '1' and auth == '1' then
   return {2}
 end
@@ -52,23 +58,23 @@ if ARGV[6] == '0' and auth == '0' then
   return {4}
 end
 local size = string.len(ARGV[1])
-local max_size = tonumber(redis.call('HGET', limits, 'max_message_bytes')) or DEFAULT_MAX_MESSAGE_BYTES
+local max_size = tonumber(limits[3]) or DEFAULT_MAX_MESSAGE_BYTES
 if size > max_size then
   return {6, size, max_size}
 end
-local cap = tonumber(redis.call('HGET', limits, 'max_backlog')) or tonumber(ARGV[2])
+local cap = tonumber(limits[4]) or tonumber(ARGV[2])
 local n = redis.call('XLEN', KEYS[1])
 if cap > 0 and n >= cap then
   return {0, n, cap}
 end
-local jobs_cap = tonumber(redis.call('HGET', limits, 'max_jobs')) or 0
+local jobs_cap = tonumber(limits[5]) or 0
 if jobs_cap > 0 and not redis.call('ZSCORE', KEYS[2], ARGV[3]) then
   local jobs = redis.call('ZCARD', KEYS[2])
   if jobs >= jobs_cap then
     return {5, jobs, jobs_cap}
   end
 end
-local quota = tonumber(redis.call('HGET', limits, 'max_queued:' .. ARGV[5]))
+local quota = tonumber(limits[6])
 if quota then
   local total = 0
   -- the consumers serve a tenant's max_jobs most recent jobs: those are the ones that count

@@ -45,7 +45,12 @@ batches. Its guarantees:
   capped; idle jobs and dead group members are removed; the message size limit
   (``max_message_bytes``), the per-job backlog cap (``max_backlog``), each tenant's cap on its
   waiting messages (``max_queued:<tenant>``) and whether keys are required (``auth``) are published
-  for senders, which enforce them;
+  for senders, which enforce them, in the shared limits hash and in each served tenant's copy (the
+  one the senders' scripts read, in the tenant's slot), with the key layout (``key_layout``);
+- Redis Cluster (a ``redis+cluster://`` URL, ``referee.connect``): every script touches one tenant's
+  keys, so one slot; a read of several tenants' streams is one script per slot; the sweep scans
+  every primary; the senders' scripts are loaded on every primary (and again on a promoted replica,
+  which lacks them: scripts are not replicated);
 - graceful stop: reading stops at once, messages being judged get ``shutdown_grace_s`` and the rest
   are handed back to the group without costing a delivery.
 """

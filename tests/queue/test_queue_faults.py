@@ -338,7 +338,17 @@ async def test_a_sender_refuses_judges_on_another_key_layout(prefix):
                 await q.score(items=ITEMS)
             assert err.value.status == 409 and err.value.code == "key_layout"
         assert not await r.exists(Keys(prefix).stream("j"), Keys(prefix).jobs)  # nothing queued
-        await r.hset(f"{prefix}:limits", "key_layout", 2)
+        # A consumer of a later layout: its copy for the tenant says so, and the send script refuses.
+        await r.hset(f"{prefix}:limits", "key_layout", 3)
+        await r.hset(Keys(prefix).tenant_limits, "key_layout", 3)
+        async with QueueReferee(REDIS_URL, job_id="j", prefix=prefix, timeout=5) as q:
+            with pytest.raises(APIError, match="key layout 3, this client with layout 2"):
+                await q.score(items=ITEMS)
+            q._layout_checked = True  # past the first check: the send script itself refuses
+            with pytest.raises(APIError, match="key layout 3"):
+                await q.score(items=ITEMS)
+        assert not await r.exists(Keys(prefix).stream("j"))
+        await r.delete(f"{prefix}:limits", Keys(prefix).tenant_limits)
         async with (
             consuming(EchoService(), QueueSettings(url=REDIS_URL, prefix=prefix, **FAST)),
             QueueReferee(REDIS_URL, job_id="j", prefix=prefix, timeout=20) as q,

@@ -38,7 +38,7 @@ from referee import (
 )
 from referee.acl import TENANT_COMMANDS, acl_rules, apply_acl, remove_users
 from referee.auth import hash_key, new_key
-from referee.keys import Keys
+from referee.keys import KEY_LAYOUT, Keys
 from referee.protocol import JudgesResponse, QueueMessage, ScoreResponse, ScoreResult, Usage
 from referee.queue import QueueReferee
 from referee.scripts import DEFAULT_MAX_MESSAGE_BYTES, SEND_SHA, TENANT_SCRIPTS, sha1
@@ -311,7 +311,7 @@ def test_a_tenant_cannot_load_or_run_scripts_of_its_own(acl_world):
         # The send script (cached by the fixture, as a consumer does) runs as the tenant.
         added = a.evalsha(
             SEND_SHA, 2, ka.stream("j"), ka.jobs, "{}", 5, "j", time.time(), w.names["a"], 0,
-            ka.streams_prefix, ka.tenant_limits,
+            ka.streams_prefix, ka.tenant_limits, KEY_LAYOUT,
         )  # fmt: skip
         assert added[0] == 1 and a.xlen(ka.stream("j")) == 1
     finally:
@@ -834,7 +834,7 @@ async def test_a_sender_is_refused_a_message_over_the_published_limit_before_sen
         raw = _message("k", uuid.uuid4().hex, "x" * LIMIT)
         added = a.evalsha(
             SEND_SHA, 2, ka.stream("k"), ka.jobs, raw, 5, "k", time.time(), w.names["a"], 0,
-            ka.streams_prefix, ka.tenant_limits,
+            ka.streams_prefix, ka.tenant_limits, KEY_LAYOUT,
         )  # fmt: skip
         assert added == [6, len(raw.encode()), LIMIT] and not a.exists(ka.stream("k"))
     finally:
