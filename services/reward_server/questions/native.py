@@ -27,6 +27,7 @@ from referee.rewards import circular_pairs, group_advantages, shape_reward, tall
 
 from ..errors import ClientError
 from ..judges import Judge, Rating, RequestContext
+from ..judges.generative import images_per_prompt as images_in_extra
 from .base import Cost, Outcome, Question, Texts, _attempts, _check_mode, _check_samples, _options
 
 # ---------------------------------------------------------------- /score
@@ -286,9 +287,7 @@ def images_per_prompt(judge: Judge) -> int | None:
     """The images one engine prompt of the judge may hold (vLLM's ``limit_mm_per_prompt``, where the
     judge's engine settings give one), or None where nothing is configured."""
     engine = getattr(judge.settings, "engine", None)
-    limit = (getattr(engine, "extra", None) or {}).get("limit_mm_per_prompt") or {}
-    value = limit.get("image") if isinstance(limit, dict) else None
-    return int(value) if value is not None else None
+    return images_in_extra(getattr(engine, "extra", None) or {})
 
 
 def _check_images_per_prompt(judge: Judge, prompt, responses: list, shown: str) -> None:
@@ -354,6 +353,14 @@ class WinRateQuestion(Question):
                 )
             if req.samples > 1:
                 raise ClientError(400, "bad_request", "samples applies to schedule=pairs (mode=cot) only")
+            size = getattr(judge.settings, "listwise_group_size", None)
+            if size is not None and n > size:
+                raise ClientError(
+                    413,
+                    "too_large",
+                    f"schedule=listwise: a group of {n} responses exceeds judge {judge.name!r}'s "
+                    f"listwise_group_size {size}; use schedule=pairs, or split the group",
+                )
             self.pairs = circular_pairs(n)
             self.swaps = []
             _check_images_per_prompt(
