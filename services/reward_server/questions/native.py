@@ -17,6 +17,7 @@ from referee.protocol import (
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
+    Steps,
     Usage,
     WinRateRequest,
     WinRateResponse,
@@ -28,7 +29,17 @@ from referee.rewards import circular_pairs, group_advantages, shape_reward, tall
 from ..errors import ClientError
 from ..judges import Judge, Rating, RequestContext
 from ..judges.generative import images_per_prompt as images_in_extra
-from .base import Cost, Outcome, Question, Texts, _attempts, _check_mode, _check_samples, _options
+from .base import (
+    Cost,
+    Outcome,
+    Question,
+    Texts,
+    _attempts,
+    _check_mode,
+    _check_samples,
+    _check_steps,
+    _options,
+)
 
 # ---------------------------------------------------------------- /score
 
@@ -61,6 +72,7 @@ class ScoreQuestion(Question):
                 "bad_request",
                 f"aggregate is for process reward models (kind prm); {judge.name!r} is not",
             )
+        _check_steps(judge, self.judged())
         self.transform = _transform(judge, self.request)
         self.opts = _options(judge.rating_options, self.request)
         # Each distinct (prompt, reference) is judged once, however many items share it.
@@ -156,6 +168,7 @@ class PairwiseQuestion(Question):
 
     def prepare(self, judge: Judge) -> None:
         req = self.request
+        _check_steps(judge, self.judged())
         _check_mode(judge, req.mode)
         _check_samples(req, req.mode)
         rng = random.Random(req.seed)
@@ -328,13 +341,17 @@ class WinRateQuestion(Question):
 
     def contents(self):
         req = self.request
-        return [("prompt", req.prompt), *((f"responses[{k}]", r) for k, r in enumerate(req.responses))]
+        return [
+            ("prompt", req.prompt),
+            *((f"responses[{k}]", r) for k, r in enumerate(req.responses) if not isinstance(r, Steps)),
+        ]
 
     def judged(self):
         return ((f"responses[{k}]", self.request.prompt, r) for k, r in enumerate(self.request.responses))
 
     def prepare(self, judge: Judge) -> None:
         req = self.request
+        _check_steps(judge, self.judged())
         _check_mode(judge, req.mode)
         n = len(req.responses)
         self.rule = judge.inconsistent_rule(req) if req.order == "both" and not judge.pointwise else None
