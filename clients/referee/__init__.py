@@ -16,6 +16,7 @@ from .client import (
     RefereeError,
     RefereeTimeout,
     RetryPolicy,
+    StepRewardError,
     TransportError,
     Unavailable,
     UnknownJudge,
@@ -34,11 +35,13 @@ from .protocol import (
     ScoreItem,
     ScoreRequest,
     ScoreResponse,
+    Steps,
     WinRateRequest,
     WinRateResponse,
 )
 from .queue import QueueReferee
 from .rewards import bradley_terry, group_advantages, win_rates
+from .steps import StepReward, place_on_tokens
 
 __version__ = "0.1.0"
 
@@ -68,6 +71,9 @@ __all__ = [
     "ScoreItem",
     "ScoreRequest",
     "ScoreResponse",
+    "StepReward",
+    "StepRewardError",
+    "Steps",
     "TransportError",
     "Unavailable",
     "UnknownJudge",
@@ -78,5 +84,6 @@ __all__ = [
     "bradley_terry",
     "group_advantages",
     "image",
+    "place_on_tokens",
     "win_rates",
 ]
