@@ -298,3 +298,20 @@ def test_the_gpu_judges_file_loads_and_its_vlm_ranks_groups_of_8_images():
     vlm = next(j for j in settings.judges if j.name == "vlm-judge")
     assert vlm.listwise_group_size == 8
     assert vlm.engine.extra["limit_mm_per_prompt"] == {"image": 8}
+
+
+def test_the_image_pairs_prompt_tokens_put_both_pictures_before_the_instruction(tiny_vlm_dir):
+    """Through the real prompt tokenizer of a vision-language model: the chat template's own text
+    (no system prompt of ours), both images' placeholders, then the instruction."""
+    from reward_server.tokens import PromptTokenizer
+
+    tokenizer = load_tokenizer(tiny_vlm_dir)
+    prompts = PromptTokenizer(tokenizer)
+    messages = templates.unifiedreward_think_pair("a fox", [_image("a")], [_image("b")], None)
+    images: list = []
+    ids = prompts.chat_ids(messages, generation_prompt=True, placeholder=lambda n: "<image>", images=images)
+    text = tokenizer.decode(ids)
+    assert images == ["picture a", "picture b"]
+    assert text.count("<image>") == 2 and "impartial judge" not in text
+    assert text.index("<image>") < text.rindex("<image>") < text.index("Below are a text caption")
+    assert text.rindex("<image>") < text.index("Text Caption: [a fox]")  # the caption last
