@@ -1,4 +1,4 @@
-.PHONY: install demo test test-unit lint bench eval
+.PHONY: install demo test test-unit lint bench eval gpu-smoke
 
 install:
 	bash scripts/install.sh
@@ -26,3 +26,9 @@ bench:
 
 eval:
 	HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/eval_hh.py
+
+# make gpu-smoke [JUDGES=deploy/judges.gpu.yaml] [ARGS="--vllm-compare"]: on a GPU, serve a judges
+# file, ask each judge one question per route it serves, print a pass/fail table (and with
+# --vllm-compare a throughput figure against `vllm serve` of the same model). scripts/gpu_smoke.py.
+gpu-smoke:
+	.venv/bin/python scripts/gpu_smoke.py --judges $(or $(JUDGES),deploy/judges.gpu.yaml) $(ARGS)

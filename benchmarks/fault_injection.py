@@ -20,7 +20,11 @@ Everything runs on loopback, bounded in count and time (about 10 minutes on two 
 3. a schema-driven fuzz of every POST route of the server's ``/openapi.json`` (hypothesis, with a
    small JSON-schema-to-strategy translation: bodies drawn from each route's request schema, and
    mutations of them that break the schema, the limits, the JSON or the headers), 10,000 requests;
-4. the red-team corpus (``tests/unit/test_injection.py`` and ``tests/serving/test_injection.py``,
+4. with ``--tenants`` (chosen by itself when a phase t1-t6 is asked for): two tenants and an
+   operator with keys and Redis users, and the attacks of ``benchmarks/tenant_attacks.py`` as phases
+   t1-t6: one tenant against the shared judge while the other sends the load (Redis restarts and
+   the fuzz are left to the open run: the ACL users live in Redis' memory);
+5. the red-team corpus (``tests/unit/test_injection.py`` and ``tests/serving/test_injection.py``,
    run in-process by pytest; the one test against a real server uses this run's server).
 
     flock /tmp/referee-heavy.lock env HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fault_injection.py
@@ -61,6 +65,14 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from benchmarks.tenant_attacks import (  # noqa: E402
+    OPERATOR,
+    TITLES,
+    VICTIM,
+    TenantAttacks,
+    World,
+    write_tenant_config,
+)
 from referee.client import (  # noqa: E402
     APIError,
     AsyncReferee,
@@ -230,9 +242,13 @@ class Server:
         self.kill_group()
 
 
+# With tenants /metrics needs a key: the operator's (it sees every tenant's figures).
+METRICS_HEADERS: dict[str, str] = {}
+
+
 async def inflight(url: str) -> float | None:
     try:
-        async with httpx.AsyncClient(timeout=5) as http:
+        async with httpx.AsyncClient(timeout=5, headers=METRICS_HEADERS) as http:
             text = (await http.get(f"{url}/metrics")).text
     except httpx.TransportError:
         return None
@@ -503,7 +519,7 @@ class SdkWarnings(logging.Handler):
         self.counts[self.phase][what] += 1
 
 
-class Run:
+class Run(TenantAttacks):
     def __init__(self, args, root: Path) -> None:
         self.args, self.root = args, root
         self.redis = OwnRedis(root)
@@ -513,6 +529,9 @@ class Run:
         self.phases: list[Phase] = []
         self.facts: dict[str, object] = {}
         self.probes: list[tuple[str, float]] = []  # (phase, seconds /healthz took)
+        self.ready: list[tuple[str, int | str]] = []  # (phase, /readyz status)
+        self.probe_at: list[tuple[str, float, float]] = []  # (phase, when, seconds /healthz took)
+        self.world: World | None = None
         self.sdk = SdkWarnings()
         sdk_log = logging.getLogger("referee.queue")
         sdk_log.addHandler(self.sdk)
@@ -546,6 +565,13 @@ class Run:
                 },
             ],
         }
+        if self.args.tenants:
+            self.world = World.create(self.prefix, self.redis.port)
+            self.world.apply()
+            config = write_tenant_config(config, self.world, self.root)
+            METRICS_HEADERS.update(self.world.headers(OPERATOR))
+        if self.args.decoded_pixels:
+            config["media"] = {**config.get("media", {}), "max_decoded_pixels": self.args.decoded_pixels}
         self.config.write_text(yaml.safe_dump(config))
         self.facts["config"] = config
 
@@ -563,15 +589,21 @@ class Run:
         self.sdk.phase = name
         log(f"phase {name}: {title}")
         t0 = time.monotonic()
+        key = self.world.keys[VICTIM] if self.world else None  # the load is the victim tenant's
         http = AsyncReferee(
-            self.server.url, timeout=HTTP_TIMEOUT, retry=HTTP_RETRY, transport=RecordingTransport()
+            self.server.url,
+            timeout=HTTP_TIMEOUT,
+            retry=HTTP_RETRY,
+            transport=RecordingTransport(),
+            api_key=key,
         )
         queue = QueueReferee(
-            self.redis.url,
+            self.world.tenant_url() if self.world else self.redis.url,
             job_id=f"load-{name}",
             prefix=self.prefix,
             timeout=QUEUE_TIMEOUT_S,
             lost_check_s=2.0,
+            api_key=key,
         )
         load = Load(http, queue, self.args.rate)
         load.start()
@@ -641,7 +673,34 @@ class Run:
                 with contextlib.suppress(httpx.TransportError):
                     await http.get(f"{self.server.url}/healthz")
                     self.probes.append((self.sdk.phase, time.monotonic() - t0))
+                    self.probe_at.append((self.sdk.phase, t0, time.monotonic() - t0))
+                if self.world is not None:  # tenant attacks: /readyz must stay 200 for every replica
+                    try:
+                        status = (await http.get(f"{self.server.url}/readyz")).status_code
+                    except httpx.TransportError as exc:
+                        status = type(exc).__name__
+                    self.ready.append((self.sdk.phase, status))
                 await asyncio.sleep(0.5)
+
+    def attack_checks(self, phase: Phase) -> None:
+        """What the others saw while one tenant attacked: their load answered without errors,
+        /readyz 200 throughout, /healthz within 1 s."""
+        victim = [r for r in phase.reqs if r.outcome != "ok"]
+        phase.checks["the other tenant's requests all answered 200"] = (
+            not victim,
+            f"{len(phase.reqs) - len(victim)} of {len(phase.reqs)}"
+            + (f"; {Counter(r.code for r in victim)}" if victim else ""),
+        )
+        ready = Counter(str(s) for p, s in self.ready if p == phase.name)
+        phase.checks["/readyz 200 throughout"] = (set(ready) == {"200"}, str(dict(ready)))
+        took = [(t, at) for p, at, t in self.probe_at if p == phase.name]
+        worst, when = max(took, default=(0.0, phase.fault_at or 0.0))
+        slow = sum(1 for t, _ in took if t > 1.0)
+        phase.checks["/healthz within 1 s"] = (
+            worst <= 1.0,
+            f"{len(took)} probes, {slow} over 1 s, worst {worst:.2f}s "
+            f"({when - (phase.fault_at or when):+.1f}s from the attack's start)",
+        )
 
     # ------------------------------------------------------------ (a) server SIGKILL
 
@@ -905,6 +964,18 @@ class Run:
                 await self.quiet_disconnect_check(p)
             if want("e"):
                 await self.phase("e", "10x the in-flight limit at once", self.fault_burst, a.pre_s, a.post_s)
+            attacks = {
+                "t1": self.attack_messages,
+                "t2": self.attack_keys,
+                "t3": self.attack_openai,
+                "t4": self.attack_pixels,
+                "t5": self.attack_admission,
+                "t6": self.attack_gathering,
+            }
+            for name, attack in attacks.items():
+                if self.world is not None and want(name):
+                    p = await self.phase(name, TITLES[name], attack, a.pre_s, a.post_s)
+                    self.attack_checks(p)
             # Late second answers (a message judged again after its sender had its answer).
             every = [r for p in self.phases for r in p.reqs]
             self.facts["late_duplicates"] = await queue_duplicates(self.redis.url, self.prefix, every)
@@ -1665,10 +1736,27 @@ def main() -> None:
     parser.add_argument("--fuzz", type=int, default=10_000, help="fuzz requests (0: no fuzz)")
     parser.add_argument("--fuzz-concurrency", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", default="", help="comma-separated phases: baseline,a,b,c,d,e")
+    parser.add_argument(
+        "--only", default="", help="comma-separated phases: baseline,a,b,c,d,e (open); t1-t6 (tenants)"
+    )
+    parser.add_argument(
+        "--tenants",
+        action="store_true",
+        help="tenants' run (keys, Redis users): phases baseline and t1-t6; chosen when --only names a t",
+    )
+    parser.add_argument(
+        "--decoded-pixels", type=int, default=0, help="media.max_decoded_pixels for the run (0: the default)"
+    )
     parser.add_argument("--no-redteam", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, AOF)")
     args = parser.parse_args()
+    phases = set(filter(None, args.only.split(",")))
+    args.tenants = args.tenants or any(p.startswith("t") for p in phases)
+    if args.tenants:
+        if phases & set("abcde"):
+            parser.error("phases a-e run without tenants (--only baseline,t1,...,t6 with --tenants)")
+        args.only = args.only or "baseline," + ",".join(TITLES)
+        args.fuzz = 0  # the fuzz is of the open server
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="referee-faults-"))

@@ -16,6 +16,7 @@ from .client import (
     RefereeError,
     RefereeTimeout,
     RetryPolicy,
+    StepRewardError,
     TransportError,
     Unavailable,
     UnknownJudge,
@@ -35,11 +36,13 @@ from .protocol import (
     ScoreItem,
     ScoreRequest,
     ScoreResponse,
+    Steps,
     WinRateRequest,
     WinRateResponse,
 )
 from .queue import QueueReferee
 from .rewards import bradley_terry, group_advantages, win_rates
+from .steps import StepReward, place_on_tokens
 
 __version__ = "0.1.0"
 
@@ -69,6 +72,9 @@ __all__ = [
     "ScoreItem",
     "ScoreRequest",
     "ScoreResponse",
+    "StepReward",
+    "StepRewardError",
+    "Steps",
     "TransportError",
     "Unavailable",
     "UnknownJudge",
@@ -80,5 +86,6 @@ __all__ = [
     "connect",
     "group_advantages",
     "image",
+    "place_on_tokens",
     "win_rates",
 ]

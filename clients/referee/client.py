@@ -6,6 +6,7 @@ Exceptions, all under ``RefereeError``::
     ├── TransportError        the server could not be reached, or did not answer in time
     │   ├── RefereeTimeout
     │   └── QueueUnavailable  (queue) Redis unreachable or refusing commands, past the retries
+    ├── StepRewardError       step_rewards: the judge answered without step scores for the response
     └── APIError              the server answered with an error status (``.status``, ``.code``)
         ├── AuthenticationError  401: no API key, or one the server does not know (never retried)
         ├── PermissionDenied  403: the key is valid but may not do this (never retried)
@@ -31,6 +32,7 @@ import random
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -42,6 +44,7 @@ from .defaults import DEFAULT_URL
 from .health import HealthReport
 from .images import as_content, image_bytes
 from .protocol import (
+    STEP_DELIMITER,
     BlobInfo,
     ImagePart,
     JudgeRequest,
@@ -49,11 +52,14 @@ from .protocol import (
     JudgesResponse,
     PairwiseRequest,
     PairwiseResponse,
+    Prompt,
     ScoreRequest,
     ScoreResponse,
+    Steps,
     WinRateRequest,
     WinRateResponse,
 )
+from .steps import StepReward, check_tokens, dense_rewards, step_request, step_reward
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -74,6 +80,11 @@ class RefereeTimeout(TransportError):
 
 class QueueUnavailable(TransportError):
     """Redis could not be reached (or refused the command) within the request's timeout."""
+
+
+class StepRewardError(RefereeError, ValueError):
+    """The judge answered, but with no step scores for the response: the item's error, or a judge
+    that is not a process reward model (kind ``prm``)."""
 
 
 class APIError(RefereeError):
@@ -335,6 +346,38 @@ class Referee(_Base):
     def judges(self) -> JudgesResponse:
         return self._call("GET", "/judges", None, JudgesResponse)
 
+    def step_rewards(
+        self,
+        prompt: Prompt,
+        response: str | Sequence[str] | Steps,
+        *,
+        judge: str | None = None,
+        aggregate: str | None = None,
+    ) -> StepReward:
+        """A process reward model's scores of one response's steps (``/score``): ``response`` is text
+        (split on the judge's ``step_delimiter``) or a list of steps (scored as given). Returns
+        ``StepReward`` (step_scores, step_spans, aggregate); ``StepRewardError`` when the judge gives
+        no step scores for it (an item error, or a judge that is not kind prm)."""
+        return step_reward(self.score(step_request(prompt, response, judge=judge, aggregate=aggregate)))
+
+    def token_rewards(
+        self,
+        prompt: Prompt,
+        response: str | Sequence[str] | Steps,
+        *,
+        offsets: Sequence[Sequence[int]] | None = None,
+        tokenizer: Any = None,
+        judge: str | None = None,
+        aggregate: str | None = None,
+        delimiter: str = STEP_DELIMITER,
+    ) -> list[float]:
+        """Dense rewards: one value per response token, each step's score on the step's last token
+        and 0 elsewhere (``referee.steps``). Tokens are given by their ``offsets`` in the response
+        text (a list of steps: the steps joined with ``delimiter``), or cut by ``tokenizer``."""
+        check_tokens(offsets, tokenizer)
+        reward = self.step_rewards(prompt, response, judge=judge, aggregate=aggregate)
+        return dense_rewards(reward, response, offsets=offsets, tokenizer=tokenizer, delimiter=delimiter)
+
     def report(
         self,
         job: str | None = None,
@@ -424,6 +467,34 @@ class AsyncReferee(_Base):
 
     async def judges(self) -> JudgesResponse:
         return await self._call("GET", "/judges", None, JudgesResponse)
+
+    async def step_rewards(
+        self,
+        prompt: Prompt,
+        response: str | Sequence[str] | Steps,
+        *,
+        judge: str | None = None,
+        aggregate: str | None = None,
+    ) -> StepReward:
+        """``Referee.step_rewards``."""
+        answer = await self.score(step_request(prompt, response, judge=judge, aggregate=aggregate))
+        return step_reward(answer)
+
+    async def token_rewards(
+        self,
+        prompt: Prompt,
+        response: str | Sequence[str] | Steps,
+        *,
+        offsets: Sequence[Sequence[int]] | None = None,
+        tokenizer: Any = None,
+        judge: str | None = None,
+        aggregate: str | None = None,
+        delimiter: str = STEP_DELIMITER,
+    ) -> list[float]:
+        """``Referee.token_rewards``."""
+        check_tokens(offsets, tokenizer)
+        reward = await self.step_rewards(prompt, response, judge=judge, aggregate=aggregate)
+        return dense_rewards(reward, response, offsets=offsets, tokenizer=tokenizer, delimiter=delimiter)
 
     async def report(
         self,

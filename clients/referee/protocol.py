@@ -84,16 +84,39 @@ Content = Annotated[
 ]
 
 
-def content_text(content: str | list) -> str:
-    """The text of a content value, its images left out."""
+STEP_DELIMITER = "\n\n"
+
+
+class Steps(_Model):
+    """A response given as the list of its steps, for process reward models (kind ``prm``):
+    ``{"steps": ["step 1", "step 2"]}`` wherever a response goes (``/score``'s ``response`` and
+    ``reference``, ``/pairwise``'s ``response_a``/``response_b``, ``/winrate``'s ``responses``).
+    The steps are taken as they are, never split again on the judge's ``step_delimiter`` (a step
+    may hold that text; never the model's separator token), one score per step. Any other kind of
+    judge refuses them (422): join the steps into text for those."""
+
+    steps: list[str] = Field(
+        description="The steps, in order: each a non-empty text, at most the judge's max_steps of them."
+    )
+
+    def text(self, delimiter: str = STEP_DELIMITER) -> str:
+        """The steps as one text, joined with ``delimiter``: what ``step_spans`` index."""
+        return delimiter.join(self.steps)
+
+
+def content_text(content: str | list | Steps) -> str:
+    """The text of a content value, its images left out (a ``Steps`` response: its steps joined
+    with blank lines)."""
     if isinstance(content, str):
         return content
+    if isinstance(content, Steps):
+        return content.text()
     return "".join(p.text for p in content if isinstance(p, TextPart))
 
 
-def image_parts(content: str | list) -> list:
+def image_parts(content: str | list | Steps) -> list:
     """The image parts of a content value, in order."""
-    if isinstance(content, str):
+    if isinstance(content, str | Steps):
         return []
     return [p for p in content if not isinstance(p, TextPart)]
 
@@ -106,6 +129,14 @@ class Message(_Model):
 Prompt = Annotated[
     str | list[Message],
     Field(description="The user's question as text, or a conversation as chat messages."),
+]
+
+ResponseContent = Annotated[
+    str | list[Part] | Steps,
+    Field(
+        description="Content (text, or a list of parts), or, for process reward models, the list of "
+        'its steps: {"steps": ["step 1", "step 2"]}.'
+    ),
 ]
 
 
@@ -153,8 +184,8 @@ class _JudgeOptions(_Model):
 
 class ScoreItem(_Model):
     prompt: Prompt
-    response: Content
-    reference: Content | None = Field(
+    response: ResponseContent
+    reference: ResponseContent | None = Field(
         None,
         description="A reference response to the same prompt (the SFT policy's, a gold answer): "
         "judged in the same request, its raw reward is the r_ref of the request's `transform`.",
@@ -219,8 +250,9 @@ class ScoreResult(BaseModel):
     )
     step_spans: list[list[int]] | None = Field(
         None,
-        description="Process reward models: each step's [start, end) character span in the response, "
-        "to place a step's reward on the trainer's own tokens.",
+        description="Process reward models: each step's [start, end) character span in the response "
+        "(a response given as steps: in its steps joined with the judge's step_delimiter), to place a "
+        "step's reward on the trainer's own tokens.",
     )
     error: str | None = None
 
@@ -236,8 +268,8 @@ class ScoreResponse(BaseModel):
 
 class PairwiseItem(_Model):
     prompt: Prompt
-    response_a: Content
-    response_b: Content
+    response_a: ResponseContent
+    response_b: ResponseContent
 
 
 class _PairwiseOptions(_JudgeOptions):
@@ -373,8 +405,10 @@ class JudgeResponse(BaseModel):
 
 class WinRateRequest(_PairwiseOptions):
     prompt: Prompt
-    responses: list[Content] = Field(
-        min_length=2, description="The group: N >= 2 responses (texts or images) to one prompt."
+    responses: list[ResponseContent] = Field(
+        min_length=2,
+        description="The group: N >= 2 responses (texts, images, or a process reward model's steps) "
+        "to one prompt.",
     )
     opponents: int | None = Field(
         None,

@@ -563,6 +563,12 @@ class QueueReferee:
     async def winrate(self, request: WinRateRequest | None = None, **fields) -> WinRateResponse:
         return await self._call("winrate", _build(WinRateRequest, request, fields), WinRateResponse)
 
+    async def step_rewards(self, prompt, response, *, judge: str | None = None, aggregate: str | None = None):
+        """``Referee.step_rewards`` through the queue: a ``/score`` message, its answer a ``StepReward``."""
+        from .steps import step_request, step_reward
+
+        return step_reward(await self.score(step_request(prompt, response, judge=judge, aggregate=aggregate)))
+
     async def judges(self) -> JudgesResponse:
         """The judges the consumers announce (raises ``Unavailable`` if no consumer is running)."""
         try:

@@ -38,7 +38,11 @@ and ``judge/<name>/masked`` (returned as ``None``).
   by position in the batch; ``referee.rewards.group_by_prompt``), each group is one ``/winrate``
   question, and each completion's reward is its win rate. The only completion of its prompt has
   none (nothing to compare it with) and is unscored.
-- ``score_reward`` (``ScoreReward``): the judge's pointwise score (``/score``).
+- ``score_reward`` (``ScoreReward``): the judge's pointwise score (``/score``). With a process
+  reward model (a judge of kind ``prm``) that is the aggregate of the completion's step scores
+  (steps split on the judge's ``step_delimiter``): ``aggregate=`` ("min", "last", "mean",
+  "product") asks for one other than the judge's. TRL takes one number per completion; for dense
+  per-token rewards use ``Referee.token_rewards``.
 - ``preference_reward`` (``PreferenceReward``): P(completion better than a reference response from
   a dataset column) (``/pairwise``).
 
@@ -345,13 +349,15 @@ class ScoreReward(RefereeReward):
 
     With ``transform`` ("par" or "log_sigmoid", see docs/rewards.md) each score is shaped against
     its row's reference: a reference response in the dataset column ``reference_column``, or a
-    reference reward in ``reference_score_column``."""
+    reference reward in ``reference_score_column``. A process reward model's score is the aggregate
+    of the completion's step scores (``aggregate``: min, last, mean or product; default the judge's)."""
 
     objective: str | None = None
     weights: dict[str, float] | None = None
     transform: str | None = None
     reference_column: str | None = None
     reference_score_column: str | None = None
+    aggregate: str | None = None  # process reward models: min, last, mean or product of the steps
     name: str = "score"
 
     async def __call__(
@@ -373,7 +379,9 @@ class ScoreReward(RefereeReward):
             ScoreItem(prompt=_prompt(p), response=_text(c), **ref)
             for p, c, ref in zip(prompts, completions, references, strict=True)
         ]
-        options = _given(objective=self.objective, weights=self.weights, transform=self.transform)
+        options = _given(
+            objective=self.objective, weights=self.weights, transform=self.transform, aggregate=self.aggregate
+        )
         try:
             out = await self.client().score(
                 ScoreRequest(judge=self.judge, items=items, rubric=self.rubric, **options)
@@ -577,11 +585,13 @@ def score_reward(
     transform: str | None = None,
     reference_column: str | None = None,
     reference_score_column: str | None = None,
+    aggregate: str | None = None,
     on_failure: OnFailure = "group_mean",
     name: str = "score",
     sync: bool = False,
 ) -> ScoreReward | SyncReward:
-    """The judge's pointwise score of each completion (``ScoreReward``)."""
+    """The judge's pointwise score of each completion (``ScoreReward``); a process reward model's:
+    the aggregate of the steps' scores (``aggregate``, default the judge's)."""
     return _make(ScoreReward, locals())
 
 

@@ -19,6 +19,15 @@ workers (the default of ``api_key``), rather than ``reward_kwargs.api_key``, whi
 with the rest of its configuration. ``job_id`` (``+custom_reward_function.reward_kwargs.job_id=...``)
 names the job within the tenant for the server's fair sharing.
 
+Process reward models (a judge of kind ``prm``, ``reward=score``): each response's reward is the
+aggregate of its step scores (the judge's ``aggregate``, or ``reward_kwargs.aggregate``: min,
+last, mean or product), and ``compute_score`` returns one dict per response, which verl's batch
+reward manager splits into the reward (``score``) and its ``reward_extra_info``: ``steps`` (how
+many), ``step_scores`` and ``step_spans`` (each step's ``[start, end)`` characters in the decoded
+response). verl turns each extra into a numpy array over the batch, which responses with different
+numbers of steps cannot make, so the two lists travel as JSON text: ``json.loads`` them to place the
+step rewards on tokens (``referee.place_on_tokens``).
+
 verl needs a number for every response, so a response the judge could not score raises an error
 naming it (``on_error="raise"``, the default) or becomes NaN (``on_error="nan"``); it never
 becomes a neutral score.
@@ -27,6 +36,7 @@ becomes a neutral score.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -54,8 +64,9 @@ def compute_score(
     on_error: Literal["raise", "nan"] = "raise",
     api_key: str | None = None,
     job_id: str | None = None,
+    aggregate: str | None = None,
     **_: Any,
-) -> list[float]:
+) -> list[float] | list[dict[str, Any]]:
     prompts = []
     for k, info in enumerate(extra_infos):
         info = info or {}
@@ -65,7 +76,7 @@ def compute_score(
                 f"extra_infos[{k}] has no {prompt_key!r} (or 'prompt'): the judge needs the question"
             )
         prompts.append(prompt)
-    values, errors = asyncio.run(
+    values, errors, steps = asyncio.run(
         _judge(
             AsyncReferee(url, api_key=api_key, job_id=job_id),
             judge,
@@ -75,28 +86,48 @@ def compute_score(
             list(ground_truths),
             mode,
             order,
+            aggregate,
         )
     )
     failed = [f"{k} ({data_sources[k]}): {e}" for k, e in enumerate(errors) if e is not None]
     if failed and on_error == "raise":
         raise RuntimeError("the judge could not score responses " + "; ".join(failed[:10]))
-    return [math.nan if v is None else v for v in values]
+    scores = [math.nan if v is None else v for v in values]
+    if not any(s is not None for s in steps):
+        return scores
+    return [_with_steps(score, s) for score, s in zip(scores, steps, strict=True)]
 
 
-async def _judge(client, judge, reward, prompts, responses, references, mode, order):
+def _with_steps(score: float, steps: tuple[list[float], list[list[int]]] | None) -> dict[str, Any]:
+    """A process reward model's answer for verl: the aggregate, and the steps as extras (the same
+    keys for every response, as verl's reward_extra_info wants; none for an unscored one)."""
+    step_scores, step_spans = steps or ([], [])
+    return {
+        "score": score,
+        "steps": len(step_scores),
+        "step_scores": json.dumps(step_scores),
+        "step_spans": json.dumps(step_spans),
+    }
+
+
+async def _judge(client, judge, reward, prompts, responses, references, mode, order, aggregate=None):
     n = len(responses)
     values: list[float | None] = [None] * n
     errors: list[str | None] = [None] * n
+    steps: list[tuple[list[float], list[list[int]]] | None] = [None] * n
     async with client:
         if reward == "score":
             out = await client.score(
                 ScoreRequest(
                     judge=judge,
                     items=[ScoreItem(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)],
+                    **({} if aggregate is None else {"aggregate": aggregate}),
                 )
             )
             for k, r in enumerate(out.results):
                 values[k], errors[k] = r.score, r.error
+                if r.step_scores is not None and r.step_spans is not None:
+                    steps[k] = (r.step_scores, r.step_spans)
         elif reward == "preference":
             out = await client.pairwise(
                 PairwiseRequest(
@@ -137,4 +168,4 @@ async def _judge(client, judge, reward, prompts, responses, references, mode, or
                     errors[i] = (
                         None if rate is not None else "; ".join(answer.errors) or "no valid comparison"
                     )
-    return values, errors
+    return values, errors, steps

@@ -270,7 +270,7 @@ class Engine:
                 "starting vLLM engine for %s (%s) on %s%s; dtype %s (%s); %s",
                 path, runner, device, placed, dtype, why, chosen.describe(),
             )  # fmt: skip
-        with engine_environment(cpu_bind if device == "cpu" else None):
+        with engine_environment(cpu_bind if device == "cpu" else None, chosen.environment):
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         tokenizer = AutoTokenizer.from_pretrained(path)
         engine = cls(llm, tokenizer, path, runner, why)

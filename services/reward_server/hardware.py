@@ -15,6 +15,14 @@ value. On the CPU build: eager mode (no CUDA graphs or torch.compile: start-up t
 RAM, a 256-token step for generative judges (fairness beside a flood; BENCHMARKS.md). On CUDA: CUDA
 graphs on, 0.9 of the GPU divided among the engines placed on it, vLLM's own step budget.
 
+Model runner: on GPUs vLLM 0.32 runs its experimental "model runner V2" (``v1/worker/gpu/``)
+whenever ``VLLM_USE_V2_MODEL_RUNNER`` is unset and Triton is present (``VllmConfig.
+use_v2_model_runner``); its pooling path (``gpu/pool/``), prompt log-probabilities and sampling are
+separate code from the V1 runner's. The CPU build has no Triton CPU backend, so it runs V1: every
+path referee uses (classify and embed pooling, prompt log-probabilities, seeded sampling, top
+log-probabilities) was tested there. On CUDA the rule pins V1 (``VLLM_USE_V2_MODEL_RUNNER=0``) until
+V2 is confirmed on a GPU; an operator's own value of the variable is kept (1 opts in to V2).
+
 Cores: vLLM's CPU build binds each engine's worker to cores through ``VLLM_CPU_OMP_THREADS_BIND``
 (default ``auto``: one core per worker, the rest reserved for other processes). The policy here
 picks that variable per engine (see ``cpu_bind_for``); BENCHMARKS.md has the measurements behind
@@ -27,7 +35,8 @@ import contextlib
 import logging
 import os
 import platform
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 logger = logging.getLogger(__name__)
@@ -95,6 +104,7 @@ def dtype_rule(requested: str, device: str, info: CpuInfo | None) -> tuple[str, 
 CPU_STEP_TOKENS = 256
 CPU_MEMORY_FRACTION = 0.1  # of host RAM on the CPU build
 GPU_MEMORY_TOTAL = 0.9  # of one GPU, shared by the engines placed on it (vLLM's own default, for one)
+RUNNER_VARIABLE = "VLLM_USE_V2_MODEL_RUNNER"  # vllm/envs.py: unset = vLLM's choice, 0 = V1, 1 = V2
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,8 @@ class EngineDefaults:
     gpu_memory_utilization: float
     max_num_batched_tokens: int | None  # None: vLLM's own
     reasons: dict[str, str]
+    # variables the engine's processes get (``engine_environment``): the model runner on CUDA
+    environment: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         return "; ".join(f"{k} {v}" for k, v in self.reasons.items())
@@ -119,12 +131,16 @@ def engine_defaults(
     gpu_memory_utilization: float | None = None,
     max_num_batched_tokens: int | None = None,
     engines_on_device: int = 1,
+    environ: Mapping[str, str] | None = None,
 ) -> EngineDefaults:
     """The platform rule: configured values (not None) are kept, the others get ``platform``'s
     default ("cpu" for the CPU build, "cuda", ...). ``engines_on_device``: the engines placed on
-    this engine's GPU(s), which share its default memory fraction."""
+    this engine's GPU(s), which share its default memory fraction. ``environ``: the process
+    environment (``os.environ`` when not given), where an operator's ``VLLM_USE_V2_MODEL_RUNNER``
+    is kept."""
     cpu = platform == "cpu"
     reasons: dict[str, str] = {}
+    environment: dict[str, str] = {}
     if enforce_eager is not None:
         eager = enforce_eager
         reasons["enforce_eager"] = f"{eager} (set explicitly)"
@@ -156,7 +172,22 @@ def engine_defaults(
     else:
         step = None
         reasons["max_num_batched_tokens"] = "vLLM's own" + (" (pooling model)" if cpu else f" ({platform})")
-    return EngineDefaults(eager, fraction, step, reasons)
+    given = (os.environ if environ is None else environ).get(RUNNER_VARIABLE)
+    if given is not None and given.strip() != "":
+        v2 = given.strip().lower() in {"1", "true", "yes", "on"}
+        reasons["model_runner"] = f"{'V2' if v2 else 'V1'} ({RUNNER_VARIABLE}={given}, set by the operator)"
+    elif platform == "cuda":
+        environment[RUNNER_VARIABLE] = "0"
+        reasons["model_runner"] = (
+            f"V1 ({platform}: {RUNNER_VARIABLE}=0; vLLM 0.32 defaults to its experimental model "
+            "runner V2 on GPUs, whose pooling, prompt log-probability and sampling code referee has "
+            f"not been tested on; {RUNNER_VARIABLE}=1 opts in)"
+        )
+    elif cpu:
+        reasons["model_runner"] = "V1 (CPU build: vLLM runs V2 only with Triton, which has no CPU backend)"
+    else:
+        reasons["model_runner"] = f"vLLM's own ({platform})"
+    return EngineDefaults(eager, fraction, step, reasons, environment)
 
 
 def device_type() -> str:
@@ -200,9 +231,18 @@ def cpu_bind_for(index: int, count: int, policy: CpuBinding, cores: int) -> str 
 
 
 @contextlib.contextmanager
-def engine_environment(bind: str | None):
+def engine_environment(bind: str | None, environment: Mapping[str, str] | None = None):
     """Set ``VLLM_CPU_OMP_THREADS_BIND`` while an engine starts (its processes inherit it); a value
-    the operator exported already is left as it is."""
+    the operator exported already is left as it is.
+
+    ``environment`` (``EngineDefaults.environment``: the model runner) is set for the rest of the
+    process, where the operator has not set it: vLLM reads ``VLLM_USE_V2_MODEL_RUNNER`` in the API
+    process as well as in the engine's (``VllmConfig.use_v2_model_runner``), and every engine of
+    one server runs the same runner, so the two must not disagree once the engine has started."""
+    for key, value in (environment or {}).items():
+        if key not in os.environ:
+            logger.info("setting %s=%s for vLLM's engines (see hardware.engine_defaults)", key, value)
+            os.environ[key] = value
     name = "VLLM_CPU_OMP_THREADS_BIND"
     if bind is None or name in os.environ:  # vLLM's default, or the operator's own setting wins
         yield

@@ -112,7 +112,11 @@ def load_image(probed: Probed) -> Decoded:
     img = probed.image
     try:
         img.load()
-        rgb = img.convert("RGB")
+        if img.mode == "RGB":
+            rgb = img  # no copy: a 4096² image is 48 MiB of RGB
+        else:
+            rgb = img.convert("RGB")
+            img.close()  # the decoded original is not kept beside its RGB copy
     except Exception as exc:
         raise MediaError(
             422, "bad_media", f"{probed.where}: the image could not be decoded ({exc})"

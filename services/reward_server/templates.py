@@ -325,3 +325,162 @@ def parse_ranking(output: str, n: int) -> tuple[list[int] | None, str]:
     if sorted(ranking) != list(range(n)):
         return None, f"the ranking {markers[0][:80]!r} is not a permutation of 1..{n}"
     return ranking, ""
+
+
+# ------------------------------------------------------------------ UnifiedReward-Think preset
+# ``template: unifiedreward_think``: a pair put to UnifiedReward-Think (Wang et al. 2025,
+# arXiv:2505.03318; models CodeGoat24/UnifiedReward-Think-*) in the layout of its published
+# inference scripts (github.com/CodeGoat24/UnifiedReward, UnifiedReward-Think/inference_qwen), and
+# its verdict read in the phrasing it was trained to write:
+# - one user turn and no system prompt of ours (the model's chat template adds its own default);
+# - the pictures first, then the instruction: for two generated images, Image 1 and Image 2 and a
+#   text caption last ("Image 1 is better" / "Image 2 is better"); for two text answers, the
+#   question's reference images (if any), then the question and Answer 1 and Answer 2 last
+#   ("Answer 1 is better" / "Answer 2 is better");
+# - reasoning inside <think>...</think> (per-dimension scores from 1 to 10 and their totals), then
+#   exactly one of the two phrases inside <answer>...</answer>.
+# The instruction is written here in our own words: the authors note that the model is not tied to
+# one prompt wording; the layout and the verdict phrases are what it was trained on.
+
+UNIFIEDREWARD_THINK = "unifiedreward_think"
+_UR_LABEL = re.compile(r"(?im)^([ \t]*)(answer[ \t]*[12]|question|text[ \t]+caption)([ \t]*):")
+
+
+def _ur_data(text: str) -> str:
+    """User text for the preset's layout: block delimiters defused, and a line that begins with one
+    of the layout's own labels (``Answer 2:``, ``Question:``, ``Text Caption:``) marked as quoted
+    (``«Answer 2»:``), so that a response cannot start a section of its own."""
+    return _UR_LABEL.sub(r"\1«\2»\3:", defuse(text))
+
+
+def _images_and_text(content, images: list) -> str:
+    """A content value's text (defused, images left out), its pictures appended to ``images``."""
+    if isinstance(content, str):
+        return _ur_data(content)
+    out = []
+    for part in content:
+        if isinstance(part, TextPart):
+            out.append(part.text)
+        else:
+            if part._image is None:
+                raise ValueError("an image part reached the template undecoded")
+            images.append(part._image)
+    return _ur_data("".join(out).strip())
+
+
+def _question(prompt, images: list) -> str:
+    if isinstance(prompt, str):
+        return _ur_data(prompt)
+    turns = []
+    for m in prompt:
+        text = _images_and_text(m.content, images)
+        turns.append(text if m.role == "user" else f"[{m.role.upper()}] {text}")
+    return "\n\n".join(turns).strip()
+
+
+def _single_image(content) -> object | None:
+    """The picture of a response that is exactly one image and no text, else None."""
+    if isinstance(content, str):
+        return None
+    parts = [p for p in content if not (isinstance(p, TextPart) and not p.text.strip())]
+    if len(parts) == 1 and not isinstance(parts[0], TextPart):
+        if parts[0]._image is None:
+            raise ValueError("an image part reached the template undecoded")
+        return parts[0]._image
+    return None
+
+
+def unifiedreward_think_noun(response_a, response_b) -> str:
+    """``"Image"`` for a pair of generated images (each response exactly one image), ``"Answer"``
+    for a pair of text answers; anything else is not a layout the model was trained on."""
+    if not _has_images(response_a, response_b):
+        return "Answer"
+    if _single_image(response_a) is not None and _single_image(response_b) is not None:
+        return "Image"
+    raise ValueError(
+        "template unifiedreward_think compares two images (each response exactly one image, no "
+        "text) or two text answers; this pair mixes images and text"
+    )
+
+
+def unifiedreward_think_pair(prompt, response_a, response_b, rubric: str | None) -> list[dict]:
+    """The pair in UnifiedReward-Think's layout (see above): one user turn, pictures first."""
+    noun = unifiedreward_think_noun(response_a, response_b)
+    images: list = []
+    extra = f"Also apply these criteria, as further dimensions: [{_ur_data(rubric)}]\n\n" if rubric else ""
+    if noun == "Image":
+        if not isinstance(prompt, str) and _has_images(*(m.content for m in prompt)):
+            raise ValueError(
+                "template unifiedreward_think compares two generated images for a text caption; "
+                "this prompt holds images"
+            )
+        images += [_single_image(response_a), _single_image(response_b)]
+        text = (
+            "Below are a text caption and two images generated from it: Image 1 is the first image "
+            "above, Image 2 the second. Analyse both images in detail and judge which is better. "
+            "Go through the evaluation dimensions one by one: semantic consistency (how faithfully "
+            "the image shows what the caption describes), aesthetics (composition, use of colour, "
+            "artistic expression), authenticity (realism and fine detail), and any further "
+            "dimension you find relevant. For every dimension give each image a score from 1 to 10 "
+            "with a brief reason, then add up each image's scores into its total. Put all of this "
+            "reasoning inside <think> and </think>. Afterwards, inside <answer> and </answer>, write "
+            "exactly 'Image 1 is better' or 'Image 2 is better', whichever the totals support, and "
+            f"nothing else.\n\n{extra}Text Caption: [{_question(prompt, images)}]"
+        )
+    else:
+        question = _question(prompt, images)
+        seen = " and the reference image" + ("s" if len(images) > 1 else "") if images else ""
+        text = (
+            f"Below are a question{seen} and two answers to it, Answer 1 and Answer 2. Analyse both "
+            "answers in detail and judge which is better. Go through the evaluation dimensions one "
+            f"by one: semantic accuracy (how well the answer reflects the question{seen}), "
+            "correctness (whether it is logically and factually right), clarity (whether it is "
+            "clearly and fluently written), and any further dimension you find relevant. For every "
+            "dimension give each answer a score from 1 to 10 with a brief reason, then add up each "
+            "answer's scores into its total, showing the sum. Put all of this reasoning inside "
+            "<think> and </think>. Afterwards, inside <answer> and </answer>, write exactly "
+            "'Answer 1 is better' or 'Answer 2 is better', whichever the totals support, and "
+            f"nothing else.\n\n{extra}Question: [{question}]\n"
+            f"Answer 1: [{_images_and_text(response_a, images)}]\n"
+            f"Answer 2: [{_images_and_text(response_b, images)}]"
+        )
+    content = "".join(image_marker(k) for k in range(len(images))) + text
+    turn: dict = {"role": "user", "content": content}
+    if images:
+        turn["images"] = images
+    return [turn]
+
+
+_UR_VERDICT = re.compile(r"(image|answer) ([12]) is better\.?", re.IGNORECASE)
+
+
+def parse_unifiedreward_think(output: str, noun: str) -> tuple[str | None, str]:
+    """``("A" | "B", "")`` from UnifiedReward-Think's output for a pair laid out with ``noun``
+    ("Image" or "Answer"), else ``(None, reason)``: exactly one ``<answer>`` block, after the
+    reasoning's ``</think>`` (when there is one) and ending the output, holding exactly
+    "<noun> 1 is better" or "<noun> 2 is better". Anything else (a tie such as "Both are equal",
+    the other layout's noun, extra words) is invalid, never a tie."""
+    opened = len(re.findall(r"<answer>", output, re.IGNORECASE))
+    answers = _ANSWER.findall(output)
+    if not answers:
+        return None, "the judge wrote no <answer>...</answer> block"
+    if len(answers) > 1 or opened > 1:
+        return None, f"the judge wrote {max(opened, len(answers))} <answer> blocks; exactly one is required"
+    body = output.strip()
+    if body[-len("</answer>") :].lower() != "</answer>":
+        return None, "the <answer> block is not the end of the judge's output"
+    lower = body.lower()
+    at, opened_think = lower.find("<answer>"), lower.find("<think>")
+    closed_think = lower.find("</think>", max(opened_think, 0))
+    if lower.rfind("</think>") > at or (-1 < opened_think < at and not -1 < closed_think < at):
+        return None, "the <answer> block is inside the reasoning (before </think>)"
+    answer = answers[0].strip()
+    match = _UR_VERDICT.fullmatch(answer)
+    if match is None:
+        return None, f"the answer {answer[:60]!r} is not '{noun} 1 is better' or '{noun} 2 is better'"
+    if match.group(1).lower() != noun.lower():
+        return None, (
+            f"the answer {answer!r} names the wrong kind of candidate: this pair's candidates are "
+            f"'{noun} 1' and '{noun} 2'"
+        )
+    return ("A" if match.group(2) == "1" else "B"), ""

@@ -95,3 +95,27 @@ def test_aggregate_is_for_process_reward_models_only(client):
     body = {"judge": "tiny-rm", "items": [{"prompt": QUESTION, "response": "144"}], "aggregate": "min"}
     r = client.post("/score", json=body)
     assert r.status_code == 400 and "process reward models" in r.json()["message"]
+
+
+def test_listed_steps_score_as_the_text_form_and_are_never_split_again(client, tiny_prm_dir):
+    steps = SOLUTION.split("\n\n")
+    merged = ["\n\n".join(steps[:2]), steps[2]]  # a step that holds the delimiter's text
+    items = [
+        {"prompt": QUESTION, "response": SOLUTION},
+        {"prompt": QUESTION, "response": {"steps": steps}},
+        {"prompt": QUESTION, "response": {"steps": merged}},
+    ]
+    text, listed, two = _post(client, "/score", {"judge": "tiny-prm", "items": items})["results"]
+    assert listed["error"] is None and two["error"] is None, (listed, two)
+    assert listed["step_scores"] == pytest.approx(text["step_scores"], abs=1e-6)
+    assert listed["step_spans"] == text["step_spans"]
+    assert two["step_scores"] == pytest.approx(_reference_scores(tiny_prm_dir, merged), abs=1e-3)
+    assert two["step_spans"] == [[0, len(merged[0])], [len(merged[0]) + 2, len(SOLUTION)]]
+
+
+def test_listed_steps_are_refused_by_other_kinds(client):
+    body = {"judge": "tiny-rm", "items": [{"prompt": QUESTION, "response": {"steps": ["144"]}}]}
+    r = client.post("/score", json=body)
+    assert r.status_code == 422, r.text
+    assert "items[0].response is given as a list of steps" in r.json()["message"]
+    assert "'tiny-rm' is a classifier judge" in r.json()["message"]

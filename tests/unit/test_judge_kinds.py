@@ -38,6 +38,8 @@ OWN_OPTIONS = {
     "clip": {"logit_scale": 50.0},
     "generative": {
         "verdict_format": "answer_tag",
+        "template": "unifiedreward_think",
+        "listwise_group_size": 8,
         "scale_low": 0,
         "scale_high": 4,
         "top_logprobs": 5,

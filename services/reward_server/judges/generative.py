@@ -40,6 +40,23 @@ class GenerativeSettings(EngineJudgeSettings):
         "(MT-Bench); answer_tag: reasoning in <think>, then <answer>Image 1 is better</answer> (or 2; "
         "'Response' for text), the format UnifiedReward-Think is trained on. Both are parsed strictly.",
     )
+    template: Literal["referee", "unifiedreward_think"] = Field(
+        "referee",
+        description="The prompt layout of chain-of-thought pairwise verdicts. referee: referee's own "
+        "templates (delimited blocks, verdict_format). unifiedreward_think: UnifiedReward-Think's "
+        "layout and verdicts as the model was trained on them (one user turn, no system prompt of "
+        "ours, the pictures first; <answer>Image 1 is better</answer> for two images, <answer>Answer "
+        "1 is better</answer> for two text answers), parsed strictly: anything else is invalid. "
+        "Logprob verdicts, ratings and listwise rankings keep referee's templates.",
+    )
+    listwise_group_size: int | None = Field(
+        None,
+        ge=2,
+        description="The largest group this judge ranks in one prompt (/winrate schedule=listwise); "
+        "a larger listwise group is refused (413). None: limits.max_group_size. A vision-language "
+        "judge shows a group of image responses in one prompt, so this many images must fit in "
+        "its engine.extra.limit_mm_per_prompt.image, or the judge is refused at load.",
+    )
     scale_low: int = 1
     scale_high: int = 9
     top_logprobs: int = Field(20, ge=2, le=20, description="Top log-probabilities read for label tokens.")
@@ -66,7 +83,34 @@ class GenerativeSettings(EngineJudgeSettings):
     def _scale(self) -> GenerativeSettings:
         if self.scale_high <= self.scale_low:
             raise ValueError("scale_high must be greater than scale_low")
+        if (
+            self.template == "unifiedreward_think"
+            and "verdict_format" in self.model_fields_set
+            and self.verdict_format != "answer_tag"
+        ):
+            raise ValueError(
+                f"template unifiedreward_think has its own verdict format (<answer>...</answer>); "
+                f"verdict_format {self.verdict_format} does not apply: leave it out"
+            )
+        limit = images_per_prompt(self.engine.extra)
+        if self.listwise_group_size is not None and limit is not None and self.listwise_group_size > limit:
+            raise ValueError(
+                f"listwise_group_size {self.listwise_group_size} cannot fit in "
+                f"engine.extra.limit_mm_per_prompt.image {limit}: a listwise group of image responses "
+                f"shows {self.listwise_group_size} images in one prompt; raise the image limit to at "
+                f"least {self.listwise_group_size} or lower listwise_group_size to {limit}"
+            )
         return self
+
+
+def images_per_prompt(extra: dict) -> int | None:
+    """vLLM's ``limit_mm_per_prompt`` image limit from an engine's ``extra`` arguments (a mapping
+    ``{image: N}``, or vLLM's form ``{image: {count: N}}``), None where it is not set."""
+    limit = (extra or {}).get("limit_mm_per_prompt") or {}
+    value = limit.get("image") if isinstance(limit, dict) else None
+    if isinstance(value, dict):
+        value = value.get("count")
+    return int(value) if value is not None else None
 
 
 class GenerativeJudge(Judge):
@@ -244,7 +288,11 @@ class GenerativeJudge(Judge):
     async def _compare_cot(
         self, prompt, first, second, rubric, ctx, max_new_tokens, max_retries, seed, samples=1
     ):
-        if self.settings.verdict_format == "answer_tag":
+        if self.settings.template == templates.UNIFIEDREWARD_THINK:
+            noun = templates.unifiedreward_think_noun(first, second)
+            messages = partial(templates.unifiedreward_think_pair, prompt, first, second, rubric)
+            parse = partial(templates.parse_unifiedreward_think, noun=noun)
+        elif self.settings.verdict_format == "answer_tag":
             messages = partial(templates.pairwise_answer_tag, prompt, first, second, rubric)
             parse = templates.parse_answer_tag
         else:

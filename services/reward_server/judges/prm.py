@@ -8,9 +8,12 @@ the step's score. vLLM serves such models with its pooling runner (``token_class
 
 The input, as those models were trained on: the question as the user's turn (after an optional
 system prompt), then the assistant's turn made of the steps, each followed by the separator. The
-steps are the response split on ``step_delimiter`` ("\\n\\n" by default): a client with a list of
-steps joins them with it. The steps are user data like every response (never control tokens), and
-the separators are placed here, by id. One reward per response is the steps' ``aggregate``:
+steps are the response split on ``step_delimiter`` ("\\n\\n" by default), or, for a response given
+as a list (``{"steps": [...]}``, ``referee.protocol.Steps``), that list as it is: never split again,
+so a step may hold the delimiter's text, and one score per step given (an empty step is a 422, not
+dropped). Its ``step_spans`` index the steps joined with ``step_delimiter``, where the text form
+would have put them. The steps are user data like every response (never control tokens), and the
+separators are placed here, by id. One reward per response is the steps' ``aggregate``:
 ``min`` by default (a solution is as sound as its weakest step, and the minimum does not fall with
 the number of steps as the product does; both are Lightman et al.'s aggregates), or ``last``,
 ``mean``, ``product``. ``/pairwise`` and ``/winrate`` compare the aggregates (Bradley-Terry).
@@ -24,7 +27,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from referee.protocol import Prompt, content_text
+from referee.protocol import Prompt, Steps, content_text
 
 from ..engine_types import NOT_PER_ITEM
 from ..judge_settings import EngineJudgeSettings
@@ -75,6 +78,18 @@ def split_steps(text: str, delimiter: str) -> tuple[list[str], list[tuple[int, i
     return steps, spans
 
 
+def steps_of(response, delimiter: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """A response's steps and their spans: a ``Steps`` list as given (spans in its steps joined
+    with ``delimiter``), text split on ``delimiter``."""
+    if not isinstance(response, Steps):
+        return split_steps(content_text(response), delimiter)
+    spans, start = [], 0
+    for step in response.steps:
+        spans.append((start, start + len(step)))
+        start += len(step) + len(delimiter)
+    return list(response.steps), spans
+
+
 class PRMJudge(Judge):
     """A process reward model: step scores and their aggregate per response; pointwise."""
 
@@ -102,20 +117,29 @@ class PRMJudge(Judge):
         return {}
 
     def validate(self, where: str, prompt: Prompt, response) -> None:
-        steps, _ = split_steps(content_text(response), self.settings.step_delimiter)
+        listed = isinstance(response, Steps)
+        steps, _ = steps_of(response, self.settings.step_delimiter)
         if not steps:
+            how = "give at least one step" if listed else f"separated by {self.settings.step_delimiter!r}"
             raise ValueError(
-                f"{where}: no steps (a process reward model scores the steps of a solution, separated "
-                f"by {self.settings.step_delimiter!r})"
+                f"{where}: no steps (a process reward model scores the steps of a solution; {how})"
             )
         if len(steps) > self.settings.max_steps:
             raise ValueError(
                 f"{where}: {len(steps)} steps, over this judge's max_steps of {self.settings.max_steps}"
             )
+        sep = self.settings.step_separator
         for k, step in enumerate(steps):
-            if self.settings.step_separator in step:
+            if listed and not step.strip():
+                raise ValueError(f"{where}.steps[{k}] is empty: every step given in a list is scored")
+            if sep in step:
+                if listed:
+                    raise ValueError(
+                        f"{where}.steps[{k}] contains the step separator {sep!r}, which the judge places "
+                        "after each step itself: leave it out"
+                    )
                 raise ValueError(
-                    f"{where}: step {k} contains the step separator {self.settings.step_separator!r}; "
+                    f"{where}: step {k} contains the step separator {sep!r}; "
                     f"separate steps with {self.settings.step_delimiter!r} only"
                 )
 
@@ -138,8 +162,7 @@ class PRMJudge(Judge):
 
     async def rate(self, prompt: Prompt, response, ctx: RequestContext, *, how: str | None = None) -> Rating:
         how = how or self.settings.aggregate
-        text = content_text(response)
-        steps, spans = split_steps(text, self.settings.step_delimiter)
+        steps, spans = steps_of(response, self.settings.step_delimiter)
         try:
             if not steps:
                 raise ValueError(f"no steps (separate them with {self.settings.step_delimiter!r})")

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from referee.protocol import (
+    Steps,
     TextPart,
     Usage,
     content_text,
@@ -52,9 +53,28 @@ def prompt_texts(where: str, prompt) -> list[tuple[str, str]]:
 
 
 def item_contents(where: str, item) -> list[tuple[str, object]]:
-    """(where, content) of an item's prompt and responses, for media and the kind's checks."""
+    """(where, content) of an item's prompt and responses, for media and the kind's checks (a
+    response given as steps holds text only: no media)."""
     fields = ("prompt", "response", "response_a", "response_b", "reference")
-    return [(f"{where}.{f}", getattr(item, f)) for f in fields if getattr(item, f, None) is not None]
+    return [
+        (f"{where}.{f}", getattr(item, f))
+        for f in fields
+        if getattr(item, f, None) is not None and not isinstance(getattr(item, f), Steps)
+    ]
+
+
+def _check_steps(judge: Judge, judged: Iterable[tuple[str, Any, Any]]) -> None:
+    """A response given as a list of steps is for a process reward model only (422 naming it)."""
+    if judge.kind == "prm":
+        return
+    for where, _, response in judged:
+        if isinstance(response, Steps):
+            raise ClientError(
+                422,
+                "unsupported_input",
+                f"{where} is given as a list of steps, which only a process reward model (kind prm) "
+                f"scores; judge {judge.name!r} is a {judge.kind} judge: give the response as text",
+            )
 
 
 def _options(make, req) -> dict:

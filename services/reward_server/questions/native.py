@@ -17,6 +17,7 @@ from referee.protocol import (
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
+    Steps,
     Usage,
     WinRateRequest,
     WinRateResponse,
@@ -27,7 +28,18 @@ from referee.rewards import circular_pairs, group_advantages, shape_reward, tall
 
 from ..errors import ClientError
 from ..judges import Judge, Rating, RequestContext
-from .base import Cost, Outcome, Question, Texts, _attempts, _check_mode, _check_samples, _options
+from ..judges.generative import images_per_prompt as images_in_extra
+from .base import (
+    Cost,
+    Outcome,
+    Question,
+    Texts,
+    _attempts,
+    _check_mode,
+    _check_samples,
+    _check_steps,
+    _options,
+)
 
 # ---------------------------------------------------------------- /score
 
@@ -60,6 +72,7 @@ class ScoreQuestion(Question):
                 "bad_request",
                 f"aggregate is for process reward models (kind prm); {judge.name!r} is not",
             )
+        _check_steps(judge, self.judged())
         self.transform = _transform(judge, self.request)
         self.opts = _options(judge.rating_options, self.request)
         # Each distinct (prompt, reference) is judged once, however many items share it.
@@ -155,6 +168,7 @@ class PairwiseQuestion(Question):
 
     def prepare(self, judge: Judge) -> None:
         req = self.request
+        _check_steps(judge, self.judged())
         _check_mode(judge, req.mode)
         _check_samples(req, req.mode)
         rng = random.Random(req.seed)
@@ -286,9 +300,7 @@ def images_per_prompt(judge: Judge) -> int | None:
     """The images one engine prompt of the judge may hold (vLLM's ``limit_mm_per_prompt``, where the
     judge's engine settings give one), or None where nothing is configured."""
     engine = getattr(judge.settings, "engine", None)
-    limit = (getattr(engine, "extra", None) or {}).get("limit_mm_per_prompt") or {}
-    value = limit.get("image") if isinstance(limit, dict) else None
-    return int(value) if value is not None else None
+    return images_in_extra(getattr(engine, "extra", None) or {})
 
 
 def _check_images_per_prompt(judge: Judge, prompt, responses: list, shown: str) -> None:
@@ -329,13 +341,17 @@ class WinRateQuestion(Question):
 
     def contents(self):
         req = self.request
-        return [("prompt", req.prompt), *((f"responses[{k}]", r) for k, r in enumerate(req.responses))]
+        return [
+            ("prompt", req.prompt),
+            *((f"responses[{k}]", r) for k, r in enumerate(req.responses) if not isinstance(r, Steps)),
+        ]
 
     def judged(self):
         return ((f"responses[{k}]", self.request.prompt, r) for k, r in enumerate(self.request.responses))
 
     def prepare(self, judge: Judge) -> None:
         req = self.request
+        _check_steps(judge, self.judged())
         _check_mode(judge, req.mode)
         n = len(req.responses)
         self.rule = judge.inconsistent_rule(req) if req.order == "both" and not judge.pointwise else None
@@ -354,6 +370,14 @@ class WinRateQuestion(Question):
                 )
             if req.samples > 1:
                 raise ClientError(400, "bad_request", "samples applies to schedule=pairs (mode=cot) only")
+            size = getattr(judge.settings, "listwise_group_size", None)
+            if size is not None and n > size:
+                raise ClientError(
+                    413,
+                    "too_large",
+                    f"schedule=listwise: a group of {n} responses exceeds judge {judge.name!r}'s "
+                    f"listwise_group_size {size}; use schedule=pairs, or split the group",
+                )
             self.pairs = circular_pairs(n)
             self.swaps = []
             _check_images_per_prompt(
