@@ -339,6 +339,42 @@ async def test_round_trip_of_several_tenants_and_jobs_across_primaries(world):
         assert slots == {key_slot(keys.jobs.encode())}
 
 
+async def test_the_server_consumes_from_a_cluster_url(cluster, monkeypatch):
+    """The server itself (its app, stand-in judges) on a ``redis+cluster://`` URL: it consumes,
+    ``/readyz`` says so, a queued request of the open tenant is answered, and it stops cleanly."""
+    import httpx
+
+    from reward_server import app as app_module
+    from reward_server.settings import ServerSettings
+    from tests.queue.test_queue_faults import EchoService
+
+    monkeypatch.delenv("REFEREE_CONFIG", raising=False)
+    monkeypatch.setattr(app_module, "JudgeService", EchoService)
+    prefix = f"referee-test-cluster-app-{uuid.uuid4().hex[:6]}"
+    settings = ServerSettings(queue=QueueSettings(enabled=True, url=cluster.url, prefix=prefix, **FAST))
+    app = app_module.create_app(settings)
+    async with (
+        app.app.router.lifespan_context(app.app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http,
+    ):
+        consumer = app.state.consumer
+        deadline = time.monotonic() + 15
+        while consumer.state != "consuming":
+            assert time.monotonic() < deadline, consumer.status()
+            await asyncio.sleep(0.05)
+        assert consumer.cluster
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["queue"]["state"] == "consuming"
+        async with QueueReferee(cluster.url, job_id="a", prefix=prefix, timeout=20) as q:
+            assert (await q.score(items=_items("abc"))).results[0].score == 3
+    admin = connect(cluster.url, sync=True)
+    try:
+        for name in list(admin.scan_iter(match=f"{prefix}:*", count=1000)):
+            admin.delete(name)
+    finally:
+        admin.close()
+
+
 class Holding(TenantEcho):
     """Takes messages and never answers (until cancelled): a consumer about to be killed."""
 
