@@ -13,8 +13,9 @@ of steps (``{"steps": [...]}``) and builds the model's input itself (chat templa
 the separator after each by id); vLLM gets those very token ids, built here beforehand, with the
 separator's id as its ``pooler-config`` ``step_tag_id``, and answers the label probabilities at
 each separator; a third measurement times vLLM with the client building those ids in the run (the
-work referee's API process does for it). Both answers are checked to agree (1e-3 per step) before anything is timed. Rounds
-alternate the order of the systems; every round's questions carry a tag of their own.
+work referee's API process does for it). Both answers are checked to agree (1e-3 per step) before
+anything is timed. Rounds alternate the order of the systems; every round's questions carry a tag
+of their own.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_prm.py [--solutions 128 --rounds 3]
 """
