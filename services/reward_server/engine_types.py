@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+
+# The request a call to an engine is made for (set by the service once per question it runs; tasks
+# a request starts inherit it): a remote judge keeps one request's calls on one backend, so that a
+# group's comparisons, which share their prompt, reuse that backend's prefix cache.
+REQUEST_AFFINITY: ContextVar[str | None] = ContextVar("referee_request_affinity", default=None)
 
 
 @dataclass

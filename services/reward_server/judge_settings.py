@@ -61,6 +61,30 @@ class RemoteSettings(BaseModel):
     cache_salt: bool = Field(
         True, description="Send per-tenant prefix-cache salts (vLLM); off for servers that refuse the field."
     )
+    api: Literal["completions", "chat"] = Field(
+        "completions",
+        description="completions: token ids to /v1/completions (vLLM, SGLang), referee's own templates "
+        "and tokenisation. chat: chat messages to /v1/chat/completions, for hosted APIs that take "
+        "only messages (the server applies its own chat template; labels are read from the top "
+        "log-probabilities by token text); generative judges only.",
+    )
+    affinity: bool = Field(
+        True,
+        description="Keep one request's calls (a /winrate group, one queued message) on one backend, "
+        "chosen by rendezvous hashing, for its prefix cache; off: each call to the least busy backend.",
+    )
+    affinity_max_skew: int = Field(
+        32,
+        ge=0,
+        description="A request's backend is passed over for the least busy one while it has more than "
+        "this many calls in flight beyond the least busy backend's.",
+    )
+    health_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often a background task health-checks the backends that are out (once their "
+        "open_s has passed), so that a backend comes back without traffic.",
+    )
 
 
 class EngineSettings(BaseModel):

@@ -14,14 +14,27 @@ strict verdict parsing work unchanged. What each call becomes:
 - priorities (``priorities: true``, for servers run with ``--scheduling-policy priority``) and
   per-tenant ``cache_salt`` are passed on.
 
-The fleet: each call goes to the healthy backend with the fewest calls in flight (at most
-``max_concurrency`` each). A failure that is safe to retry (connection error, timeout, 429, 5xx) is
-retried with backoff on another backend where there is one, up to ``retries`` times; a 4xx is the
-request's own fault and is never retried. ``failures_to_open`` consecutive failures take a backend
-out (its circuit opens) for ``open_s``; then one health check (``GET /health``, else
-``/v1/models``) brings it back. With every backend out a call fails with ``BackendsUnavailable``: the
-request is answered 503 with the reason, never with a value, and the server stays up. Hosted APIs
-may get ``requests_per_minute`` and ``tokens_per_minute`` budgets (a call waits for its share).
+With ``api: chat`` (hosted APIs that take only messages) a generative judge's prompt goes to
+``POST /v1/chat/completions`` as the chat messages referee built (every judged text in them defused
+as always), the server applies its own chat template, and the labels are read from the top
+log-probabilities by token text (each text mapped back to its single token id with the judge's
+tokenizer); chain-of-thought is the message's content. Other kinds need token ids and are refused.
+
+The fleet: the calls of one request (``REQUEST_AFFINITY``: a /winrate group, one queued message) go
+to one backend, chosen among the healthy ones by rendezvous (highest-random-weight) hashing of the
+request's key, so that a group's comparisons, which share their prompt, reuse that backend's prefix
+cache; taking a backend out moves only its own requests. Where the chosen backend has more than
+``affinity_max_skew`` calls in flight beyond the least busy one, or with ``affinity: false``, a
+call goes to the healthy backend with the fewest calls in flight (at most ``max_concurrency``
+each). A failure that is safe to retry (connection error, timeout, 429, 5xx) is retried with
+backoff on another backend where there is one, up to ``retries`` times; a 4xx is the request's own
+fault and is never retried. ``failures_to_open`` consecutive failures take a backend out (its
+circuit opens) for ``open_s``; then one health check (``GET /health``, else ``/v1/models``) brings
+it back: a background task checks the backends that are out every ``health_interval_s``, so a
+backend comes back without traffic. With every backend out a call fails with
+``BackendsUnavailable``: the request is answered 503 with the reason, never with a value, and the
+server stays up. Hosted APIs may get ``requests_per_minute`` and ``tokens_per_minute`` budgets (a
+call waits for its share).
 (Retries with backoff, a circuit breaker and rpm/tpm limiters are the usual client-side tools for a
 shared model service; verl's reward-model router and limiter for external judge APIs do the same.)
 """
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -43,7 +57,7 @@ from transformers import AutoTokenizer
 from referee.embedded import resolve_model
 
 from .engine import Engine
-from .engine_types import BackendsUnavailable, Completion
+from .engine_types import REQUEST_AFFINITY, BackendsUnavailable, Completion
 from .judge_settings import EngineSettings, RemoteSettings
 
 logger = logging.getLogger(__name__)
@@ -65,6 +79,15 @@ _RETRYABLE = {408, 425, 429}  # and every 5xx: the server's trouble, not the req
 
 class BackendRefused(ValueError):
     """A backend answered the request with a 4xx (the request's own fault): the item's error."""
+
+
+class ChatPrompt(list):
+    """A judge prompt's token ids (referee's template, for lengths and cache keys) and the chat
+    messages they were made from, which a chat-api backend is sent instead."""
+
+    def __init__(self, ids: list[int], messages: list[dict]) -> None:
+        super().__init__(ids)
+        self.messages = messages
 
 
 @dataclass
@@ -125,7 +148,7 @@ class RemoteEngine(Engine):
         self.max_model_len = max_model_len
         self.dtype = "remote"
         self.dtype_reason = "the servers' own"
-        self.choices = {"backends": ", ".join(remote.urls)}
+        self.choices = {"backends": ", ".join(remote.urls), "api": remote.api}
         self.image_placeholder = None  # images are not sent to remote judges (yet): refused up front
         self.media = []
         self.served_model = remote.served_model or model_path
@@ -144,6 +167,9 @@ class RemoteEngine(Engine):
         self._requests = _Budget(remote.requests_per_minute) if remote.requests_per_minute else None
         self._tokens = _Budget(remote.tokens_per_minute) if remote.tokens_per_minute else None
         self.retried = 0  # tries after a retryable failure (metrics, tests)
+        self._watching: asyncio.Task | None = None  # the health-check timer (``watch``)
+        self._checks: set[asyncio.Task] = set()  # health checks started by requests (``refresh``)
+        self._text_ids: dict[str, int | None] = {}  # api chat: a top-logprob token's text -> its id
 
     # ------------------------------------------------------------ start-up
 
@@ -197,6 +223,23 @@ class RemoteEngine(Engine):
                 f"it serves {sorted(models)}, not {self.served_model!r} (set remote.served_model)"
             )
         length = int(models[self.served_model].get("max_model_len") or self.max_model_len)
+        if self.remote.api == "chat":
+            if runner != "generate":
+                raise RuntimeError("api: chat answers generative judges only (other kinds need token ids)")
+            body = {
+                "model": self.served_model,
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 1,
+                "logprobs": True,
+                "top_logprobs": 1,
+            }
+            r = await b.client.post("/v1/chat/completions", json=body)
+            if r.status_code >= 400:
+                raise RuntimeError(
+                    "it does not answer chat completions with log-probabilities (POST "
+                    f"/v1/chat/completions: {r.status_code} {r.text[:200]})"
+                )
+            return length
         ids = self.prompts.data_ids("Hello")
         if runner == "pooling":
             r = await b.client.post("/classify", json={"model": self.served_model, "input": ids})
@@ -218,26 +261,59 @@ class RemoteEngine(Engine):
     def status(self) -> list[dict]:
         return [b.status() for b in self.backends]
 
+    def _due(self) -> list[Backend]:
+        """The backends that are out and due for a health check, marked as being checked."""
+        now = time.monotonic()
+        due = [b for b in self.backends if b.state == "out" and now >= b.open_until and not b.checking]
+        for b in due:
+            b.checking = True
+        return due
+
     def refresh(self) -> None:
         """Health-check, in the background, the backends that are out and due for a check."""
-        now = time.monotonic()
-        for b in self.backends:
-            if b.state == "out" and now >= b.open_until and not b.checking:
-                b.checking = True
-                asyncio.get_running_loop().create_task(self._health_check(b))
+        for b in self._due():
+            task = asyncio.get_running_loop().create_task(self._health_check(b))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    def watch(self) -> None:
+        """Start the health-check timer on the running loop (the server's): every
+        ``health_interval_s`` the backends that are out and due are checked, so that a backend that
+        returns is back in the fleet without a request having to find it. Cancelled by ``shutdown``."""
+        if self._watching is None or self._watching.done():
+            self._watching = asyncio.get_running_loop().create_task(
+                self._watch(), name=f"remote-health:{self.served_model}"
+            )
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.remote.health_interval_s)
+            try:
+                await asyncio.gather(*(self._health_check(b) for b in self._due()))
+            except Exception:  # the timer keeps going whatever one round met
+                logger.exception("remote judge health checks failed")
 
     @property
     def available(self) -> bool:
         return any(b.state == "up" for b in self.backends)
 
     def _choose(self, tried: set[str]) -> Backend | None:
+        """The backend for a call: the request's own (rendezvous hashing of ``REQUEST_AFFINITY``
+        over the healthy backends not yet tried), unless it is more than ``affinity_max_skew`` calls
+        busier than the least busy one; without a key, the least busy."""
         self.refresh()
-        usable = [b for b in self.backends if b.state == "up" and b.url not in tried]
-        if not usable:
-            usable = [b for b in self.backends if b.state == "up"]  # tried them all: any up one again
+        up = [b for b in self.backends if b.state == "up"]
+        usable = [b for b in up if b.url not in tried] or up  # tried them all: any up one again
         if not usable:
             return None
-        return min(usable, key=lambda b: (b.inflight, random.random()))
+        least = min(usable, key=lambda b: (b.inflight, random.random()))
+        key = REQUEST_AFFINITY.get() if self.remote.affinity else None
+        if key is None:
+            return least
+        chosen = max(usable, key=lambda b: _weight(key, b.url))
+        if chosen.inflight - least.inflight > self.remote.affinity_max_skew:
+            return least
+        return chosen
 
     async def _health_check(self, b: Backend) -> None:
         try:
@@ -286,17 +362,18 @@ class RemoteEngine(Engine):
                     states = "; ".join(f"{x.url}: {x.state} ({x.last_error})" for x in self.backends)
                     raise BackendsUnavailable(f"every backend of {self.served_model!r} is out: {states}")
             tried.add(b.url)
-            async with b.slots:
-                b.inflight += 1
-                try:
-                    r = await b.client.post(path, json=body)
-                except httpx.HTTPError as exc:  # connection refused or reset, timeout: safe to retry
-                    error = f"{b.url}: {exc.__class__.__name__}: {exc}"
-                    self._failed(b, error)
-                    errors.append(error)
-                    r = None
-                finally:
-                    b.inflight -= 1
+            b.inflight += 1  # counted from the choice (waiting for a slot too): what busy means
+            try:
+                async with b.slots:
+                    try:
+                        r = await b.client.post(path, json=body)
+                    except httpx.HTTPError as exc:  # connection refused or reset, timeout: retry
+                        error = f"{b.url}: {exc.__class__.__name__}: {exc}"
+                        self._failed(b, error)
+                        errors.append(error)
+                        r = None
+            finally:
+                b.inflight -= 1
             if r is not None:
                 if r.status_code < 400:
                     b.failures = 0
@@ -331,6 +408,15 @@ class RemoteEngine(Engine):
 
     # ------------------------------------------------------------ what the judges call
 
+    def chat_ids(
+        self, messages: list[dict], *, generation_prompt: bool, images: list | None = None
+    ) -> list[int]:
+        ids = super().chat_ids(messages, generation_prompt=generation_prompt, images=images)
+        if self.remote.api != "chat":
+            return ids
+        # the contents as the judge's templates built them (every judged text defused)
+        return ChatPrompt(ids, [{"role": m["role"], "content": m.get("content")} for m in messages])
+
     async def complete(
         self,
         token_ids: list[int],
@@ -345,6 +431,11 @@ class RemoteEngine(Engine):
     ) -> Completion:
         if images:
             raise ValueError("remote judges take no images")
+        if self.remote.api == "chat":
+            return await self._complete_chat(
+                token_ids, max_tokens=max_tokens, temperature=temperature, top_logprobs=top_logprobs,
+                seed=seed, priority=priority, cache_salt=cache_salt,
+            )  # fmt: skip
         body = {
             **self._common(priority, cache_salt),
             "prompt": list(token_ids),
@@ -371,6 +462,48 @@ class RemoteEngine(Engine):
             completion_tokens=usage.get("completion_tokens", 0),
             finish_reason=choice.get("finish_reason"),
         )
+
+    async def _complete_chat(
+        self, prompt, *, max_tokens, temperature, top_logprobs, seed, priority, cache_salt
+    ) -> Completion:
+        messages = getattr(prompt, "messages", None)
+        if messages is None:
+            raise BackendRefused("a chat-api judge sends chat messages; this call has token ids only")
+        body = {
+            **self._common(priority, cache_salt),
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        if top_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = top_logprobs
+        if seed is not None:
+            body["seed"] = seed
+        out = await self._post("/v1/chat/completions", body, len(prompt) + max_tokens)
+        choice = out["choices"][0]
+        first: dict[int, float] = {}
+        content = (choice.get("logprobs") or {}).get("content") or []
+        if top_logprobs and content:
+            for entry in content[0].get("top_logprobs") or []:
+                tid = self._id_of_text(entry.get("token") or "")
+                if tid is not None and tid not in first:  # the likelier of two texts of one id
+                    first[tid] = float(entry["logprob"])
+        usage = out.get("usage") or {}
+        return Completion(
+            text=(choice.get("message") or {}).get("content") or "",
+            first_token_logprobs=first,
+            prompt_tokens=usage.get("prompt_tokens", len(prompt)),
+            completion_tokens=usage.get("completion_tokens", 0),
+            finish_reason=choice.get("finish_reason"),
+        )
+
+    def _id_of_text(self, text: str) -> int | None:
+        """A chat backend names its top tokens by text: the id of the one token of the judge's
+        tokenizer that text is (a label's text is its label token's), None for any other text."""
+        if text not in self._text_ids:
+            self._text_ids[text] = self.single_token_id(text) if text else None
+        return self._text_ids[text]
 
     async def classify(
         self,
@@ -442,9 +575,46 @@ class RemoteEngine(Engine):
     def shutdown(self) -> None:
         if (worker := self.__dict__.get("_tokenizing")) is not None:
             worker.shutdown()
+        for task in [self._watching, *self._checks]:  # the health-check timer and checks under way
+            if task is None or task.done():
+                continue
+            try:
+                here = asyncio.get_running_loop() is task.get_loop()
+            except RuntimeError:
+                here = False
+            if here:
+                task.cancel()
+            else:  # from another thread: on the task's own loop, if that still runs
+                with contextlib.suppress(RuntimeError):
+                    task.get_loop().call_soon_threadsafe(task.cancel)
         for b in self.backends:
             with contextlib.suppress(RuntimeError):  # no loop running: the clients go with the process
                 asyncio.get_running_loop().create_task(b.client.aclose())
+
+
+_CHAT_CANNOT = {
+    "classifier": "a classifier's scores come from its classification head over token ids (/classify)",
+    "followup": "a follow-up judge reads the log-probabilities of prompt tokens, which chat completions "
+    "do not return",
+    "prm": "a process reward model's step scores come from a pooling model over token ids",
+    "clip": "a clip judge embeds images and texts",
+}
+
+
+def chat_refusal(kind: str) -> str:
+    """Why a judge of ``kind`` cannot use ``engine.remote.api: chat`` (only generative judges can)."""
+    why = _CHAT_CANNOT.get(kind, f"a {kind} judge needs more than generated text")
+    return (
+        f"a {kind} judge cannot use engine.remote.api: chat: chat completions return generated text "
+        f"and its top log-probabilities only, and {why}; use api: completions with a vLLM or "
+        "SGLang server"
+    )
+
+
+def _weight(key: str, url: str) -> int:
+    """Rendezvous hashing: a request's weight for a backend; the heaviest up backend is its own.
+    The same on every replica (no per-process salt), so replicas route a key alike."""
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{url}".encode(), digest_size=8).digest(), "big")
 
 
 def _token_id(token: str) -> int:

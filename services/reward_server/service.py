@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
 
@@ -34,7 +35,7 @@ from referee.protocol import (
 
 from . import media, memory_plan, metrics
 from .cache import JudgmentCache
-from .engine_types import BackendsUnavailable
+from .engine_types import REQUEST_AFFINITY, BackendsUnavailable
 from .errors import ClientError
 from .fairness import AdmissionRefused, FairScheduler, TenantPolicy, retry_after
 from .hardware import cpu_bind_for, cpu_info, device_type
@@ -154,6 +155,10 @@ class JudgeService:
                     with contextlib.suppress(KeyError):  # a judge the plan could not check
                         placement = plan.placement(cfg.name)
                 judge = await asyncio.to_thread(load_judge, cfg, bind, dict(self.judges), placement)
+                if hasattr(
+                    getattr(judge, "engine", None), "watch"
+                ):  # a remote judge: its health checks on a timer, here
+                    judge.engine.watch()
                 self.judges[cfg.name] = judge
                 logger.info("judge %r (%s, %s) is ready", cfg.name, cfg.kind, cfg.model)
         except Exception as exc:
@@ -419,7 +424,13 @@ class JudgeService:
             self.hold_pixels(images, tenant),  # once admitted: a request refused holds no pixels
         ):
             await self.decode_media(judge, images)
-            yield judge, ctx
+            # one key per question: a remote judge keeps its calls (a group's comparisons) on one backend
+            affinity = REQUEST_AFFINITY.set(uuid.uuid4().hex)
+            try:
+                yield judge, ctx
+            finally:
+                with contextlib.suppress(ValueError):  # left in another context (a streamed answer)
+                    REQUEST_AFFINITY.reset(affinity)
 
     def record(
         self,

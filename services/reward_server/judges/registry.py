@@ -107,6 +107,11 @@ def load_judge(
     kind = KINDS[settings.kind]
     if settings.kind not in RUNNERS:
         return kind(settings, [loaded[name] for name in settings.members])  # type: ignore[call-arg]
+    remote = settings.engine.remote
+    if remote is not None and remote.api == "chat" and settings.kind != "generative":
+        from ..remote import chat_refusal  # before sharing an engine: api chat answers generative only
+
+        raise JudgeConfigError(f"judge {settings.name!r}: {chat_refusal(settings.kind)}")
     key = engine_key(settings)
     shared = next((j.engine for j in loaded.values() if engine_key(j.settings) == key), None)
     if shared is not None:
