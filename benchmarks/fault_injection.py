@@ -682,10 +682,41 @@ class Run(TenantAttacks):
                     self.ready.append((self.sdk.phase, status))
                 await asyncio.sleep(0.5)
 
+    def where_in_redis(self, req: Req) -> str:
+        """Where a queued request that got no answer is: its stream entry (pending on a consumer, or
+        never read), its reply list and result marker."""
+        from referee.keys import CONSUMER_GROUP, Keys
+
+        keys = Keys(self.prefix, VICTIM)
+        admin = self.redis_admin()
+        stream = keys.stream(req.job)
+        entry = None
+        for eid, fields in admin.xrange(stream):
+            if req.rid.encode() in fields.get(b"msg", b""):
+                entry = eid
+        if entry is None:
+            where = "no stream entry (acknowledged and deleted, or never added)"
+        else:
+            pend = admin.xpending_range(stream, CONSUMER_GROUP, min=entry, max=entry, count=1)
+            where = f"stream entry {entry.decode()} " + (
+                f"pending on {pend[0]['consumer'].decode()}, delivered {pend[0]['times_delivered']}x"
+                if pend
+                else "not pending (never read)"
+            )
+        reply = admin.llen(keys.reply(req.job, req.rid))
+        result = admin.exists(keys.result(req.job, req.rid))
+        return f"{where}; reply list {reply}; result marker {result}"
+
     def attack_checks(self, phase: Phase) -> None:
         """What the others saw while one tenant attacked: their load answered without errors,
         /readyz 200 throughout, /healthz within 1 s."""
         victim = [r for r in phase.reqs if r.outcome != "ok"]
+        for r in victim:
+            phase.notes.append(
+                f"not answered 200: {r.transport} {r.route} {r.rid} (job {r.job or '-'}) sent "
+                f"{r.sent - (phase.fault_at or r.sent):+.1f}s from the attack's start: {r.code}"
+                + (f"; in Redis: {self.where_in_redis(r)}" if r.transport == "queue" else "")
+            )
         phase.checks["the other tenant's requests all answered 200"] = (
             not victim,
             f"{len(phase.reqs) - len(victim)} of {len(phase.reqs)}"

@@ -209,6 +209,7 @@ class QueueReferee:
         self._max_message_bytes: int | None = None  # the consumers' published limit, read when needed
         self.last_reply: QueueReply | None = None
         self.resent = 0  # messages sent again after Redis lost them
+        self.recovered = 0  # answers read back from their result key after a popped reply was lost
 
     def _refused(self, exc: RedisError, doing: str) -> APIError | None:
         """The SDK's 401 or 403 for a Redis refusal, else None."""
@@ -505,6 +506,8 @@ class QueueReferee:
                     if popped is not None:
                         break
                     if time.monotonic() >= next_check:
+                        if (popped := await self._answer_kept(request_id)) is not None:
+                            break
                         await self._resend_if_lost(request_id, time.time() + remaining)
                         next_check = time.monotonic() + self.lost_check_s
                     failures, error = 0, None
@@ -515,7 +518,8 @@ class QueueReferee:
                         raise QueueUnavailable(f"waiting for request {request_id}: {exc}") from exc
                     failures, error = failures + 1, exc
                     await asyncio.sleep(min(_backoff(failures), max(0.0, deadline - time.monotonic())))
-                    # Redis came back after an outage: check at once that it still holds the message.
+                    # Redis came back after an outage, or a read was cut off (its popped reply may be
+                    # lost on the way): check at once for the answer and the message.
                     next_check = time.monotonic()
         finally:
             self._sent.pop(request_id, None)
@@ -525,6 +529,29 @@ class QueueReferee:
             err = reply.error
             raise api_error(reply.status, err.error if err else "error", err.message if err else "no body")
         return RESPONSE_MODELS[type_].model_validate(reply.body)
+
+    async def _answer_kept(self, request_id: str) -> tuple[str, str] | None:
+        """The answer from the request's result key, when its reply list is gone though answered.
+
+        Redis pops a reply as soon as it answers a BLPOP; if the read of that answer is cut off
+        (a socket timeout after the event loop stalled, a dropped connection), the reply is gone
+        from the list but never reached this client. The consumer keeps the answer in the result
+        key too (``reward_server.consumer``), for as long as the reply would have been kept."""
+        result_key, reply_key = (
+            self.keys.result(self.job_id, request_id),
+            self.keys.reply(self.job_id, request_id),
+        )
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(reply_key)
+            pipe.get(result_key)
+            waiting, kept = await pipe.execute()
+        if waiting or kept is None or not kept.startswith("{"):  # the list still holds it / a marker
+            return None
+        logger.warning(
+            "the answer to request %s was popped but not received: read from its result key", request_id
+        )
+        self.recovered += 1
+        return result_key, kept
 
     async def _resend_if_lost(self, request_id: str, deadline: float) -> None:
         """Send the message again (same request id) if Redis holds neither it nor its answer."""

@@ -18,6 +18,8 @@ batches. Its guarantees:
   while a live consumer refreshes the idle time of the messages it is still judging;
 - nothing answered twice: the answer is written by a script that sets the request's result key
   only if it is absent, so a reclaimed message that was already answered is just acknowledged;
+  the result key holds the answer itself, so a sender whose popped reply was lost on the way
+  (a read cut off after Redis popped it) reads it back from there;
 - nothing waits forever: a request that fails ``max_deliveries`` times goes to the dead-letter
   stream with its error, and its sender gets an error answer; a message past its ``deadline`` gets
   an ``expired`` answer (status 504) without being judged;
@@ -93,9 +95,11 @@ from .settings import QueueSettings
 
 logger = logging.getLogger(__name__)
 
-# Set the result marker and push the answer only if no answer was written before.
+# Set the result key and push the answer only if no answer was written before. The result key
+# holds the answer too: a sender whose popped reply never reached it (its connection dropped
+# between Redis' pop and its read) reads the answer back from there.
 _REPLY_ONCE = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   redis.call('RPUSH', KEYS[2], ARGV[1])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
   return 1

@@ -239,6 +239,9 @@ class RemoteEngine(Engine):
                     "it does not answer chat completions with log-probabilities (POST "
                     f"/v1/chat/completions: {r.status_code} {r.text[:200]})"
                 )
+            choice = (r.json().get("choices") or [{}])[0]
+            if not ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs"):
+                raise RuntimeError("its chat completions return no top log-probabilities (logprobs)")
             return length
         ids = self.prompts.data_ids("Hello")
         if runner == "pooling":
@@ -253,6 +256,13 @@ class RemoteEngine(Engine):
             if r.status_code >= 400:
                 raise RuntimeError(
                     f"it does not complete token ids (POST /v1/completions: {r.status_code} {r.text[:200]})"
+                )
+            tops = ((r.json().get("choices") or [{}])[0].get("logprobs") or {}).get("top_logprobs") or []
+            named = [t for t in (tops[0] or {}) if not t.startswith("token_id:")] if tops else []
+            if named:  # e.g. SGLang's completions: labels would be read by text, which api: chat does
+                raise RuntimeError(
+                    f"its top log-probabilities name tokens by text ({named[0]!r}), not by id "
+                    "(return_tokens_as_token_ids); use api: chat for this server"
                 )
         return length
 

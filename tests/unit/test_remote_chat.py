@@ -134,6 +134,7 @@ async def test_token_ids_alone_are_refused_on_a_chat_backend(chat):
 async def test_the_start_probe_asks_for_chat_logprobs(chat):
     judge, server = chat
     (b,) = judge.engine.backends
+    server.top = [("Hi", 0.9)]
     assert await judge.engine._check(b, "generate") == 1024
     (body,) = server.bodies
     assert body["logprobs"] is True and body["messages"] == [{"role": "user", "content": "Hello"}]
@@ -158,3 +159,33 @@ def test_other_kinds_with_api_chat_are_refused_at_load(kind, why):
     ) as raised:
         load_judge(cfg)
     assert why in str(raised.value) and "api: completions" in str(raised.value)
+
+
+async def test_a_completions_server_naming_top_tokens_by_text_is_refused_at_its_probe(embedded_dir):
+    """SGLang's completions take token ids but name the top log-probabilities by text (they have no
+    return_tokens_as_token_ids): refused at load, pointing at api: chat, never read wrongly later."""
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "model"}]})
+        assert json.loads(request.content)["return_tokens_as_token_ids"] is True  # ignored there
+        top = {"Hello": -0.1}
+        return httpx.Response(200, json={"choices": [{"text": "x", "logprobs": {"top_logprobs": [top]}}]})
+
+    remote = GenerativeSettings(
+        name="g", model=str(embedded_dir), engine={"remote": {"urls": ["http://sglang"]}}
+    ).engine.remote
+    engine = RemoteEngine(load_tokenizer(embedded_dir), str(embedded_dir), "generate", remote, 2048)
+    engine.served_model = "model"
+    (b,) = engine.backends
+    b.client = httpx.AsyncClient(base_url=b.url, transport=httpx.MockTransport(server))
+    with pytest.raises(RuntimeError, match=r"name tokens by text \('Hello'\).*use api: chat"):
+        await engine._check(b, "generate")
+
+
+async def test_a_chat_server_without_logprobs_is_refused_at_its_probe(chat):
+    judge, server = chat
+    (b,) = judge.engine.backends
+    server.top = []  # answers, but with no top log-probabilities
+    with pytest.raises(RuntimeError, match="no top log-probabilities"):
+        await judge.engine._check(b, "generate")
